@@ -1,0 +1,66 @@
+// Shared declarations: loss codes, input checks and the per-backend entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace relflat {
+
+// Must match relflat_ext/_losses.py.
+enum LossCode : int64_t { kCrossEntropy = 0, kMse = 1, kBceWithLogits = 2 };
+
+// Up to this many outputs the closed form evaluates p^T G p per row inline; above it a GEMM does.
+constexpr int64_t kInlineQuadraticMaxOutputs = 64;
+
+inline void check_float_matrix(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+              " but the other inputs have ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the other inputs are on ",
+              ref.device());
+}
+
+// Argument checks shared by every backend (the Python wrappers check too; these guard direct calls).
+inline void check_last_layer_args(const at::Tensor& features, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, int64_t loss) {
+  check_float_matrix(features, "features", 2);
+  check_float_matrix(weight, "weight", 2);
+  check_same(weight, features, "weight");
+  TORCH_CHECK(weight.size(1) == features.size(1), "weight must be (d, m) with m = ", features.size(1),
+              ", got ", weight.sizes());
+  if (bias.has_value()) {
+    check_float_matrix(*bias, "bias", 1);
+    check_same(*bias, features, "bias");
+    TORCH_CHECK(bias->size(0) == weight.size(0), "bias must be (", weight.size(0), "), got ", bias->sizes());
+  }
+  TORCH_CHECK(loss >= kCrossEntropy && loss <= kBceWithLogits, "loss code must be 0, 1 or 2, got ", loss);
+}
+
+inline void check_contract_args(const at::Tensor& sq_norms, const at::Tensor& hz, const at::Tensor& gram) {
+  check_float_matrix(sq_norms, "sq_norms", 1);
+  check_float_matrix(hz, "hz", 3);
+  check_float_matrix(gram, "gram", 2);
+  check_same(hz, sq_norms, "hz");
+  check_same(gram, sq_norms, "gram");
+  TORCH_CHECK(hz.size(0) == sq_norms.size(0) && hz.size(1) == gram.size(0) && hz.size(2) == gram.size(1),
+              "hz must be (n, d, k) = (", sq_norms.size(0), ", ", gram.size(0), ", ", gram.size(1),
+              "), got ", hz.sizes());
+}
+
+inline void check_dense_args(const at::Tensor& hessian, const at::Tensor& weight) {
+  check_float_matrix(weight, "weight", 2);
+  check_float_matrix(hessian, "hessian", 2);
+  check_same(hessian, weight, "hessian");
+  const int64_t dm = weight.numel();
+  TORCH_CHECK(hessian.size(0) == dm && hessian.size(1) == dm, "hessian must be (d*m, d*m) = (", dm, ", ",
+              dm, ") for weight of shape ", weight.sizes(), ", got ", hessian.sizes());
+}
+
+}  // namespace relflat

@@ -1,0 +1,15 @@
+// Every op's schema, defined once. Implementations: csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// Ops return sums over samples (not means) so that chunks and data batches add up.
+#include <torch/library.h>
+
+TORCH_LIBRARY(relflat, m) {
+  // Closed-form last-layer flatness: per_sample[i] = ||phi_i||^2 <W W^T, Hz_i>, and (on request)
+  // sum_i ||phi_i||^2 Hz_i (d, d); loss: 0 cross entropy, 1 MSE, 2 BCE with logits.
+  m.def("last_layer_flatness(Tensor features, Tensor weight, Tensor? bias, int loss, bool block_trace)"
+        " -> (Tensor per_sample, Tensor block_sum)");
+  // per_sample[i] = sq_norms[i] <gram, hz[i]>_F, and (on request) sum_i sq_norms[i] hz[i] (d, k).
+  m.def("contract_output_hessians(Tensor sq_norms, Tensor hz, Tensor gram, bool block_trace)"
+        " -> (Tensor per_sample, Tensor block_sum)");
+  // T[s, t] = Tr(H_{s,t}) of a dense (d*m, d*m) Hessian, and kappa = <W W^T, T>.
+  m.def("dense_block_trace(Tensor hessian, Tensor weight) -> (Tensor kappa, Tensor block_trace)");
+}

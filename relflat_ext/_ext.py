@@ -1,0 +1,53 @@
+"""Loads the compiled extension once; says so once, clearly, when it is missing."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict
+
+import torch
+
+__version__ = "0.1.0"
+
+try:
+    from . import _C  # registers torch.ops.relflat.* as a side effect
+    _LOAD_ERROR = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = str(exc)
+    warnings.warn(
+        "relflat_ext: the compiled extension could not be loaded "
+        f"({_LOAD_ERROR.splitlines()[0] if _LOAD_ERROR else 'unknown reason'}); every op runs on "
+        "the pure-PyTorch fallback (same results, slower). Build it with `pip install -e .`.",
+        RuntimeWarning, stacklevel=2)
+
+HAS_EXTENSION = _C is not None
+HAS_CUDA_KERNELS = bool(HAS_EXTENSION and _C.build_info()["cuda"])
+
+if HAS_EXTENSION:
+    _built = _C.build_info()["torch_version"]
+    if _built.split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        warnings.warn(f"relflat_ext: the extension was built against torch {_built} but torch "
+                      f"{torch.__version__} is running; rebuild it if ops fail.", RuntimeWarning)
+
+
+def build_info() -> Dict[str, Any]:
+    """What was compiled: package version, whether the C++/CUDA kernels are present, CUDA arch
+    list, and the torch version the extension was built against (None without the extension)."""
+    info: Dict[str, Any] = {"version": __version__, "compiled": HAS_EXTENSION, "cuda": False,
+                            "cuda_arch_list": [], "torch_version": None,
+                            "torch_runtime": torch.__version__, "fallback_reason": _LOAD_ERROR}
+    if HAS_EXTENSION:
+        built = _C.build_info()
+        info.update(cuda=built["cuda"], cuda_arch_list=built["cuda_arch_list"],
+                    torch_version=built["torch_version"])
+        assert built["version"] == __version__, "stale extension build: rebuild relflat_ext"
+    return info
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether a compiled kernel exists for tensors on ``device``."""
+    if device.type == "cpu":
+        return HAS_EXTENSION
+    if device.type == "cuda":
+        return HAS_CUDA_KERNELS
+    return False

@@ -1,0 +1,82 @@
+"""Pure-PyTorch fallback of every custom op: the specification the kernels are tested against.
+
+Conventions shared by all ops (see DESIGN.md section 1):
+``a_i = ||phi_i||^2`` are the squared feature norms, ``Hz_i`` the Hessian of sample i's loss with
+respect to the layer output (normalized so that ``E = (1/n) sum_i l_i``), ``G = W W^T``.
+Ops return *sums over samples*, not means, so that chunks and batches add up; callers divide by n.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
+
+
+def _empty_block(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty((0, 0))
+
+
+def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        loss: int, block_trace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form relative flatness of the last layer.
+
+    features (n, m), weight (d, m), bias (d,) or None, loss a code from ``_losses``.
+    Returns ``per_sample`` (n,) with ``per_sample[i] = a_i <G, Hz_i>_F`` and, when ``block_trace``,
+    ``sum_i a_i Hz_i`` (d, d) (the block traces times n), else an empty (0, 0) tensor.
+    """
+    d = weight.shape[0]
+    sq_norms = features.pow(2).sum(1)
+    gram = weight @ weight.T
+    block = _empty_block(features)
+    if loss == MSE:
+        per_sample = sq_norms * (2.0 / d) * gram.diagonal().sum()
+        if block_trace:
+            block = torch.eye(d, dtype=features.dtype, device=features.device) * (2.0 / d * sq_norms.sum())
+        return per_sample, block
+    logits = F.linear(features, weight, bias)
+    if loss == CROSS_ENTROPY:
+        p = torch.softmax(logits, dim=1)
+        per_sample = sq_norms * ((p * gram.diagonal()).sum(1) - ((p @ gram) * p).sum(1))
+        if block_trace:
+            weighted = p * sq_norms[:, None]
+            block = torch.diag(weighted.sum(0)) - weighted.T @ p
+        return per_sample, block
+    if loss == BCE_WITH_LOGITS:
+        s = torch.sigmoid(logits)
+        h = s * (1 - s) / d
+        per_sample = sq_norms * (h * gram.diagonal()).sum(1)
+        if block_trace:
+            block = torch.diag((h * sq_norms[:, None]).sum(0))
+        return per_sample, block
+    raise ValueError(f"unknown loss code {loss}")
+
+
+def contract_output_hessians(sq_norms: torch.Tensor, hz: torch.Tensor, gram: torch.Tensor,
+                             block_trace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample contraction of output Hessians (or their products with probe vectors).
+
+    sq_norms (n,), hz (n, d, k), gram (d, k). Returns ``per_sample`` (n,) with
+    ``per_sample[i] = sq_norms[i] * <gram, hz[i]>_F`` and, when ``block_trace``,
+    ``sum_i sq_norms[i] * hz[i]`` (d, k), else an empty (0, 0) tensor.
+    With ``hz[i] = Hz_i[:, cols]`` and ``gram = G[:, cols]`` this gives the block traces' columns;
+    with ``hz[i] = Hz_i W[:, cols]`` and ``gram = W[:, cols]`` it gives kappa's terms (m probes).
+    """
+    per_sample = sq_norms * torch.einsum("ndk,dk->n", hz, gram)
+    block = torch.einsum("n,ndk->dk", sq_norms, hz) if block_trace else _empty_block(hz)
+    return per_sample, block
+
+
+def dense_block_trace(hessian: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block traces of a dense layer Hessian and their contraction with ``G = W W^T``.
+
+    hessian (d*m, d*m) indexed by the row-major flattening of weight (d, m).
+    Returns ``kappa`` (0-dim) ``= <G, T>_F`` and ``T`` (d, d), ``T[s, t] = Tr(H_{s,t})``.
+    """
+    d, m = weight.shape
+    blocks = hessian.reshape(d, m, d, m)
+    block_trace = torch.diagonal(blocks, dim1=1, dim2=3).sum(-1)
+    kappa = (weight @ weight.T * block_trace).sum()
+    return kappa, block_trace

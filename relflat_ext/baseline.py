@@ -1,0 +1,94 @@
+"""The autograd baseline, as the authors compute relative flatness: the full Hessian of the mean
+loss with respect to the layer weight, one double-backward pass per weight entry, then the
+block-trace contraction (``ops.dense_block_trace``). O(d*m) backward passes and (d*m)^2 memory:
+it is the reference the fast paths are tested against, not a tool for large layers."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from ._losses import LossSpec, loss_code, resolve_loss
+from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
+from .flatness import FlatnessResult, check_targets, feature_scale
+
+DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
+
+
+def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+                  loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
+                  vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> torch.Tensor:
+    """Dense Hessian (d*m, d*m) of the mean loss over all samples w.r.t. the layer weight (d, m),
+    indexed by the row-major flattening of the weight. ``vectorize=False`` is the authors' loop
+    (one ``autograd.grad`` per entry); ``vectorize=True`` batches the rows with vmap."""
+    name, lin = resolve_layer(model, layer)
+    if not callable(loss):
+        loss_code(loss)
+    loss_fn = resolve_loss(loss)
+    dm = lin.weight.numel()
+    need = dm * dm * lin.weight.element_size()
+    if need > max_hessian_bytes:
+        raise ValueError(f"the full Hessian of layer {name!r} ({dm} x {dm} entries, {need / 2**30:.1f} GiB) "
+                         f"exceeds max_hessian_bytes={max_hessian_bytes}; use relative_flatness(method='exact'), "
+                         "which never forms it")
+    hessian = lin.weight.new_zeros((dm, dm))
+    n = 0
+    with preserved(model):
+        weight = lin.weight
+        weight.requires_grad_(True)
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            with torch.enable_grad():
+                out = model(x)
+                if not callable(loss):
+                    check_targets(loss_code(loss), y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
+                batch_loss = loss_fn(out, y)
+                grad = torch.autograd.grad(batch_loss, weight, create_graph=True)[0].reshape(-1)
+            n += x.shape[0]
+            if not grad.requires_grad:  # loss linear in the weight
+                continue
+            weight_b = float(x.shape[0])  # batch means -> sum over samples; divided by n below
+            if vectorize:
+                eye = torch.eye(dm, dtype=grad.dtype, device=grad.device)
+                step = max(1, min(dm, (1 << 26) // max(dm, 1)))
+                for r0 in range(0, dm, step):
+                    rows = torch.autograd.grad(grad, weight, eye[r0:r0 + step], retain_graph=True,
+                                               is_grads_batched=True)[0]
+                    hessian[r0:r0 + step] += weight_b * rows.reshape(-1, dm)
+            else:
+                for r in range(dm):
+                    hessian[r] += weight_b * torch.autograd.grad(grad[r], weight, retain_graph=True)[0].reshape(-1)
+    return hessian / n, n
+
+
+def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+                               loss: LossSpec = "cross_entropy", lmax: bool = False,
+                               normalize_features: bool = False, batch_size: Optional[int] = None,
+                               vectorize: bool = False,
+                               max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
+    """Relative flatness from the dense layer Hessian (the authors' method; see module docstring).
+
+    With ``normalize_features`` the Hessian is transformed as Theorem 4 prescribes
+    (``W' = W V``, so ``H'[(s,j),(t,k)] = H[(s,j),(t,k)] / (v_j v_k)``), which gives an independent
+    check of the normalized fast paths.
+    """
+    start = time.perf_counter()
+    name, lin = resolve_layer(model, layer)
+    hessian, n = layer_hessian(model, name, inputs, targets, loss, batch_size, vectorize, max_hessian_bytes)
+    weight = lin.weight.detach()
+    scale = None
+    if normalize_features:
+        scale = feature_scale(model, name, inputs, targets, batch_size)
+        v = scale.repeat(weight.shape[0])
+        hessian = hessian / v[:, None] / v[None, :]
+        weight = weight * scale
+    kappa, block_trace = ops.dense_block_trace(hessian, weight)
+    kappa_lmax = None
+    if lmax:
+        d, m = weight.shape
+        blocks = torch.stack([hessian[s * m:(s + 1) * m, s * m:(s + 1) * m] for s in range(d)])
+        kappa_lmax = float((weight.pow(2).sum(1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
+    return FlatnessResult(float(kappa), kappa_lmax, block_trace, "autograd", n, name, scale,
+                          time.perf_counter() - start)

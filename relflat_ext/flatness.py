@@ -1,0 +1,280 @@
+"""Relative flatness (Petzka et al., Definition 3) of an ``nn.Linear`` layer, exactly.
+
+Conventions (DESIGN.md section 1): mean-reduced loss over the n samples, Hessian with respect to
+the layer's weight only (bias excluded), no 1/m factor:
+``kappa_Tr(W) = sum_{s,t} <w_s, w_t> Tr(H_{s,t})`` and ``kappa_lmax = sum_s ||w_s||^2 lambda_max(H_{s,s})``.
+Nothing of size (d*m)^2 is formed: ``H = (1/n) sum_i Hz_i (x) phi_i phi_i^T`` when samples do not
+interact, so both need only the per-sample output Hessians ``Hz_i`` (closed form for the last
+layer, ``min(d, m)`` batched Hessian-vector products with respect to the layer output otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
+from ._model import LayerSpec, check_finite, iterate_batches, preserved, resolve_layer, tapped
+
+METHODS = ("auto", "closed_form", "exact", "autograd")
+# Elements of the (probes, samples, d) Hessian-vector-product block held at once by the exact path.
+HVP_BLOCK_ELEMENTS = 1 << 24
+# Largest (d, m, m) stack of diagonal Hessian blocks built for lmax, in bytes.
+LMAX_MAX_BYTES = 4 << 30
+
+
+@dataclasses.dataclass
+class FlatnessResult:
+    """kappa: kappa_Tr; kappa_lmax: max-eigenvalue variant (when asked); block_trace (d, d):
+    ``T[s, t] = Tr(H_{s,t})`` (None when not asked); method: the path that ran; n: samples used;
+    layer: the layer's name; feature_scale (m,): Theorem 4's per-feature standard deviations when
+    ``normalize_features`` (zero-spread features keep scale 1); seconds: wall time."""
+    kappa: float
+    kappa_lmax: Optional[float]
+    block_trace: Optional[torch.Tensor]
+    method: str
+    n: int
+    layer: str = ""
+    feature_scale: Optional[torch.Tensor] = None
+    seconds: float = 0.0
+
+
+def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
+    """Targets as ``F.cross_entropy`` / ``F.mse_loss`` / ``F.binary_cross_entropy_with_logits`` take them."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    if targets.shape[0] != n:
+        raise ValueError(f"targets has {targets.shape[0]} samples but the features have {n}")
+    if code == CROSS_ENTROPY:
+        if targets.dim() == 1 and not targets.is_floating_point():
+            if n and (int(targets.min()) < 0 or int(targets.max()) >= d):
+                raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy")
+            return
+        if targets.dim() == 2 and targets.is_floating_point() and targets.shape[1] == d:
+            if not torch.allclose(targets.sum(1), torch.ones_like(targets[:, 0]), atol=1e-4):
+                raise ValueError("probability targets for cross_entropy must have rows summing to 1")
+            return
+        raise ValueError(f"targets for cross_entropy must be class indices (n,) or probabilities (n, {d}), "
+                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+    if tuple(targets.shape) != (n, d) or not targets.is_floating_point():
+        raise ValueError(f"targets must be a float tensor of shape ({n}, {d}) like the layer output, "
+                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+
+class _Accumulator:
+    """Sums over samples that make kappa, T and the lmax blocks, batch by batch."""
+
+    def __init__(self, weight: torch.Tensor, want_block: bool, lmax: bool):
+        d, m = weight.shape
+        self.weight, self.n, self.kappa_sum = weight, 0, weight.new_zeros(())
+        self.block = weight.new_zeros((d, d)) if want_block else None
+        if lmax and d * m * m * weight.element_size() > LMAX_MAX_BYTES:
+            raise ValueError(f"lmax=True needs the {d} diagonal Hessian blocks of size {m}x{m} "
+                             f"({d * m * m * weight.element_size() / 2**30:.1f} GiB); too large")
+        self.diag_blocks = weight.new_zeros((d, m, m)) if lmax else None
+
+    def add_diagonal(self, hdiag: torch.Tensor, features: torch.Tensor) -> None:
+        """diag_blocks[s] += sum_i Hz_i[s, s] phi_i phi_i^T."""
+        self.diag_blocks += torch.einsum("ns,ni,nj->sij", hdiag, features, features)
+
+    def result(self, method: str, layer: str, scale, start: float) -> FlatnessResult:
+        n = self.n
+        kappa_lmax = None
+        if self.diag_blocks is not None:
+            top = torch.linalg.eigvalsh(self.diag_blocks / n)[:, -1]
+            kappa_lmax = float((self.weight.pow(2).sum(1) * top).sum())
+        return FlatnessResult(float(self.kappa_sum) / n, kappa_lmax,
+                              None if self.block is None else self.block / n, method, n, layer, scale,
+                              time.perf_counter() - start)
+
+
+def _normalized(features: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]):
+    """Theorem 4: phi' = phi / s, W' = W diag(s) (the layer output is unchanged)."""
+    if scale is None:
+        return features, weight
+    return features / scale, weight * scale
+
+
+def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                    loss: str = "cross_entropy", bias: Optional[torch.Tensor] = None,
+                                    lmax: bool = False, normalize_features: bool = False,
+                                    block_trace: bool = True) -> FlatnessResult:
+    """Relative flatness of a last layer ``z = W phi + b`` from its features, in closed form.
+
+    features (n, m), weight (d, m), targets as the loss takes them (class indices (n,) or
+    probabilities (n, d) for cross entropy; (n, d) floats for MSE and BCE), bias (d,) or None.
+    The targets are validated but do not enter: these losses' Hessians in z do not depend on them.
+    """
+    start = time.perf_counter()
+    code = loss_code(loss)
+    for name, t, dim in (("features", features, 2), ("weight", weight, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor")
+    if features.shape[0] == 0:
+        raise ValueError("features is empty: at least one sample is needed")
+    check_finite("features", features)
+    check_finite("weight", weight)
+    check_targets(code, targets, features.shape[0], weight.shape[0])
+    scale = _feature_scale_from(features) if normalize_features else None
+    phi, w = _normalized(features, weight, scale)
+    acc = _Accumulator(w, block_trace, lmax)
+    _closed_form_batch(acc, phi, w, bias, code)
+    return acc.result("closed_form", "", scale, start)
+
+
+def _closed_form_batch(acc: _Accumulator, phi: torch.Tensor, w: torch.Tensor, bias, code: int) -> None:
+    per_sample, block = ops.last_layer_flatness(phi, w, bias, code, acc.block is not None)
+    acc.kappa_sum = acc.kappa_sum + per_sample.sum()
+    acc.n += phi.shape[0]
+    if acc.block is not None:
+        acc.block += block
+    if acc.diag_blocks is not None:  # z = W' phi' + b = W phi + b
+        acc.add_diagonal(output_hessian_diagonal(F.linear(phi, w, bias), code), phi)
+
+
+def _feature_scale_from(features: torch.Tensor) -> torch.Tensor:
+    std = features.std(dim=0, unbiased=False)
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
+                  batch_size: Optional[int] = None) -> torch.Tensor:
+    """Per-feature standard deviation (population, over all samples) of the layer's input: the
+    ``V`` of Theorem 4 (DESIGN.md: standard deviation, not variance). Zero-spread features get 1."""
+    name, lin = resolve_layer(model, layer)
+    total = sq_total = None
+    n = 0
+    with preserved(model), tapped(lin, name, replace_output=False) as tap, torch.no_grad():
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            tap.reset()
+            model(x)
+            phi = tap.features.double()
+            total = phi.sum(0) if total is None else total + phi.sum(0)
+            sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)
+            n += phi.shape[0]
+    mean = total / n
+    std = (sq_total / n - mean.pow(2)).clamp_min(0).sqrt().to(lin.weight.dtype)
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+                      loss: LossSpec = "cross_entropy", method: str = "auto",
+                      normalize_features: bool = False, lmax: bool = False,
+                      batch_size: Optional[int] = None, block_trace: bool = True) -> FlatnessResult:
+    """Relative flatness kappa_Tr of ``layer`` (an ``nn.Linear`` in ``model``) on the data.
+
+    inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
+    batches (a DataLoader) with ``targets=None``; sums accumulate across batches.
+    loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
+    default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples.
+    method: "closed_form" (layer produces the model output, built-in loss), "exact" (per-sample
+    output Hessians through batched HVPs w.r.t. the layer output: d probes, or m probes with the
+    columns of W when m < d and neither ``block_trace`` nor ``lmax`` is asked), "autograd" (the
+    authors' full-Hessian baseline), or "auto" (closed form when possible, else exact).
+    normalize_features: Theorem 4's rescaling by the features' standard deviations.
+    The model is measured in eval mode (BatchNorm running statistics, no dropout) and is left
+    exactly as it was: training flags, requires_grad, .grad and weights.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not callable(loss):
+        loss_code(loss)
+    if method == "autograd":
+        from .baseline import relative_flatness_autograd
+        return relative_flatness_autograd(model, layer, inputs, targets, loss=loss, lmax=lmax,
+                                          normalize_features=normalize_features, batch_size=batch_size)
+    start = time.perf_counter()
+    name, lin = resolve_layer(model, layer)
+    if method == "closed_form" and callable(loss):
+        raise ValueError("method='closed_form' needs a built-in loss name, not a callable")
+    scale = feature_scale(model, name, inputs, targets, batch_size) if normalize_features else None
+    weight = lin.weight.detach()
+    w = weight if scale is None else weight * scale
+    acc = None
+    chosen = None if method == "auto" else method
+    with preserved(model):
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            if chosen in (None, "closed_form"):
+                with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
+                    out = model(x)
+                is_last = out is tap.raw_output
+                if chosen is None:
+                    chosen = "closed_form" if is_last and not callable(loss) else "exact"
+                elif not is_last:
+                    raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
+                                     "output; use method='exact'")
+            if acc is None:
+                acc = _Accumulator(w, block_trace, lmax)
+            if chosen == "closed_form":
+                code = loss_code(loss)
+                check_targets(code, y, x.shape[0], w.shape[0])
+                phi = tap.features if scale is None else tap.features / scale
+                _closed_form_batch(acc, phi, w, lin.bias.detach() if lin.bias is not None else None, code)
+            else:
+                _exact_batch(acc, model, name, lin, x, y, loss, w, scale)
+    return acc.result(chosen, name, scale, start)
+
+
+_BATCHED_HVP_OK = True
+
+
+def _hvp_block(grad_z: torch.Tensor, z: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Hessian-vector products of the batch loss w.r.t. z along k probes (k, n, d) -> (k, n, d)."""
+    global _BATCHED_HVP_OK
+    if _BATCHED_HVP_OK:
+        try:
+            return torch.autograd.grad(grad_z, z, probes, retain_graph=True, is_grads_batched=True)[0]
+        except RuntimeError as exc:  # an op without a vmap rule in the model's backward
+            _BATCHED_HVP_OK = False
+            warnings.warn(f"relflat_ext: batched Hessian-vector products failed ({exc}); falling back to "
+                          "one backward pass per probe (same result, slower)", RuntimeWarning)
+    return torch.stack([torch.autograd.grad(grad_z, z, v, retain_graph=True)[0] for v in probes])
+
+
+def _exact_batch(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: torch.Tensor,
+                 scale: Optional[torch.Tensor]) -> None:
+    loss_fn = resolve_loss(loss)
+    with tapped(lin, name, replace_output=True) as tap, torch.enable_grad():
+        out = model(x)
+        if not callable(loss):
+            check_targets(loss_code(loss), y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
+        batch_loss = loss_fn(out, y)
+        if batch_loss.dim() != 0:
+            raise ValueError(f"loss must return a scalar (mean over samples), got shape {tuple(batch_loss.shape)}")
+        z = tap.output
+        grad_z = torch.autograd.grad(batch_loss, z, create_graph=True)[0]
+    phi = tap.features if scale is None else tap.features / scale
+    n_b, d = z.shape
+    m = w.shape[1]
+    sq_norms = phi.pow(2).sum(1)
+    acc.n += n_b
+    if not grad_z.requires_grad:  # loss linear in z: Hz = 0, nothing to add
+        return
+    gram = w @ w.T
+    use_weight_probes = m < d and acc.block is None and acc.diag_blocks is None
+    probe_dirs = w if use_weight_probes else torch.eye(d, dtype=w.dtype, device=w.device)
+    num_probes = probe_dirs.shape[1]
+    k_block = max(1, min(num_probes, HVP_BLOCK_ELEMENTS // max(1, n_b * d)))
+    hdiag = phi.new_empty((n_b, d)) if acc.diag_blocks is not None else None
+    for c0 in range(0, num_probes, k_block):
+        cols = slice(c0, min(c0 + k_block, num_probes))
+        dirs = probe_dirs[:, cols].T  # (k, d)
+        probes = dirs[:, None, :].expand(-1, n_b, -1)
+        # Batch mean loss: d^2 E_b / dz_i^2 = Hz_i / n_b.
+        hz = (_hvp_block(grad_z, z, probes) * n_b).permute(1, 2, 0)  # (n_b, d, k)
+        gram_cols = w[:, cols] if use_weight_probes else gram[:, cols]
+        per_sample, block = ops.contract_output_hessians(sq_norms, hz, gram_cols, acc.block is not None)
+        acc.kappa_sum = acc.kappa_sum + per_sample.sum()
+        if acc.block is not None:
+            acc.block[:, cols] += block
+        if hdiag is not None:
+            idx = torch.arange(cols.start, cols.stop, device=hz.device)
+            hdiag[:, cols] = hz[:, idx, idx - cols.start]
+    if hdiag is not None:
+        acc.add_diagonal(hdiag, phi)

@@ -1,0 +1,191 @@
+// CUDA closed-form last-layer flatness.
+// Few outputs (d <= 32): one fused kernel, a warp per row: squared norm and the d logits from one
+// read of the feature row, then softmax/sigmoid and <G, Hz_i> in registers (G in shared memory).
+// Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid to ATen, then one
+// warp-per-row kernel for the terms (p^T G p from one more GEMM, P G or P W, whichever is cheaper).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common.h"
+
+namespace relflat {
+namespace {
+
+constexpr int kMaxFusedOutputs = 32;
+constexpr int kWarpsPerBlock = 8;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T sigmoid_curvature(T z) {  // sigma(z)(1 - sigma(z)), stable for any z
+  const T e = exp(-fabs(z));
+  return e / ((T(1) + e) * (T(1) + e));
+}
+
+// One warp per row; lane s < d owns output s after the reductions.
+template <typename T, int D>
+__global__ void fused_small_kernel(const T* __restrict__ features, const T* __restrict__ weight,
+                                   const T* __restrict__ bias, const T* __restrict__ gram, int64_t n, int64_t m,
+                                   int d, int loss, T* __restrict__ sq_norms, T* __restrict__ per_sample,
+                                   T* __restrict__ h_out) {
+  __shared__ T gram_s[D * D];
+  for (int e = threadIdx.x; e < d * d; e += blockDim.x) gram_s[(e / d) * D + e % d] = gram[e];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const T* x = features + row * m;
+  T acc[D];
+#pragma unroll
+  for (int s = 0; s < D; ++s) acc[s] = T(0);
+  T norm = 0;
+  for (int64_t j = lane; j < m; j += 32) {
+    const T xj = x[j];
+    norm += xj * xj;
+#pragma unroll
+    for (int s = 0; s < D; ++s)
+      if (s < d) acc[s] += xj * __ldg(weight + s * m + j);
+  }
+  norm = warp_sum(norm);
+  T zs = T(0);  // lane s keeps logit s
+#pragma unroll
+  for (int s = 0; s < D; ++s) {
+    if (s < d) {
+      const T v = warp_sum(acc[s]);
+      if (lane == s) zs = v + (bias ? bias[s] : T(0));
+    }
+  }
+  const bool active = lane < d;
+  T h;
+  if (loss == kCrossEntropy) {
+    T mx = active ? zs : -INFINITY;
+    for (int offset = 16; offset > 0; offset >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    const T e = active ? exp(zs - mx) : T(0);
+    h = e / warp_sum(e);
+  } else {
+    h = active ? sigmoid_curvature(zs) / T(d) : T(0);
+  }
+  T term = active ? h * gram_s[lane * D + lane] : T(0);
+  if (loss == kCrossEntropy) {  // - p_s (G p)_s
+    T gp = 0;
+    for (int t = 0; t < d; ++t) {
+      const T pt = __shfl_sync(0xffffffffu, h, t);
+      if (active) gp += gram_s[lane * D + t] * pt;
+    }
+    term -= active ? h * gp : T(0);
+  }
+  term = warp_sum(term);
+  if (lane == 0) {
+    sq_norms[row] = norm;
+    per_sample[row] = norm * term;
+  }
+  if (h_out && active) h_out[row * d + lane] = h;
+}
+
+// Many outputs: h (n, d) holds p or sigma(1-sigma)/d. q (n, k) from a GEMM or null:
+// q_is_pw: p^T G p = ||q_i||^2 (q = P W); else p^T G p = <q_i, p_i> (q = P G).
+template <typename T>
+__global__ void terms_kernel(const T* __restrict__ features, const T* __restrict__ h, const T* __restrict__ gdiag,
+                             const T* __restrict__ q, int64_t n, int64_t m, int64_t d, int64_t k, bool q_is_pw,
+                             T* __restrict__ sq_norms, T* __restrict__ per_sample) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= n) return;
+  T norm = 0, term = 0;
+  for (int64_t j = lane; j < m; j += 32) norm += features[row * m + j] * features[row * m + j];
+  for (int64_t s = lane; s < d; s += 32) term += h[row * d + s] * gdiag[s];
+  if (q) {
+    for (int64_t s = lane; s < k; s += 32)
+      term -= q_is_pw ? q[row * k + s] * q[row * k + s] : q[row * k + s] * h[row * d + s];
+  }
+  norm = warp_sum(norm);
+  term = warp_sum(term);
+  if (lane == 0) {
+    sq_norms[row] = norm;
+    per_sample[row] = norm * term;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& features_in,
+                                                            const at::Tensor& weight_in,
+                                                            const std::optional<at::Tensor>& bias_in,
+                                                            int64_t loss, bool block_trace) {
+  check_last_layer_args(features_in, weight_in, bias_in, loss);
+  const c10::cuda::CUDAGuard guard(features_in.device());
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const int64_t n = features.size(0), m = features.size(1), d = weight.size(0);
+  const auto opts = features.options();
+  at::Tensor sq_norms = at::empty({n}, opts);
+  at::Tensor per_sample = at::empty({n}, opts);
+  at::Tensor block = at::empty({0, 0}, opts);
+  if (n == 0) return {per_sample, block_trace ? at::zeros({d, d}, opts) : block};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const at::Tensor gram = at::mm(weight, weight.t());
+
+  if (loss == kMse) {  // Hz = (2/d) I
+    sq_norms = features.pow(2).sum(1);
+    per_sample = sq_norms * (weight.pow(2).sum() * (2.0 / d));
+    if (block_trace) block = at::eye(d, opts) * (sq_norms.sum() * (2.0 / d));
+    return {per_sample, block};
+  }
+
+  at::Tensor h;
+  if (d <= kMaxFusedOutputs) {
+    if (block_trace) h = at::empty({n, d}, opts);
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
+      const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+      scalar_t* hp = block_trace ? h.data_ptr<scalar_t>() : nullptr;
+#define RELFLAT_LAUNCH_FUSED(D)                                                                         \
+  fused_small_kernel<scalar_t, D><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(                          \
+      features.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, gram.data_ptr<scalar_t>(), n, m, \
+      static_cast<int>(d), static_cast<int>(loss), sq_norms.data_ptr<scalar_t>(),                       \
+      per_sample.data_ptr<scalar_t>(), hp)
+      if (d <= 8) RELFLAT_LAUNCH_FUSED(8);
+      else if (d <= 16) RELFLAT_LAUNCH_FUSED(16);
+      else RELFLAT_LAUNCH_FUSED(32);
+#undef RELFLAT_LAUNCH_FUSED
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
+    if (loss == kCrossEntropy) {
+      h = at::softmax(logits, 1);
+    } else {
+      const at::Tensor sig = at::sigmoid(logits);
+      h = sig * (1 - sig) / static_cast<double>(d);
+    }
+    at::Tensor q;
+    const bool q_is_pw = m < d;
+    if (loss == kCrossEntropy) q = q_is_pw ? at::mm(h, weight) : at::mm(h, gram);
+    const at::Tensor gdiag = gram.diagonal().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
+      terms_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+          features.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), gdiag.data_ptr<scalar_t>(),
+          q.defined() ? q.data_ptr<scalar_t>() : nullptr, n, m, d, q.defined() ? q.size(1) : 0, q_is_pw,
+          sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (block_trace) {  // sum_i a_i Hz_i = diag(sum_i a_i h_i) [- sum_i a_i p_i p_i^T]
+    const at::Tensor weighted = h * sq_norms.unsqueeze(1);
+    block = at::diag(weighted.sum(0));
+    if (loss == kCrossEntropy) block -= at::mm(weighted.t(), h);
+  }
+  return {per_sample, block};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relflat, CUDA, m) { m.impl("last_layer_flatness", &last_layer_flatness_cuda); }
+
+}  // namespace relflat

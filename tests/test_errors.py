@@ -1,0 +1,97 @@
+"""Bad input gets a clear error naming the argument; the model is never changed, even then."""
+import pytest
+import torch
+from torch import nn
+
+import relflat_ext as rf
+from models import assert_unchanged, data, mlp, snapshot
+
+
+def _setup():
+    model = mlp([5, 6, 4], "tanh", seed=0)
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # a stale grad the user keeps
+    x, y = data(20, 5, 4, "cross_entropy")
+    return model, x, y
+
+
+BAD_CALLS = [
+    ("layer not in model", lambda m, x, y: rf.relative_flatness(m, "7", x, y), ValueError, "not in the model"),
+    ("foreign module", lambda m, x, y: rf.relative_flatness(m, nn.Linear(5, 6), x, y), ValueError, "not a submodule"),
+    ("non-Linear layer", lambda m, x, y: rf.relative_flatness(m, "1", x, y), TypeError, "nn.Linear"),
+    ("unsupported loss", lambda m, x, y: rf.relative_flatness(m, "2", x, y, loss="hinge"), ValueError, "loss must be"),
+    ("unknown method", lambda m, x, y: rf.relative_flatness(m, "2", x, y, method="fast"), ValueError, "method must be"),
+    ("empty data", lambda m, x, y: rf.relative_flatness(m, "2", x[:0], y[:0]), ValueError, "empty"),
+    ("empty loader", lambda m, x, y: rf.relative_flatness(m, "2", []), ValueError, "empty"),
+    ("NaN inputs", lambda m, x, y: rf.relative_flatness(m, "2", x * float("nan"), y), ValueError, "NaN or Inf"),
+    ("Inf inputs", lambda m, x, y: rf.relative_flatness(m, "0", x.index_fill(0, torch.tensor([3]), float("inf")), y),
+     ValueError, "NaN or Inf"),
+    ("mismatched targets", lambda m, x, y: rf.relative_flatness(m, "2", x, y[:5]), ValueError, "targets has 5"),
+    ("class out of range", lambda m, x, y: rf.relative_flatness(m, "2", x, y + 10), ValueError, r"\[0, 4\)"),
+    ("mse target shape", lambda m, x, y: rf.relative_flatness(m, "2", x, y, loss="mse"), ValueError, "shape"),
+    ("mse target shape, exact", lambda m, x, y: rf.relative_flatness(m, "0", x, y, loss="mse"), ValueError, "shape"),
+    ("missing targets", lambda m, x, y: rf.relative_flatness(m, "2", x), TypeError, "targets must be a tensor"),
+    ("bad batch_size", lambda m, x, y: rf.relative_flatness(m, "2", x, y, batch_size=0), ValueError, "batch_size"),
+    ("closed form on hidden layer", lambda m, x, y: rf.relative_flatness(m, "0", x, y, method="closed_form"),
+     ValueError, "produce the model output"),
+    ("Hessian too large", lambda m, x, y: rf.relative_flatness_autograd(m, "0", x, y, max_hessian_bytes=100),
+     ValueError, "max_hessian_bytes"),
+    ("wrong input width", lambda m, x, y: rf.relative_flatness(m, "2", x[:, :3], y), RuntimeError, "shapes cannot be multiplied"),
+]
+
+
+@pytest.mark.parametrize("what, call, exc, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_rejected_and_model_unchanged(what, call, exc, match):
+    model, x, y = _setup()
+    before = snapshot(model)
+    with pytest.raises(exc, match=match):
+        call(model, x, y)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "autograd"])
+def test_successful_calls_leave_model_unchanged(method):
+    model, x, y = _setup()
+    model[2].weight.requires_grad_(False)  # a frozen layer stays frozen
+    before = snapshot(model)
+    for layer in ("0", "2"):
+        rf.relative_flatness(model, layer, x, y, method=method, lmax=True, normalize_features=True)
+    assert_unchanged(model, before)
+
+
+def test_sequence_inputs_get_a_clear_error():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.proj(x).mean(1)
+
+    model = Tokens().double()
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="2-D per-sample features"):
+        rf.relative_flatness(model, "proj", x, y)
+    assert_unchanged(model, before)
+
+
+def test_shared_layer_is_rejected():
+    lin = nn.Linear(4, 4).double()
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    x, y = data(8, 4, 4, "cross_entropy")
+    with pytest.raises(RuntimeError, match="more than once"):
+        rf.relative_flatness(model, "0", x, y, method="exact")
+
+
+def test_from_features_errors():
+    f, w = torch.randn(10, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rf.relative_flatness_from_features(f * float("nan"), w, torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        rf.relative_flatness_from_features(f[:0], w, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight must be"):
+        rf.relative_flatness_from_features(f, torch.randn(3, 5), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        rf.relative_flatness_from_features(f, w, torch.rand(10, 3))

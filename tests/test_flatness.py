@@ -1,0 +1,97 @@
+"""relative_flatness (closed form and exact paths) == the authors' autograd baseline, float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relflat_ext as rf
+from models import data, linear_names, mlp
+
+LOSSES = ["cross_entropy", "mse", "bce_with_logits"]
+NETWORKS = [([6, 5, 4], "tanh"), ([5, 7, 6, 3], "softplus"), ([4, 6, 5, 4, 3], "gelu")]
+
+
+def _close(a, b, rtol=1e-8):
+    assert abs(a - b) <= rtol * max(abs(b), 1e-12), f"{a} vs {b}"
+
+
+@pytest.mark.parametrize("widths, act", NETWORKS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_layer_matches_baseline(widths, act, loss):
+    model = mlp(widths, act, seed=len(widths))
+    x, y = data(40, widths[0], widths[-1], loss, seed=1)
+    for name in linear_names(model):
+        fast = rf.relative_flatness(model, name, x, y, loss=loss, lmax=True)
+        base = rf.relative_flatness_autograd(model, name, x, y, loss=loss, lmax=True, vectorize=True)
+        assert fast.method == ("closed_form" if name == linear_names(model)[-1] else "exact")
+        _close(fast.kappa, base.kappa)
+        _close(fast.kappa_lmax, base.kappa_lmax)
+        torch.testing.assert_close(fast.block_trace, base.block_trace, rtol=1e-8, atol=1e-12 * base.block_trace.abs().max())
+        assert fast.n == base.n == 40
+
+
+def test_exact_path_on_last_layer_matches_closed_form():
+    model = mlp([5, 6, 4], "tanh", seed=3)
+    x, y = data(30, 5, 4, "cross_entropy")
+    closed = rf.relative_flatness(model, "2", x, y, method="closed_form", lmax=True)
+    exact = rf.relative_flatness(model, "2", x, y, method="exact", lmax=True)
+    _close(exact.kappa, closed.kappa, 1e-10)
+    _close(exact.kappa_lmax, closed.kappa_lmax, 1e-10)
+
+
+def test_callable_loss_matches_baseline():
+    def smooth_l1(out, target):  # any mean-over-samples loss
+        return F.smooth_l1_loss(out, target) + 0.1 * out.pow(4).mean()
+
+    model = mlp([4, 6, 5, 3], "softplus", seed=5)
+    x, y = data(25, 4, 3, "mse", seed=2)
+    for name in linear_names(model):
+        fast = rf.relative_flatness(model, name, x, y, loss=smooth_l1)
+        base = rf.relative_flatness_autograd(model, name, x, y, loss=smooth_l1, vectorize=True)
+        assert fast.method == "exact"
+        _close(fast.kappa, base.kappa)
+
+
+def test_weight_probes_when_outputs_outnumber_features():
+    """m < d: kappa from m probes along W's columns when neither block_trace nor lmax is asked."""
+    model = mlp([6, 3, 9, 4], "tanh", seed=7)  # layer "2": 3 -> 9
+    x, y = data(20, 6, 4, "cross_entropy")
+    quick = rf.relative_flatness(model, "2", x, y, block_trace=False)
+    base = rf.relative_flatness_autograd(model, "2", x, y, vectorize=True)
+    assert quick.block_trace is None
+    _close(quick.kappa, base.kappa)
+
+
+def test_authors_loop_equals_vectorized_baseline():
+    model = mlp([4, 5, 3], "tanh", seed=2)
+    x, y = data(15, 4, 3, "cross_entropy")
+    loop = rf.layer_hessian(model, "0", x, y)[0]
+    vec = rf.layer_hessian(model, "0", x, y, vectorize=True)[0]
+    torch.testing.assert_close(loop, vec)
+    torch.testing.assert_close(loop, loop.T)  # a Hessian
+
+
+def test_from_features_matches_model_level_call():
+    model = mlp([5, 6, 4], "tanh", seed=4)
+    x, y = data(30, 5, 4, "cross_entropy")
+    feats = model[1](model[0](x)).detach()
+    a = rf.relative_flatness_from_features(feats, model[2].weight.detach(), y, bias=model[2].bias.detach(), lmax=True)
+    b = rf.relative_flatness(model, "2", x, y, lmax=True)
+    _close(a.kappa, b.kappa, 1e-12)
+    _close(a.kappa_lmax, b.kappa_lmax, 1e-12)
+
+
+def test_probability_targets_for_cross_entropy():
+    model = mlp([5, 4], "tanh", seed=1)
+    x, y = data(12, 5, 4, "cross_entropy")
+    probs = F.one_hot(y, 4).double()
+    _close(rf.relative_flatness(model, "0", x, probs).kappa, rf.relative_flatness(model, "0", x, y).kappa, 1e-14)
+
+
+def test_float32_model_agrees_with_float64():
+    model = mlp([6, 8, 5], "tanh", seed=8)
+    x, y = data(50, 6, 5, "cross_entropy")
+    k64 = [rf.relative_flatness(model, n, x, y).kappa for n in ("0", "2")]
+    model32 = model.float()
+    k32 = [rf.relative_flatness(model32, n, x.float(), y).kappa for n in ("0", "2")]
+    for a, b in zip(k32, k64):
+        _close(a, b, 1e-4)

@@ -88,6 +88,25 @@ __global__ void fused_small_kernel(const T* __restrict__ features, const T* __re
   if (h_out && active) h_out[row * d + lane] = h;
 }
 
+template <typename T>
+struct FusedArgs {
+  const T* features;
+  const T* weight;
+  const T* bias;
+  const T* gram;
+  int64_t n, m;
+  int d, loss;
+  T* sq_norms;
+  T* per_sample;
+  T* h_out;
+};
+
+template <typename T, int D>
+void launch_fused(const FusedArgs<T>& a, int64_t blocks, cudaStream_t stream) {
+  fused_small_kernel<T, D><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+      a.features, a.weight, a.bias, a.gram, a.n, a.m, a.d, a.loss, a.sq_norms, a.per_sample, a.h_out);
+}
+
 // Many outputs: h (n, d) holds p or sigma(1-sigma)/d. q (n, k) from a GEMM or null:
 // q_is_pw: p^T G p = ||q_i||^2 (q = P W); else p^T G p = <q_i, p_i> (q = P G).
 template <typename T>
@@ -145,15 +164,12 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
       const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
       scalar_t* hp = block_trace ? h.data_ptr<scalar_t>() : nullptr;
-#define RELFLAT_LAUNCH_FUSED(D)                                                                         \
-  fused_small_kernel<scalar_t, D><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(                          \
-      features.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, gram.data_ptr<scalar_t>(), n, m, \
-      static_cast<int>(d), static_cast<int>(loss), sq_norms.data_ptr<scalar_t>(),                       \
-      per_sample.data_ptr<scalar_t>(), hp)
-      if (d <= 8) RELFLAT_LAUNCH_FUSED(8);
-      else if (d <= 16) RELFLAT_LAUNCH_FUSED(16);
-      else RELFLAT_LAUNCH_FUSED(32);
-#undef RELFLAT_LAUNCH_FUSED
+      const FusedArgs<scalar_t> args{features.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b,
+                                     gram.data_ptr<scalar_t>(), n, m, static_cast<int>(d), static_cast<int>(loss),
+                                     sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>(), hp};
+      if (d <= 8) launch_fused<scalar_t, 8>(args, blocks, stream);
+      else if (d <= 16) launch_fused<scalar_t, 16>(args, blocks, stream);
+      else launch_fused<scalar_t, 32>(args, blocks, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {

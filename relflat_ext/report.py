@@ -5,7 +5,7 @@ the autograd baseline where its Hessian is small enough, plus train/test loss an
 from __future__ import annotations
 
 import json
-import time
+import os
 from typing import Dict, List
 
 import torch
@@ -92,6 +92,7 @@ def run(epochs: int = 60, seed: int = 0, baseline_max_entries: int = 2500, out: 
     report = {"dataset": "sklearn digits", "model": "64-64-32-10 tanh MLP", "stats": stats, "layers": rows,
               "build": relflat_ext.build_info(), "torch": torch.__version__}
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
         log(f"\nwrote {out}")

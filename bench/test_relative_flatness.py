@@ -1,11 +1,9 @@
 """Relative flatness: the package vs the eager closed form vs the authors' autograd baseline.
 Every case checks its result against the reference before it is timed (CPU here; the device is
 recorded in the benchmark's extra_info)."""
-import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf

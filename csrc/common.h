@@ -63,4 +63,14 @@ inline void check_dense_args(const at::Tensor& hessian, const at::Tensor& weight
               dm, ") for weight of shape ", weight.sizes(), ", got ", hessian.sizes());
 }
 
+// sum_i a_i Hz_i from the per-row h (n, d) of the closed form (softmax p for cross entropy,
+// sigma(1-sigma)/d for BCE): diag(sum_i a_i h_i), minus sum_i a_i p_i p_i^T for cross entropy.
+// Both backends use it (ATen ops run on the tensors' device and current stream).
+inline at::Tensor block_sum_from_rows(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+  const at::Tensor weighted = h * sq_norms.unsqueeze(1);
+  at::Tensor block = at::diag(weighted.sum(0));
+  if (loss == kCrossEntropy) block -= at::mm(weighted.t(), h);
+  return block;
+}
+
 }  // namespace relflat

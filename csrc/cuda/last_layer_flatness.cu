@@ -192,11 +192,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (block_trace) {  // sum_i a_i Hz_i = diag(sum_i a_i h_i) [- sum_i a_i p_i p_i^T]
-    const at::Tensor weighted = h * sq_norms.unsqueeze(1);
-    block = at::diag(weighted.sum(0));
-    if (loss == kCrossEntropy) block -= at::mm(weighted.t(), h);
-  }
+  if (block_trace) block = block_sum_from_rows(h, sq_norms, loss);
   return {per_sample, block};
 }
 

@@ -53,7 +53,10 @@ def make_extension():
     sources = ["csrc/relflat.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
     macros = [("RELFLAT_VERSION", f'"{VERSION}"'), ("RELFLAT_TORCH_VERSION", f'"{torch_version}"')]
-    cxx_flags = ["-O3", "-fopenmp-simd", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is inline OpenMP code in ATen's headers and runs serially without
+    # it. The libgomp.so.1 linked here is the one torch has already loaded (same soname).
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-unused-function"]
+    link_flags = ["-fopenmp"]
     if build_cuda:
         arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -62,10 +65,10 @@ def make_extension():
         print(f"relflat_ext: building CPU + CUDA kernels ({reason}); TORCH_CUDA_ARCH_LIST={arch_list}")
         return cpp_extension.CUDAExtension(
             "relflat_ext._C", sources, define_macros=macros, include_dirs=includes, library_dirs=libs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link_flags)
     print(f"relflat_ext: building CPU kernels only ({reason})")
     return cpp_extension.CppExtension("relflat_ext._C", sources, define_macros=macros,
-                                      extra_compile_args={"cxx": cxx_flags})
+                                      extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(

@@ -11,15 +11,10 @@
 #include <algorithm>
 
 #include "../common.h"
+#include "simd.h"
 
 namespace relflat {
 namespace {
-
-#if defined(__GNUC__)
-#define RELFLAT_INLINE inline __attribute__((always_inline))
-#else
-#define RELFLAT_INLINE inline
-#endif
 
 constexpr int64_t kRegisterBlockedMaxOutputs = 32;
 constexpr int kRowsPerTile = 4;
@@ -99,26 +94,21 @@ RELFLAT_INLINE void terms_rows_body(const T* h, const T* gram, const T* gdiag, c
   }
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define RELFLAT_HAVE_AVX2_CLONE 1
+#ifdef RELFLAT_HAVE_AVX2_CLONE
 template <typename T, int DP>
-__attribute__((target("avx2,fma"))) void logits_rows_avx2(const T* x, int64_t m, const T* wt, const T* bp,
+RELFLAT_TARGET_AVX2 void logits_rows_avx2(const T* x, int64_t m, const T* wt, const T* bp,
                                                           int64_t d, int64_t b, int64_t e, T* z, T* a) {
   logits_rows_body<T, DP>(x, m, wt, bp, d, b, e, z, a);
 }
 template <typename T>
-__attribute__((target("avx2,fma"))) void terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
+RELFLAT_TARGET_AVX2 void terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
                                                          int64_t d, bool iq, int64_t b, int64_t e, T* out) {
   terms_rows_body<T>(h, g, gd, a, d, iq, b, e, out);
 }
 template <typename T, int DP>
-__attribute__((target("avx2,fma"))) void padded_terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
+RELFLAT_TARGET_AVX2 void padded_terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
                                                                 int64_t d, bool q, int64_t b, int64_t e, T* out) {
   padded_terms_rows_body<T, DP>(h, g, gd, a, d, q, b, e, out);
-}
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 

@@ -26,7 +26,7 @@ fi
 # Device code for both architectures is embedded, and the kernels' host stubs are in the library.
 grep -aq "sm_80" "$so" && grep -aq "sm_90" "$so" || { echo "missing sm_80/sm_90 device code"; exit 1; }
 nm -C "$so" > build/cuda-symbols.txt  # to a file: `nm | grep -q` would die of SIGPIPE under pipefail
-for kernel in fused_small_kernel terms_kernel contract_kernel block_trace_kernel; do
+for kernel in fused_small_kernel terms_kernel contract_kernel block_trace_kernel kde_fold_kernel kde_finish_kernel; do
   grep -q "$kernel" build/cuda-symbols.txt || { echo "kernel $kernel missing from $so"; exit 1; }
 done
 echo "CUDA kernels compiled and linked for sm_80 and sm_90: $so"

@@ -12,4 +12,9 @@ TORCH_LIBRARY(relflat, m) {
         " -> (Tensor per_sample, Tensor block_sum)");
   // T[s, t] = Tr(H_{s,t}) of a dense (d*m, d*m) Hessian, and kappa = <W W^T, T>.
   m.def("dense_block_trace(Tensor hessian, Tensor weight) -> (Tensor kappa, Tensor block_trace)");
+  // Gaussian KDE of each query under the keys whose split id differs from its own, for every split
+  // r and bandwidth b (h_k = bandwidths[b] * key_scale[k]): logdens (R, B, nq) and the normalized
+  // kernel-weighted sums of the keys' values wval (R, B, nq, c); -inf and 0 where no key is visible.
+  m.def("gaussian_kernel_reduce(Tensor queries, Tensor keys, Tensor? values, Tensor bandwidths,"
+        " Tensor? key_scale, Tensor? query_split, Tensor? key_split) -> (Tensor logdens, Tensor wval)");
 }

@@ -7,6 +7,7 @@ Ops return *sums over samples*, not means, so that chunks and batches add up; ca
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -80,3 +81,58 @@ def dense_block_trace(hessian: torch.Tensor, weight: torch.Tensor) -> Tuple[torc
     block_trace = torch.diagonal(blocks, dim1=1, dim2=3).sum(-1)
     kappa = (weight @ weight.T * block_trace).sum()
     return kappa, block_trace
+
+
+# Queries per chunk in the KDE fallback: bounds the (R, B, chunk, nk) logits it materializes.
+_KDE_CHUNK_ELEMENTS = 1 << 24
+
+
+def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
+                           bandwidths: torch.Tensor, key_scale: Optional[torch.Tensor],
+                           query_split: Optional[torch.Tensor], key_split: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian kernel density and Nadaraya-Watson sums of every query under the keys it may see.
+
+    queries (nq, m), keys (nk, m), values (nk, c) or None, bandwidths (B,), key_scale (nk,) or None,
+    query_split (R, nq) and key_split (R, nk) integer split ids, or both None (R = 1, every key
+    visible). In split r, key k is visible to query q when ``key_split[r, k] != query_split[r, q]``.
+    With ``h = bandwidths[b] * key_scale[k]`` and ``V`` the visible keys:
+
+    - ``logdens[r, b, q] = log( (1/|V|) sum_{k in V} N(queries[q]; keys[k], h^2 I) )``
+    - ``wval[r, b, q, :] = sum_{k in V} w_k values[k]``, ``w_k`` the normalized kernel weights
+      (each key's density term over their sum).
+
+    A query that sees no key gets ``logdens = -inf`` and ``wval = 0``. Distances are exact
+    differences (no ``|q|^2 + |k|^2 - 2 q.k`` expansion), so this is the accuracy reference.
+    """
+    nq, m = queries.shape
+    nk = keys.shape[0]
+    n_bw = bandwidths.shape[0]
+    n_splits = 1 if query_split is None else query_split.shape[0]
+    c = 0 if values is None else values.shape[1]
+    logdens = queries.new_full((n_splits, n_bw, nq), float("-inf"))
+    wval = queries.new_zeros((n_splits, n_bw, nq, c))
+    if nq == 0 or nk == 0:
+        return logdens, wval
+    scale = key_scale if key_scale is not None else keys.new_ones(nk)
+    h = bandwidths[:, None] * scale[None, :]  # (B, nk)
+    coef = -0.5 / h.square()
+    lognorm = -m * torch.log(h) - 0.5 * m * math.log(2 * math.pi)
+    chunk = max(1, _KDE_CHUNK_ELEMENTS // (n_splits * n_bw * nk))
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        d2 = torch.cdist(queries[start:stop], keys, compute_mode="donot_use_mm_for_euclid_dist").square()
+        logits = (d2[None] * coef[:, None, :] + lognorm[:, None, :]).unsqueeze(0)  # (1, B, q, nk)
+        if query_split is None:
+            visible = torch.ones(1, stop - start, nk, dtype=torch.bool, device=keys.device)
+        else:
+            visible = query_split[:, start:stop, None] != key_split[:, None, :]  # (R, q, nk)
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))  # (R, B, q, nk)
+        lse = torch.logsumexp(logits, dim=-1)  # (R, B, q); -inf where nothing is visible
+        n_visible = visible.sum(-1).to(queries.dtype)  # (R, q)
+        seen = (n_visible > 0)[:, None, :]
+        logdens[:, :, start:stop] = torch.where(seen, lse - torch.log(n_visible)[:, None, :], float("-inf"))
+        if c:
+            weights = torch.exp(logits - torch.where(seen, lse, 0.0)[..., None])  # 0 where unseen
+            wval[:, :, start:stop] = weights @ values
+    return logdens, wval

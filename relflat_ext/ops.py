@@ -87,6 +87,66 @@ def dense_block_trace(hessian: torch.Tensor, weight: torch.Tensor) -> Tuple[torc
     return _reference.dense_block_trace(hessian, weight)
 
 
+def _check_positive(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all() and (t > 0).all()):
+        raise ValueError(f"{name} must be positive and finite, got min {t.min().item():g}, max {t.max().item():g}")
+
+
+def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor],
+                           bandwidths: torch.Tensor, key_scale: Optional[torch.Tensor] = None,
+                           query_split: Optional[torch.Tensor] = None, key_split: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batched Gaussian kernel density and Nadaraya-Watson sums, fused (never forms nq x nk).
+
+    queries (nq, m), keys (nk, m), values (nk, c) or None, bandwidths (B,) > 0, key_scale (nk,) > 0
+    or None (per-key bandwidth ``h_k = bandwidths[b] * key_scale[k]``), query_split (R, nq) and
+    key_split (R, nk) integer split ids or both None. In split r, key k is visible to query q when
+    their ids differ (so one call evaluates all folds of a k-fold split, and R repeated splits).
+
+    Returns ``logdens`` (R, B, nq): ``log((1/|V|) sum_{k in V} N(q; k, h_k^2 I))`` over the visible
+    keys V, and ``wval`` (R, B, nq, c): the visible keys' values weighted by their normalized kernel
+    terms (c = 0 without values). A query that sees no key gets ``-inf`` and zeros.
+    """
+    _check_tensor("queries", queries, 2)
+    _check_tensor("keys", keys, 2, queries)
+    if keys.shape[1] != queries.shape[1]:
+        raise ValueError(f"keys must be (nk, m) with m = queries.shape[1] = {queries.shape[1]}, "
+                         f"got {tuple(keys.shape)}")
+    if values is not None:
+        _check_tensor("values", values, 2, queries)
+        if values.shape[0] != keys.shape[0]:
+            raise ValueError(f"values must be (nk, c) with nk = {keys.shape[0]}, got {tuple(values.shape)}")
+    _check_tensor("bandwidths", bandwidths, 1, queries)
+    if bandwidths.shape[0] == 0:
+        raise ValueError("bandwidths must hold at least one bandwidth")
+    _check_positive("bandwidths", bandwidths)
+    if key_scale is not None:
+        _check_tensor("key_scale", key_scale, 1, queries)
+        if key_scale.shape[0] != keys.shape[0]:
+            raise ValueError(f"key_scale must be ({keys.shape[0]},), got {tuple(key_scale.shape)}")
+        _check_positive("key_scale", key_scale)
+    if (query_split is None) != (key_split is None):
+        raise ValueError("query_split and key_split must be given together or not at all")
+    if query_split is not None:
+        for name, split, n in (("query_split", query_split, queries.shape[0]),
+                               ("key_split", key_split, keys.shape[0])):
+            if not isinstance(split, torch.Tensor) or split.dtype.is_floating_point or split.dtype.is_complex \
+                    or split.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor of split ids")
+            if split.dim() != 2 or split.shape[1] != n or split.shape[0] < 1:
+                raise ValueError(f"{name} must be (R, {n}) with R >= 1, got {tuple(split.shape)}")
+            if split.device != queries.device:
+                raise ValueError(f"{name} is on {split.device} but queries are on {queries.device}")
+        if query_split.shape[0] != key_split.shape[0]:
+            raise ValueError(f"query_split and key_split must have the same number of splits R, got "
+                             f"{query_split.shape[0]} and {key_split.shape[0]}")
+        query_split, key_split = query_split.long(), key_split.long()
+    args = (queries, keys, values, bandwidths, key_scale, query_split, key_split)
+    if kernel_available(queries.device):
+        return torch.ops.relflat.gaussian_kernel_reduce(*args)
+    return _reference.gaussian_kernel_reduce(*args)
+
+
 if HAS_EXTENSION:
     # Shapes for tracing / torch.compile (FakeTensor): mirrors the kernels' outputs.
     @torch.library.register_fake("relflat::last_layer_flatness")
@@ -103,3 +163,10 @@ if HAS_EXTENSION:
     def _(hessian, weight):
         d = weight.shape[0]
         return weight.new_empty(()), weight.new_empty((d, d))
+
+    @torch.library.register_fake("relflat::gaussian_kernel_reduce")
+    def _(queries, keys, values, bandwidths, key_scale, query_split, key_split):
+        n_splits = 1 if query_split is None else query_split.shape[0]
+        c = 0 if values is None else values.shape[1]
+        shape = (n_splits, bandwidths.shape[0], queries.shape[0])
+        return queries.new_empty(shape), queries.new_empty(shape + (c,))

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -111,6 +112,46 @@ void test_dense_block_trace() {
   expect_close(kappa.item<double>(), want_kappa, 1e-12, "dense_block_trace kappa");
 }
 
+// Split ids: query q sees key k in split r when their ids differ; per-key bandwidths h * scale[k].
+void test_gaussian_kernel_reduce() {
+  using Opt = std::optional<at::Tensor>;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("relflat::gaussian_kernel_reduce", "")
+                       .typed<Pair(const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&, const Opt&,
+                                   const Opt&, const Opt&)>();
+  const int64_t nq = 7, nk = 300, m = 5, c = 2, n_bw = 2, n_splits = 2;
+  auto q = at::randn({nq, m}, at::kDouble), k = at::randn({nk, m}, at::kDouble);
+  auto v = at::randn({nk, c}, at::kDouble), bw = at::tensor({0.3, 2.0}, at::kDouble);
+  auto scale = at::rand({nk}, at::kDouble) + 0.5;
+  auto qs = at::randint(0, 3, {n_splits, nq}, at::kLong), ks = at::randint(0, 3, {n_splits, nk}, at::kLong);
+  auto [logdens, wval] = op.call(q, k, v, bw, scale, qs, ks);
+  for (int64_t r = 0; r < n_splits; ++r)
+    for (int64_t b = 0; b < n_bw; ++b)
+      for (int64_t i = 0; i < nq; ++i) {
+        double mx = -INFINITY;
+        std::vector<double> logit(nk, -INFINITY);
+        int64_t seen = 0;
+        for (int64_t j = 0; j < nk; ++j) {
+          if (ks[r][j].item<int64_t>() == qs[r][i].item<int64_t>()) continue;
+          const double h = bw[b].item<double>() * scale[j].item<double>();
+          const double d2 = (q[i] - k[j]).square().sum().item<double>();
+          logit[j] = -d2 / (2 * h * h) - m * std::log(h) - 0.5 * m * std::log(2 * M_PI);
+          mx = std::fmax(mx, logit[j]);
+          ++seen;
+        }
+        double sum = 0, acc[c] = {0, 0};
+        for (int64_t j = 0; j < nk; ++j) {
+          const double e = std::exp(logit[j] - mx);
+          sum += e;
+          for (int64_t u = 0; u < c; ++u) acc[u] += e * v[j][u].item<double>();
+        }
+        expect_close(logdens[r][b][i].item<double>(), mx + std::log(sum) - std::log(double(seen)), 1e-10,
+                     "gaussian_kernel_reduce logdens");
+        for (int64_t u = 0; u < c; ++u)
+          expect_close(wval[r][b][i][u].item<double>(), acc[u] / sum, 1e-10, "gaussian_kernel_reduce wval");
+      }
+}
+
 void test_bad_arguments_throw() {
   try {
     call_last_layer(at::randn({3, 4}), at::randn({2, 5}), std::nullopt, 0);
@@ -126,6 +167,7 @@ int main() {
   test_last_layer();
   test_contract();
   test_dense_block_trace();
+  test_gaussian_kernel_reduce();
   test_bad_arguments_throw();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

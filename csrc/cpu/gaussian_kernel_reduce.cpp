@@ -1,0 +1,239 @@
+// CPU Gaussian kernel reduction, attention-style: for a block of queries, stream over tiles of keys;
+// BLAS gives the tile of dot products (kept in L2, never the nq x nk matrix), from which one tile of
+// squared distances serves every split and bandwidth; each (split, bandwidth, query) row keeps an
+// online log-sum-exp (running max, rescaled sum) and the running kernel-weighted sum of values.
+// The row loops are compiled for AVX2+FMA (with an inlined vector exp) and for the baseline ISA,
+// chosen at run time.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../kde.h"
+#include "simd.h"
+
+namespace relflat {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;  // queries per task
+constexpr int64_t kKeyTile = 256;    // keys per tile: a 64 x 256 tile of doubles is 128 KiB, inside L2
+
+// x[j] = exp(x[j] - shift) for x[j] <= shift; returns the sum of the results.
+template <typename T, bool kAvx2>
+struct ExpShiftedSum {
+  static RELFLAT_INLINE T apply(T* x, int64_t n, T shift) {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+
+#ifdef RELFLAT_HAVE_AVX2_CLONE
+template <>
+struct ExpShiftedSum<float, true> {
+  static RELFLAT_TARGET_AVX2 inline float apply(float* x, int64_t n, float shift) {
+    const __m256 s = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+      _mm256_storeu_ps(x + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float sum = 0;
+    for (float v : lanes) sum += v;
+    for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+template <>
+struct ExpShiftedSum<double, true> {
+  static RELFLAT_TARGET_AVX2 inline double apply(double* x, int64_t n, double shift) {
+    const __m256d s = _mm256_set1_pd(shift);
+    __m256d acc = _mm256_setzero_pd();
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const __m256d e = exp_nonpositive(_mm256_sub_pd(_mm256_loadu_pd(x + j), s));
+      _mm256_storeu_pd(x + j, e);
+      acc = _mm256_add_pd(acc, e);
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, acc);
+    double sum = 0;
+    for (double v : lanes) sum += v;
+    for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+#endif
+
+// Raw views of one problem; outputs double as running state: logdens holds each row's running max
+// until the end, wval its running (unnormalized) weighted sum.
+template <typename T>
+struct KdeView {
+  const T *query_sq_norms, *key_sq_norms, *values, *coef, *lognorm, *n_visible;
+  const int64_t *query_split, *key_split;  // nullptr when every key is visible
+  int64_t nq, nk, c, n_bw, n_splits;
+  T *logdens, *wval;
+};
+
+// One row (split r, bandwidth b, query i) against one key tile of kt keys whose logits come from
+// the squared distances d2: fold the tile into the row's (running max, sum, weighted values).
+template <typename T, bool kAvx2>
+RELFLAT_INLINE void update_row(const T* d2, const T* coef, const T* lognorm, const int64_t* key_ids,
+                               int64_t query_id, const T* values, int64_t c, int64_t kt, T* buf, T& run_max,
+                               T& run_sum, T* acc) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T tile_max = kNegInf;
+  if (key_ids != nullptr) {
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t j = 0; j < kt; ++j) {
+      const T logit = key_ids[j] == query_id ? kNegInf : d2[j] * coef[j] + lognorm[j];
+      buf[j] = logit;
+      tile_max = std::max(tile_max, logit);
+    }
+  } else {
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t j = 0; j < kt; ++j) {
+      const T logit = d2[j] * coef[j] + lognorm[j];
+      buf[j] = logit;
+      tile_max = std::max(tile_max, logit);
+    }
+  }
+  if (tile_max == kNegInf) return;  // nothing visible (or every term underflows) in this tile
+  const T new_max = std::max(run_max, tile_max);
+  const T rescale = std::exp(run_max - new_max);  // 0 on the row's first visible tile
+  const T tile_sum = ExpShiftedSum<T, kAvx2>::apply(buf, kt, new_max);
+  run_sum = run_sum * rescale + tile_sum;
+  run_max = new_max;
+  if (c == 0) return;
+  for (int64_t v = 0; v < c; ++v) acc[v] *= rescale;
+  for (int64_t j = 0; j < kt; ++j) {
+    const T w = buf[j];
+    if (w == T(0)) continue;
+    const T* row = values + j * c;
+#pragma omp simd
+    for (int64_t v = 0; v < c; ++v) acc[v] += w * row[v];
+  }
+}
+
+// Fold one key tile [k0, k0 + kt) into the rows of queries [i0, i0 + qb). dots (qb, ld) holds the
+// queries' dot products with the tile's keys and is turned into squared distances in place.
+template <typename T, bool kAvx2>
+RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, T* dots,
+                                   int64_t ld, T* buf, T* sums) {
+  const T* kn = p.key_sq_norms + k0;
+  for (int64_t i = 0; i < qb; ++i) {
+    T* d2 = dots + i * ld;
+    const T qn = p.query_sq_norms[i0 + i];
+#pragma omp simd
+    for (int64_t j = 0; j < kt; ++j) d2[j] = std::max(qn + kn[j] - T(2) * d2[j], T(0));
+  }
+  for (int64_t r = 0; r < p.n_splits; ++r) {
+    const int64_t* key_ids = p.key_split != nullptr ? p.key_split + r * p.nk + k0 : nullptr;
+    for (int64_t b = 0; b < p.n_bw; ++b) {
+      const T* coef = p.coef + b * p.nk + k0;
+      const T* lognorm = p.lognorm + b * p.nk + k0;
+      const int64_t row0 = (r * p.n_bw + b) * p.nq + i0;
+      for (int64_t i = 0; i < qb; ++i) {
+        const int64_t query_id = p.query_split != nullptr ? p.query_split[r * p.nq + i0 + i] : 0;
+        T* acc = p.wval + (row0 + i) * p.c;
+        update_row<T, kAvx2>(dots + i * ld, coef, lognorm, key_ids, query_id, p.values + k0 * p.c, p.c, kt, buf,
+                             p.logdens[row0 + i], sums[(r * p.n_bw + b) * kQueryBlock + i], acc);
+      }
+    }
+  }
+}
+
+#ifdef RELFLAT_HAVE_AVX2_CLONE
+template <typename T>
+RELFLAT_TARGET_AVX2 void fold_tile_avx2(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt,
+                                        T* dots, int64_t ld, T* buf, T* sums) {
+  fold_tile_body<T, true>(p, i0, qb, k0, kt, dots, ld, buf, sums);
+}
+#endif
+
+template <typename T>
+void fold_tile(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, T* dots, int64_t ld, T* buf,
+               T* sums) {
+#ifdef RELFLAT_HAVE_AVX2_CLONE
+  if (cpu_has_avx2_fma()) return fold_tile_avx2<T>(p, i0, qb, k0, kt, dots, ld, buf, sums);
+#endif
+  fold_tile_body<T, false>(p, i0, qb, k0, kt, dots, ld, buf, sums);
+}
+
+// log density = running max + log(sum) - log(#visible); weighted values divided by the sum.
+template <typename T>
+void finish_rows(const KdeView<T>& p, int64_t i0, int64_t qb, const T* sums) {
+  for (int64_t r = 0; r < p.n_splits; ++r)
+    for (int64_t b = 0; b < p.n_bw; ++b)
+      for (int64_t i = 0; i < qb; ++i) {
+        const int64_t row = (r * p.n_bw + b) * p.nq + i0 + i;
+        const T sum = sums[(r * p.n_bw + b) * kQueryBlock + i];
+        T* acc = p.wval + row * p.c;
+        if (sum > T(0)) {
+          p.logdens[row] += std::log(sum) - std::log(p.n_visible[r * p.nq + i0 + i]);
+          for (int64_t v = 0; v < p.c; ++v) acc[v] /= sum;
+        } else {
+          p.logdens[row] = -std::numeric_limits<T>::infinity();
+          for (int64_t v = 0; v < p.c; ++v) acc[v] = T(0);
+        }
+      }
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cpu(
+    const at::Tensor& queries, const at::Tensor& keys, const std::optional<at::Tensor>& values,
+    const at::Tensor& bandwidths, const std::optional<at::Tensor>& key_scale,
+    const std::optional<at::Tensor>& query_split, const std::optional<at::Tensor>& key_split) {
+  check_kde_args(queries, keys, values, bandwidths, key_scale, query_split, key_split);
+  const KdeInputs in = prepare_kde(queries, keys, values, bandwidths, key_scale, query_split, key_split);
+  const int64_t nq = queries.size(0), nk = keys.size(0), n_bw = bandwidths.size(0);
+  const int64_t c = values.has_value() ? values->size(1) : 0;
+  at::Tensor logdens = at::full({in.n_splits, n_bw, nq}, -std::numeric_limits<double>::infinity(), queries.options());
+  at::Tensor wval = at::zeros({in.n_splits, n_bw, nq, c}, queries.options());
+  if (nq == 0 || nk == 0) return {logdens, wval};
+  const at::Tensor keys_t = in.keys.t();  // (m, nk), a strided view BLAS reads directly
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "gaussian_kernel_reduce_cpu", [&] {
+    using T = scalar_t;
+    const KdeView<T> p{in.query_sq_norms.data_ptr<T>(),
+                       in.key_sq_norms.data_ptr<T>(),
+                       c > 0 ? in.values.data_ptr<T>() : nullptr,
+                       in.coef.data_ptr<T>(),
+                       in.lognorm.data_ptr<T>(),
+                       in.n_visible.data_ptr<T>(),
+                       in.query_split.defined() ? in.query_split.data_ptr<int64_t>() : nullptr,
+                       in.key_split.defined() ? in.key_split.data_ptr<int64_t>() : nullptr,
+                       nq, nk, c, n_bw, in.n_splits,
+                       logdens.data_ptr<T>(), wval.data_ptr<T>()};
+    const int64_t n_blocks = (nq + kQueryBlock - 1) / kQueryBlock;
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor dots = at::empty({kQueryBlock, kKeyTile}, queries.options());
+      std::vector<T> buf(kKeyTile);
+      std::vector<T> sums(in.n_splits * n_bw * kQueryBlock);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t i0 = blk * kQueryBlock, qb = std::min(kQueryBlock, nq - i0);
+        std::fill(sums.begin(), sums.end(), T(0));
+        const at::Tensor query_rows = in.queries.narrow(0, i0, qb);
+        for (int64_t k0 = 0; k0 < nk; k0 += kKeyTile) {
+          const int64_t kt = std::min(kKeyTile, nk - k0);
+          at::Tensor tile = dots.narrow(0, 0, qb).narrow(1, 0, kt);
+          at::mm_out(tile, query_rows, keys_t.narrow(1, k0, kt));
+          fold_tile<T>(p, i0, qb, k0, kt, tile.data_ptr<T>(), tile.stride(0), buf.data(), sums.data());
+        }
+        finish_rows<T>(p, i0, qb, sums.data());
+      }
+    });
+  });
+  return {logdens, wval};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relflat, CPU, m) { m.impl("gaussian_kernel_reduce", &gaussian_kernel_reduce_cpu); }
+
+}  // namespace relflat

@@ -1,0 +1,149 @@
+"""Feature robustness (Petzka et al., Definition 1) by Monte Carlo, and Theorem 5's prediction.
+
+``E_F(A) = (1/n) sum_i [ l(psi((I + A) phi_i), y_i) - l(f(x_i), y_i) ]`` with labels kept, for
+``A = delta * U``: ``U`` Haar-orthogonal ("orthogonal") or i.i.d. ``N(0, 1/m)`` ("gaussian").
+Both have ``E[U_ab U_cd] = [a=c][b=d] / m``, so ``E_U[E_F] = delta^2/(2m) kappa_Tr + O(delta^3)``
+(Theorem 5). Away from an exact minimum the first-order term ``delta <grad, W U>`` has zero mean
+but a standard deviation of order delta, which swamps the delta^2 signal; antithetic pairs
+``(U, -U)`` cancel it (and every odd order) exactly, so they are on by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._losses import LossSpec, loss_code, resolve_loss
+from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
+
+DISTRIBUTIONS = ("orthogonal", "gaussian")
+# Rows (perturbed copies x samples) pushed through the model in one forward pass.
+MAX_ROWS_PER_FORWARD = 1 << 15
+
+
+@dataclasses.dataclass
+class FeatureRobustnessResult:
+    """value: mean of E_F over the perturbation draws (each an antithetic pair average when
+    ``antithetic``); stderr: its standard error; predicted: ``delta^2/(2m) kappa_Tr`` (Theorem 5);
+    samples (n_samples,): the per-draw estimates."""
+    delta: float
+    value: float
+    stderr: float
+    predicted: float
+    kappa: float
+    samples: torch.Tensor
+    distribution: str
+    antithetic: bool
+    n: int
+    m: int
+    layer: str
+
+
+def random_perturbations(count: int, m: int, distribution: str, generator: torch.Generator,
+                         dtype: torch.dtype, device) -> torch.Tensor:
+    """``count`` matrices (count, m, m): Haar-orthogonal (QR of a Gaussian matrix with the signs of
+    R's diagonal folded in, which makes Q exactly Haar) or i.i.d. N(0, 1/m) entries."""
+    g = torch.randn((count, m, m), generator=generator, dtype=dtype, device=device)
+    if distribution == "gaussian":
+        return g / math.sqrt(m)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
+
+
+def _per_sample_losses(loss: LossSpec, out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
+    """Per-sample losses (copies, n) of ``out`` (copies * n, ...) against y (n, ...) repeated."""
+    n = y.shape[0]
+    if callable(loss):  # a callable gives only the batch mean: one call per copy, spread evenly
+        return torch.stack([loss(o, y).expand(n) for o in out.reshape(copies, n, *out.shape[1:])])
+    y_rep = y.repeat(copies, *([1] * (y.dim() - 1)))
+    fn = resolve_loss(loss)
+    per = fn(out, y_rep, reduction="none")
+    return per.reshape(copies, n, -1).mean(-1)
+
+
+def _check_deltas(delta) -> List[float]:
+    deltas = [delta] if isinstance(delta, (int, float)) else list(delta)
+    if not deltas or not all(isinstance(d, (int, float)) and math.isfinite(d) and d > 0 for d in deltas):
+        raise ValueError(f"delta must be a positive number or a non-empty list of them, got {delta!r}")
+    return [float(d) for d in deltas]
+
+
+def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+                       delta: Union[float, Sequence[float]] = 0.01, loss: LossSpec = "cross_entropy",
+                       distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,
+                       seed: Optional[int] = None, batch_size: Optional[int] = None,
+                       kappa: Optional[float] = None
+                       ) -> Union[FeatureRobustnessResult, List[FeatureRobustnessResult]]:
+    """Monte Carlo feature robustness of ``layer``'s input features, with Theorem 5's prediction.
+
+    Perturbs the features entering ``layer`` (an ``nn.Linear``) as ``phi -> (I + delta U) phi``
+    with labels kept, for ``n_samples`` draws of U (each also at -U when ``antithetic``), batched:
+    the data batch is repeated once per draw (and sign and delta) and pushed through the model in
+    one forward pass, a forward pre-hook applying each copy's matrix with one batched matmul.
+    delta: a float, or a list (one result per value, all from the same draws). The same draws
+    serve every data batch, so a DataLoader (re-iterable) or tensors with ``batch_size`` stream.
+    kappa: kappa_Tr if already known (else computed with :func:`relative_flatness`) for
+    ``predicted = delta^2/(2m) kappa``. The model is left exactly as it was.
+    """
+    from .flatness import relative_flatness
+
+    deltas = _check_deltas(delta)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer >= 2 (a standard error needs two), got {n_samples!r}")
+    if not callable(loss):
+        loss_code(loss)
+    name, lin = resolve_layer(model, layer)
+    m = lin.in_features
+    dtype, device = lin.weight.dtype, lin.weight.device
+    signs = [1.0, -1.0] if antithetic else [1.0]
+    scales = torch.tensor([d * s for d in deltas for s in signs], dtype=dtype, device=device)  # (S,)
+    n_scales = scales.numel()
+    base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+
+    sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
+    n = 0
+    with preserved(model), torch.no_grad():
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            n_b = x.shape[0]
+            base = _per_sample_losses(loss, model(x), y, 1)[0]  # (n_b,)
+            per_forward = max(1, MAX_ROWS_PER_FORWARD // (n_b * n_scales))
+            for d0 in range(0, n_samples, per_forward):
+                k = min(per_forward, n_samples - d0)
+                gen = torch.Generator(device=device).manual_seed(base_seed + d0)
+                mats = random_perturbations(k, m, distribution, gen, dtype, device)  # (k, m, m)
+                # Copy order: scale-major, then draw: A = scales[s] * U_j.
+                a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
+                copies = a_t.shape[0]
+
+                def perturb(module, args):
+                    phi = args[0]
+                    flat = phi.reshape(copies, -1, m)
+                    return (flat + torch.bmm(flat, a_t)).reshape(phi.shape), *args[1:]
+
+                handle = lin.register_forward_pre_hook(perturb)
+                try:
+                    x_rep = x.repeat(copies, *([1] * (x.dim() - 1)))
+                    pert = _per_sample_losses(loss, model(x_rep), y, copies)  # (copies, n_b)
+                finally:
+                    handle.remove()
+                diff = (pert - base).sum(1).double().reshape(n_scales, k)
+                sums[:, d0:d0 + k] += diff
+            n += n_b
+    if kappa is None:
+        kappa = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,
+                                  block_trace=False).kappa
+    per_draw = (sums / n).reshape(len(deltas), len(signs), n_samples).mean(1)  # pair averages
+    results = []
+    for j, d in enumerate(deltas):
+        draws = per_draw[j].to(dtype)
+        results.append(FeatureRobustnessResult(
+            delta=d, value=float(draws.mean()), stderr=float(draws.std() / math.sqrt(n_samples)),
+            predicted=d * d / (2 * m) * kappa, kappa=kappa, samples=draws, distribution=distribution,
+            antithetic=antithetic, n=n, m=m, layer=name))
+    return results[0] if isinstance(delta, (int, float)) else results

@@ -1,0 +1,137 @@
+"""Representativeness in feature space and the bound estimate."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relflat_ext as rf
+from models import assert_unchanged, data, mlp, snapshot
+
+LOSS_FNS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce_with_logits": F.binary_cross_entropy_with_logits}
+
+
+def _setup(loss="cross_entropy", n=120, seed=0):
+    model = mlp([6, 8, 7, 4], "tanh", seed=seed)
+    x, y = data(n, 6, 4, loss, seed=seed)
+    return model, x, y
+
+
+@pytest.mark.parametrize("labels", ["held_out", "train"])
+def test_near_zero_for_held_out_copies_with_their_labels(labels):
+    model, x, y = _setup()
+    rep = rf.representativeness(model, "2", x, y, delta=0.01, held_out=(x[:40], y[:40]), labels=labels)
+    assert abs(rep.value) < 1e-6 and rep.per_sample.shape == (1, 40)
+
+
+def test_grows_when_held_out_labels_are_flipped():
+    """Against the train points' own labels (labels="train") a held-out copy whose label disagrees
+    with its twin's costs its full loss difference; with the held-out label at both ends
+    (labels="held_out") a copy is indistinguishable from its twin whatever the label."""
+    model, x, _ = _setup()
+    with torch.no_grad():
+        model[4].weight.mul_(10)  # confident predictions; labels = what the model predicts
+        out = model(x)
+    y, flipped = out.argmax(1), out[:40].argmin(1)
+    grown = rf.representativeness(model, "2", x, y, delta=0.01, held_out=(x[:40], flipped), labels="train")
+    expected = (F.cross_entropy(out[:40], flipped, reduction="none")
+                - F.cross_entropy(out[:40], y[:40], reduction="none")).mean()
+    assert grown.value == pytest.approx(float(expected), rel=1e-6) and grown.value > 1.0
+    blind = rf.representativeness(model, "2", x, y, delta=0.01, held_out=(x[:40], flipped), labels="held_out")
+    assert abs(blind.value) < 1e-6
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+@pytest.mark.parametrize("bandwidth", ["relative", 0.7])
+def test_matches_brute_force_weights_and_losses(loss, bandwidth):
+    """rep_q = l(f(x_q), y_q) - sum_k w_qk l(f(x_k), y_q), with w from the Gaussian kernels, term by term."""
+    model, x, y = _setup(loss, n=50)
+    xq, yq = data(15, 6, 4, loss, seed=9)
+    rep = rf.representativeness(model, "2", x, y, delta=0.3, bandwidth=bandwidth, loss=loss, held_out=(xq, yq))
+    with torch.no_grad():
+        phi, phq = model[:2](x), model[:2](xq)
+        out, outq = model(x), model(xq)
+    h = 0.3 * phi.norm(dim=1) if bandwidth == "relative" else torch.full((50,), 0.7, dtype=torch.float64)
+    logw = -torch.cdist(phq, phi).square() / (2 * h * h) - phi.shape[1] * torch.log(h)
+    w = torch.softmax(logw, 1)  # (15, 50)
+    fn = LOSS_FNS[loss]
+    cross = torch.stack([torch.stack([fn(out[k:k + 1], yq[q:q + 1]) for k in range(50)]) for q in range(15)])
+    own = torch.stack([fn(outq[q:q + 1], yq[q:q + 1]) for q in range(15)])
+    torch.testing.assert_close(rep.per_sample[0], own - (w * cross).sum(1), rtol=1e-9, atol=1e-12)
+
+
+def test_all_folds_from_one_pass_equal_each_fold_held_out_explicitly():
+    model, x, y = _setup(n=60)
+    rep = rf.representativeness(model, "0", x, y, delta=0.2, folds=4, repeats=2, seed=3)
+    ids = rf.bound._random_folds(60, 4, 2, 3, "cpu")
+    for r in range(2):
+        for f in range(4):
+            held = ids[r] == f
+            alone = rf.representativeness(model, "0", x[~held], y[~held], delta=0.2, held_out=(x[held], y[held]))
+            torch.testing.assert_close(rep.per_sample[r, held], alone.per_sample[0], rtol=1e-10, atol=1e-12)
+            assert float(rep.fold_values[r, f]) == pytest.approx(alone.value, rel=1e-10)
+    assert rep.value == pytest.approx(float(rep.per_sample.mean()))
+    assert rep.stderr == pytest.approx(float(rep.fold_values.std() / math.sqrt(8)))
+
+
+def test_cv_bandwidth_is_chosen_by_held_out_likelihood():
+    model, x, y = _setup(n=80)
+    rep = rf.representativeness(model, "2", x, y, bandwidth="cv", folds=5, seed=0)
+    assert isinstance(rep.bandwidth, float) and rep.bandwidth > 0
+    with torch.no_grad():
+        phi = model[:2](x)
+    grid = rf.bound.CV_GRID * float(phi.var(0, unbiased=False).mean().sqrt()) * 80 ** (-1 / 12)  # m = 8
+    assert rep.bandwidth == pytest.approx(rf.select_bandwidth(phi, grid, folds=5).bandwidth)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_bound_is_the_sum_of_its_parts(loss):
+    model, x, y = _setup(loss)
+    b = rf.generalization_bound(model, "2", x, y, delta=0.1, loss=loss, seed=1)
+    rep = rf.representativeness(model, "2", x, y, delta=0.1, loss=loss, seed=1)
+    kappa = rf.relative_flatness(model, "2", x, y, loss=loss).kappa
+    assert b.representativeness == pytest.approx(rep.value)
+    assert b.kappa == pytest.approx(kappa)
+    assert b.feature_robustness == pytest.approx(0.01 / (2 * 8) * kappa)
+    assert b.bound == pytest.approx(b.representativeness + b.feature_robustness)
+    with torch.no_grad():
+        assert b.empirical_risk == pytest.approx(float(LOSS_FNS[loss](model(x), y)))
+    assert b.risk_estimate == pytest.approx(b.empirical_risk + b.bound)
+
+
+def test_model_is_left_unchanged_and_loaders_stream():
+    model, x, y = _setup()
+    model.train()
+    before = snapshot(model)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=33)
+    a = rf.representativeness(model, "2", loader, seed=4)
+    b = rf.representativeness(model, "2", x, y, seed=4)
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(folds=121), "folds"), (dict(folds=1), "folds"), (dict(delta=0.0), "delta"),
+    (dict(bandwidth=-1.0), "bandwidth"), (dict(bandwidth="silverman"), "bandwidth"),
+    (dict(repeats=0), "repeats"), (dict(labels="both"), "labels"), (dict(loss=F.cross_entropy), "built-in"),
+])
+def test_bad_input_is_rejected_clearly(kwargs, match):
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match=match):
+        rf.representativeness(model, "2", x, y, **kwargs)
+
+
+def test_bad_data_is_rejected_clearly():
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="NaN"):
+        rf.representativeness(model, "2", torch.where(x > 1, math.nan, x), y)
+    with pytest.raises(ValueError, match="class indices"):
+        rf.representativeness(model, "2", x, y + 10)
+    with pytest.raises(ValueError, match="targets has 4 samples but inputs has 5"):
+        rf.representativeness(model, "2", x, y, held_out=(x[:5], y[:4]))
+    zero = mlp([6, 8, 7, 4], "relu", seed=0)
+    with torch.no_grad():
+        zero[0].weight.zero_()
+        zero[0].bias.fill_(-1.0)
+    with pytest.raises(ValueError, match="nonzero features"):
+        rf.representativeness(zero, "2", x, y)

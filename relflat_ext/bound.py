@@ -1,26 +1,31 @@
 """Representativeness in feature space (Petzka et al., Sections 2, 5, 6) and the bound estimate.
 
 The estimator. Let ``phi_i`` be the features entering ``layer``, ``f(x_i)`` the model output and
-``l`` the loss. Split S into ``folds`` random folds (``repeats`` independent times). For every
-held-out point q, with the train points k of the other folds,
+``l`` the loss. Split S into ``folds`` random folds (``repeats`` independent times), or take an
+explicit ``held_out`` set. For every held-out point q, with the train points k (the other folds,
+or all of S),
 
-    rep_q = l(f(x_q), y_q) - sum_k w_qk l(f(x_k), y_q),
+    rep_q = l(f(x_q), y_q) - sum_k w_qk l(f(x_k), y_k),
     w_qk  = N(phi_q; phi_k, h_k^2 I) / sum_k' N(phi_q; phi_k', h_k'^2 I)      (normalized weights)
 
 i.e. the model's loss at a point it was not interpolated from, minus the loss that the local
-distributions around the train points predict there, with the label of the held-out point
-(``labels="held_out"``, the default: eq. 3 takes the label at the perturbed point). With
-``labels="train"`` the interpolated loss is ``sum_k w_qk l(f(x_k), y_k)``, each train point with
-its own label: the labels Definition 1 keeps, which makes ``gap = Rep + E_F`` an identity. The two
-agree when labels are locally constant; only the "train" variant sees held-out labels that
-disagree with their neighbours' (with held-out copies of train points, "held_out" gives 0 whatever
-their labels, since the model's prediction at a copy is the same). ``h_k = delta * ||phi_k||`` (``bandwidth="relative"``: the
-local distributions of Proposition 2), or one global bandwidth (a float, or ``"cv"``: chosen by
-held-out likelihood with :func:`select_bandwidth`). Representativeness is the mean of ``rep_q``
-over all held-out points of all folds and repeats, signed; its standard error is taken over the
-per-fold means. All folds and repeats come from one call of the fused kernel. Given an explicit
-``held_out`` set instead, every held-out point is compared against all of S (no folds), and the
-standard error is over the held-out points.
+distributions around the train points carry to it (``labels="train"``, the default: each train
+point with its own label, the labels Definition 1 keeps, so that ``gap = Rep + E_F`` is an
+identity). ``h_k = delta * ||phi_k||`` (``bandwidth="relative"``: the local distributions of
+Proposition 2), or one global bandwidth (a float, or ``"cv"``: chosen by held-out likelihood
+with :func:`select_bandwidth`). Representativeness is the mean of ``rep_q`` over all held-out
+points of all folds and repeats, signed; its standard error is over the per-fold means (over the
+points, with an explicit held-out set). All folds and repeats come from one call of the kernel.
+
+``labels="held_out"`` evaluates the train points' predictions at the held-out point's label
+instead, ``sum_k w_qk l(f(x_k), y_q)`` (eq. 3 read literally: the label at the perturbed point).
+Measured on digits (``make report``'s MLP, held-out test split, the measured gap is 0.079): the
+"train" variant gives 0.080 +- 0.020 at delta = 0.1 and 0.079 at 0.3 for the input layer, while
+"held_out" gives -0.21 and -7.5: neighbours of other classes, predicted confidently as their own
+class, carry huge losses at the held-out label, so that variant measures label disagreement among
+neighbours more than representativeness, and it cannot see a held-out label that disagrees with
+an identical train point (the prediction at a copy is the same). Both are available; they agree
+when labels are locally constant.
 
 How this differs from the authors' code (SyntheticExperiments/interpolatingness.py): they use a
 fixed bandwidth 1 and pass ``delta * ||phi_i||`` as per-point weights, evaluate the kernel on the
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, loss_code
+from ._losses import CROSS_ENTROPY, MSE, loss_code
 from ._model import LayerSpec, iterate_batches, preserved, resolve_layer, tapped
 from .flatness import FlatnessResult, check_targets, relative_flatness
 from .kde import select_bandwidth
@@ -105,7 +110,7 @@ def _collect(model: nn.Module, name: str, lin: nn.Linear, inputs, targets, code:
     return torch.cat(feats), torch.cat(outs), torch.cat(ys)
 
 
-LABELS = ("held_out", "train")
+LABELS = ("train", "held_out")
 
 
 def _loss_terms(code: int, out: torch.Tensor, y: torch.Tensor):
@@ -149,7 +154,7 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                        delta: float = 0.1, folds: int = 10, repeats: int = 1,
                        bandwidth: BandwidthSpec = "relative", loss: str = "cross_entropy",
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
-                       held_out=None, labels: str = "held_out") -> RepresentativenessResult:
+                       held_out=None, labels: str = "train") -> RepresentativenessResult:
     """Representativeness of the data in the feature space entering ``layer`` (the estimator is
     described in this module's docstring): cross-validated over S, or against ``held_out``.
 
@@ -157,7 +162,7 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     train prediction is needed, so callables are not accepted); delta > 0 sets the relative
     bandwidths ``delta * ||phi_k||``; folds in [2, n]; repeats >= 1 independent random splits;
     seed makes the splits reproducible; held_out: an ``(x, y)`` pair of tensors or an iterable of
-    batches, compared against all of S instead of folds; labels: "held_out" or "train" (whose
+    batches, compared against all of S instead of folds; labels: "train" or "held_out" (whose
     label the interpolated loss uses). The model is left exactly as it was.
     """
     if labels not in LABELS:
@@ -226,7 +231,7 @@ def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Op
                          delta: float = 0.1, folds: int = 10, repeats: int = 1,
                          bandwidth: BandwidthSpec = "relative", loss: str = "cross_entropy",
                          seed: Optional[int] = None, batch_size: Optional[int] = None,
-                         held_out=None, labels: str = "held_out") -> BoundResult:
+                         held_out=None, labels: str = "train") -> BoundResult:
     """The paper's generalization-gap estimate ``Rep + delta^2/(2m) kappa_Tr`` for ``layer``, with
     its parts: representativeness (as :func:`representativeness`), feature robustness from
     Theorem 5 and kappa_Tr (as :func:`relative_flatness`), and the empirical risk."""

@@ -14,7 +14,6 @@ import math
 from typing import List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._losses import LossSpec, loss_code, resolve_loss

@@ -41,13 +41,15 @@ def test_grows_when_held_out_labels_are_flipped():
     assert abs(blind.value) < 1e-6
 
 
+@pytest.mark.parametrize("labels", ["train", "held_out"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
 @pytest.mark.parametrize("bandwidth", ["relative", 0.7])
-def test_matches_brute_force_weights_and_losses(loss, bandwidth):
-    """rep_q = l(f(x_q), y_q) - sum_k w_qk l(f(x_k), y_q), with w from the Gaussian kernels, term by term."""
+def test_matches_brute_force_weights_and_losses(loss, bandwidth, labels):
+    """rep_q = l(f(x_q), y_q) - sum_k w_qk l(f(x_k), y_k or y_q), w from the Gaussian kernels, term by term."""
     model, x, y = _setup(loss, n=50)
     xq, yq = data(15, 6, 4, loss, seed=9)
-    rep = rf.representativeness(model, "2", x, y, delta=0.3, bandwidth=bandwidth, loss=loss, held_out=(xq, yq))
+    rep = rf.representativeness(model, "2", x, y, delta=0.3, bandwidth=bandwidth, loss=loss, held_out=(xq, yq),
+                                labels=labels)
     with torch.no_grad():
         phi, phq = model[:2](x), model[:2](xq)
         out, outq = model(x), model(xq)
@@ -55,7 +57,8 @@ def test_matches_brute_force_weights_and_losses(loss, bandwidth):
     logw = -torch.cdist(phq, phi).square() / (2 * h * h) - phi.shape[1] * torch.log(h)
     w = torch.softmax(logw, 1)  # (15, 50)
     fn = LOSS_FNS[loss]
-    cross = torch.stack([torch.stack([fn(out[k:k + 1], yq[q:q + 1]) for k in range(50)]) for q in range(15)])
+    label = (lambda k, q: y[k:k + 1]) if labels == "train" else (lambda k, q: yq[q:q + 1])
+    cross = torch.stack([torch.stack([fn(out[k:k + 1], label(k, q)) for k in range(50)]) for q in range(15)])
     own = torch.stack([fn(outq[q:q + 1], yq[q:q + 1]) for q in range(15)])
     torch.testing.assert_close(rep.per_sample[0], own - (w * cross).sum(1), rtol=1e-9, atol=1e-12)
 

@@ -84,23 +84,27 @@ struct KdeView {
 
 // One row (split r, bandwidth b, query i) against one key tile of kt keys whose logits come from
 // the squared distances d2: fold the tile into the row's (running max, sum, weighted values).
+// Squared distances come from the dot products as |q|^2 + |k|^2 - 2 q.k (clamped at 0), recomputed
+// per row: two flops, cheaper than another pass over the tile.
 template <typename T, bool kAvx2>
-RELFLAT_INLINE void update_row(const T* d2, const T* coef, const T* lognorm, const int64_t* key_ids,
-                               int64_t query_id, const T* values, int64_t c, int64_t kt, T* buf, T& run_max,
-                               T& run_sum, T* acc) {
+RELFLAT_INLINE void update_row(const T* dots, T query_sq_norm, const T* key_sq_norms, const T* coef,
+                               const T* lognorm, const int64_t* key_ids, int64_t query_id, const T* values,
+                               int64_t c, int64_t kt, T* buf, T& run_max, T& run_sum, T* acc) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T tile_max = kNegInf;
   if (key_ids != nullptr) {
 #pragma omp simd reduction(max : tile_max)
     for (int64_t j = 0; j < kt; ++j) {
-      const T logit = key_ids[j] == query_id ? kNegInf : d2[j] * coef[j] + lognorm[j];
+      const T d2 = std::max(query_sq_norm + key_sq_norms[j] - T(2) * dots[j], T(0));
+      const T logit = key_ids[j] == query_id ? kNegInf : d2 * coef[j] + lognorm[j];
       buf[j] = logit;
       tile_max = std::max(tile_max, logit);
     }
   } else {
 #pragma omp simd reduction(max : tile_max)
     for (int64_t j = 0; j < kt; ++j) {
-      const T logit = d2[j] * coef[j] + lognorm[j];
+      const T d2 = std::max(query_sq_norm + key_sq_norms[j] - T(2) * dots[j], T(0));
+      const T logit = d2 * coef[j] + lognorm[j];
       buf[j] = logit;
       tile_max = std::max(tile_max, logit);
     }
@@ -123,17 +127,11 @@ RELFLAT_INLINE void update_row(const T* d2, const T* coef, const T* lognorm, con
 }
 
 // Fold one key tile [k0, k0 + kt) into the rows of queries [i0, i0 + qb). dots (qb, ld) holds the
-// queries' dot products with the tile's keys and is turned into squared distances in place.
+// queries' dot products with the tile's keys.
 template <typename T, bool kAvx2>
-RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, T* dots,
-                                   int64_t ld, T* buf, T* sums) {
+RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt,
+                                   const T* dots, int64_t ld, T* buf, T* sums) {
   const T* kn = p.key_sq_norms + k0;
-  for (int64_t i = 0; i < qb; ++i) {
-    T* d2 = dots + i * ld;
-    const T qn = p.query_sq_norms[i0 + i];
-#pragma omp simd
-    for (int64_t j = 0; j < kt; ++j) d2[j] = std::max(qn + kn[j] - T(2) * d2[j], T(0));
-  }
   for (int64_t r = 0; r < p.n_splits; ++r) {
     const int64_t* key_ids = p.key_split != nullptr ? p.key_split + r * p.nk + k0 : nullptr;
     for (int64_t b = 0; b < p.n_bw; ++b) {
@@ -143,8 +141,9 @@ RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, 
       for (int64_t i = 0; i < qb; ++i) {
         const int64_t query_id = p.query_split != nullptr ? p.query_split[r * p.nq + i0 + i] : 0;
         T* acc = p.wval + (row0 + i) * p.c;
-        update_row<T, kAvx2>(dots + i * ld, coef, lognorm, key_ids, query_id, p.values + k0 * p.c, p.c, kt, buf,
-                             p.logdens[row0 + i], sums[(r * p.n_bw + b) * kQueryBlock + i], acc);
+        update_row<T, kAvx2>(dots + i * ld, p.query_sq_norms[i0 + i], kn, coef, lognorm, key_ids, query_id,
+                             p.values + k0 * p.c, p.c, kt, buf, p.logdens[row0 + i],
+                             sums[(r * p.n_bw + b) * kQueryBlock + i], acc);
       }
     }
   }
@@ -153,14 +152,14 @@ RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, 
 #ifdef RELFLAT_HAVE_AVX2_CLONE
 template <typename T>
 RELFLAT_TARGET_AVX2 void fold_tile_avx2(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt,
-                                        T* dots, int64_t ld, T* buf, T* sums) {
+                                        const T* dots, int64_t ld, T* buf, T* sums) {
   fold_tile_body<T, true>(p, i0, qb, k0, kt, dots, ld, buf, sums);
 }
 #endif
 
 template <typename T>
-void fold_tile(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, T* dots, int64_t ld, T* buf,
-               T* sums) {
+void fold_tile(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, const T* dots, int64_t ld,
+               T* buf, T* sums) {
 #ifdef RELFLAT_HAVE_AVX2_CLONE
   if (cpu_has_avx2_fma()) return fold_tile_avx2<T>(p, i0, qb, k0, kt, dots, ld, buf, sums);
 #endif

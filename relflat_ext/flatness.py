@@ -10,6 +10,7 @@ layer, ``min(d, m)`` batched Hessian-vector products with respect to the layer o
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from typing import Optional
@@ -24,7 +25,10 @@ from ._model import LayerSpec, check_finite, iterate_batches, preserved, resolve
 
 METHODS = ("auto", "closed_form", "exact", "autograd")
 # Elements of the (probes, samples, d) Hessian-vector-product block held at once by the exact path.
-HVP_BLOCK_ELEMENTS = 1 << 24
+# 2^18 (1 MiB in float32) measured best on CPU: larger blocks are memory-bound and hit vmap's slow
+# per-probe fallback for ops without batching rules (tanh_backward): 4.6 s vs 16.7 s at 2^24 for
+# the 784-512-256-10 MLP's 256x512 layer, n = 10000, and 0.10 s vs 0.71 s for a 32x64 layer.
+HVP_BLOCK_ELEMENTS = 1 << 18
 # Largest (d, m, m) stack of diagonal Hessian blocks built for lmax, in bytes.
 LMAX_MAX_BYTES = 4 << 30
 
@@ -118,14 +122,20 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
             raise ValueError(f"{name} must be a {dim}-D tensor")
     if features.shape[0] == 0:
         raise ValueError("features is empty: at least one sample is needed")
-    check_finite("features", features)
-    check_finite("weight", weight)
     check_targets(code, targets, features.shape[0], weight.shape[0])
     scale = _feature_scale_from(features) if normalize_features else None
     phi, w = _normalized(features, weight, scale)
     acc = _Accumulator(w, block_trace, lmax)
     _closed_form_batch(acc, phi, w, bias, code)
-    return acc.result("closed_form", "", scale, start)
+    result = acc.result("closed_form", "", scale, start)
+    if not math.isfinite(result.kappa):
+        # Any NaN/Inf in the inputs reaches kappa through ||phi_i||^2 or the softmax, so this check
+        # after the fact costs nothing on good input (a scan up front cost more than the kernel).
+        for name, t in (("features", features), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                check_finite(name, t)
+        raise ValueError(f"kappa is not finite ({result.kappa}): the inputs are too large for {features.dtype}")
+    return result
 
 
 def _closed_form_batch(acc: _Accumulator, phi: torch.Tensor, w: torch.Tensor, bias, code: int) -> None:

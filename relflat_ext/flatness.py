@@ -237,6 +237,8 @@ _BATCHED_HVP_OK = True
 def _hvp_block(grad_z: torch.Tensor, z: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """Hessian-vector products of the batch loss w.r.t. z along k probes (k, n, d) -> (k, n, d)."""
     global _BATCHED_HVP_OK
+    if probes.shape[0] == 1:  # plain double backward: vmap over one probe only adds its overhead
+        return torch.autograd.grad(grad_z, z, probes[0], retain_graph=True)[0].unsqueeze(0)
     if _BATCHED_HVP_OK:
         try:
             return torch.autograd.grad(grad_z, z, probes, retain_graph=True, is_grads_batched=True)[0]

@@ -14,7 +14,7 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	RELFLAT_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed build

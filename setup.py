@@ -76,7 +76,9 @@ setup(
     version=VERSION,
     description="Fast, exact relative flatness (Petzka et al., NeurIPS 2021) for PyTorch models",
     packages=find_packages(include=["relflat_ext", "relflat_ext.*"]),
-    ext_modules=[make_extension()],
+    # RELFLAT_NO_EXTENSION=1: metadata and entry points only (the Makefile builds the extension in
+    # place once with `build_ext --inplace`, and an editable install would build it a second time).
+    ext_modules=[] if os.environ.get("RELFLAT_NO_EXTENSION") == "1" else [make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

@@ -8,18 +8,17 @@ import torch
 
 import relflat_ext as rf
 
+from bench.common import record, run
+
 M = 84
 BANDWIDTHS = torch.logspace(0.0, 1.0, 8)  # around the nearest-neighbour scale of 84-dim N(0, I) data
 FOLDS = 10
 
 
-def _device_name():
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-
-
-def _data(n, dtype=torch.float32, seed=0):
+def _data(n, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, M, generator=g, dtype=dtype), torch.randn(n, M, generator=g, dtype=dtype)
+    return (torch.randn(n, M, generator=g, dtype=dtype).to(device),
+            torch.randn(n, M, generator=g, dtype=dtype).to(device))
 
 
 def torch_kde(train, test, h, chunk=1024):
@@ -33,8 +32,8 @@ def torch_kde(train, test, h, chunk=1024):
 
 def torch_kfold_many(x, hs, folds):
     """The torch version of k-fold x B bandwidths: one loop over folds and bandwidths."""
-    ids = rf.kde.kfold_ids(x.shape[0], folds)
-    out = torch.empty(len(hs), x.shape[0], dtype=x.dtype)
+    ids = rf.kde.kfold_ids(x.shape[0], folds, x.device)
+    out = torch.empty(len(hs), x.shape[0], dtype=x.dtype, device=x.device)
     for f in range(folds):
         held = ids == f
         for b, h in enumerate(hs.tolist()):
@@ -42,50 +41,47 @@ def torch_kfold_many(x, hs, folds):
     return out
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 @pytest.mark.benchmark(group="kde-one-bandwidth")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("contender", ["relflat", "torch-cdist-logsumexp", "sklearn"])
-def test_kde_one_bandwidth(benchmark, contender, dtype, full):
-    n = 5000 if full else 1500
-    if contender == "sklearn" and dtype == torch.float32:
-        pytest.skip("scikit-learn computes in float64")
-    train, test = _data(n, dtype)
+def test_kde_one_bandwidth(benchmark, contender, dtype, full, device):
+    n = (20000 if device.type == "cuda" else 5000) if full else 1500
+    benchmark.group = f"kde {n} x {n}, m={M}, one bandwidth, {str(dtype)[6:]}"
+    if contender == "sklearn" and (dtype == torch.float32 or n > 5000):
+        pytest.skip("scikit-learn computes in float64 on the CPU (and takes minutes at 20000)")
+    train, test = _data(n, dtype, device=device)
     h = 4.0  # moderate: scikit-learn's tree is exact here
     exact = torch_kde(train.double(), test.double(), h)
     if contender == "sklearn":
         from sklearn.neighbors import KernelDensity
-        kd = KernelDensity(kernel="gaussian", bandwidth=h).fit(train.numpy())
-        fn = lambda: kd.score_samples(test.numpy())
-        got = torch.from_numpy(fn())
+        kd = KernelDensity(kernel="gaussian", bandwidth=h).fit(train.cpu().numpy())
+        test_np = test.cpu().numpy()
+        fn = lambda: kd.score_samples(test_np)
+        got = torch.from_numpy(fn()).to(device)
     else:
         fn = {"relflat": lambda: rf.kde_log_density(train, test, h),
               "torch-cdist-logsumexp": lambda: torch_kde(train, test, h)}[contender]
         got = fn()
     tol = 1e-8 if dtype == torch.float64 else 2e-5 * exact.abs().max().item()
     assert (got.double() - exact).abs().max().item() <= tol
-    benchmark.extra_info["device"] = _device_name()
-    benchmark.extra_info["pairs"] = n * n
-    benchmark.pedantic(lambda: (fn(), _sync()), rounds=1 if contender == "sklearn" else 5, iterations=1,
-                       warmup_rounds=0 if contender == "sklearn" else 1)
+    # Work model: the distance GEMM; every pair's exp is the other half of the cost.
+    record(benchmark, device, flops=2.0 * n * n * M, pairs=n * n, exps=n * n)
+    run(benchmark, fn, device, rounds=1 if contender == "sklearn" else 5)
 
 
 @pytest.mark.benchmark(group="kde-10-folds-8-bandwidths")
 @pytest.mark.parametrize("contender", ["relflat-one-call", "torch-loop"])
-def test_kde_folds_and_bandwidths(benchmark, contender, full):
-    n = 5000 if full else 1500
-    x, _ = _data(n)
-    exact = torch_kfold_many(x.double(), BANDWIDTHS.double(), FOLDS)
-    ids = rf.kde.kfold_ids(n, FOLDS)
-    fns = {"relflat-one-call": lambda: rf.ops.gaussian_kernel_reduce(x, x, None, BANDWIDTHS, None, ids[None],
+def test_kde_folds_and_bandwidths(benchmark, contender, full, device):
+    n = (20000 if device.type == "cuda" else 5000) if full else 1500
+    benchmark.group = f"kde {n} points, m={M}, {FOLDS} folds x {len(BANDWIDTHS)} bandwidths, fp32"
+    x, _ = _data(n, device=device)
+    bws = BANDWIDTHS.to(device)
+    exact = torch_kfold_many(x.double(), bws.double(), FOLDS)
+    ids = rf.kde.kfold_ids(n, FOLDS, device)
+    fns = {"relflat-one-call": lambda: rf.ops.gaussian_kernel_reduce(x, x, None, bws, None, ids[None],
                                                                    ids[None])[0][0],
-           "torch-loop": lambda: torch_kfold_many(x, BANDWIDTHS, FOLDS)}
+           "torch-loop": lambda: torch_kfold_many(x, bws, FOLDS)}
     got = fns[contender]()
     assert (got.double() - exact).abs().max().item() <= 2e-5 * exact.abs().max().item()
-    benchmark.extra_info["device"] = _device_name()
-    benchmark.extra_info["pairs_x_bandwidths"] = n * n * len(BANDWIDTHS)
-    benchmark.pedantic(lambda: (fns[contender](), _sync()), rounds=3, iterations=1, warmup_rounds=1)
+    record(benchmark, device, flops=2.0 * n * n * M, exps=n * n * len(BANDWIDTHS))
+    run(benchmark, fns[contender], device, rounds=3)

@@ -1,8 +1,9 @@
 """Loads the compiled extension once; says so once, clearly, when it is missing."""
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 
@@ -44,8 +45,25 @@ def build_info() -> Dict[str, Any]:
     return info
 
 
+_FORCE_FALLBACK = False
+
+
+@contextlib.contextmanager
+def fallback_only() -> Iterator[None]:
+    """Runs the body on the pure-PyTorch fallback even where kernels exist (benchmarks compare the
+    two through the same public API)."""
+    global _FORCE_FALLBACK
+    previous, _FORCE_FALLBACK = _FORCE_FALLBACK, True
+    try:
+        yield
+    finally:
+        _FORCE_FALLBACK = previous
+
+
 def kernel_available(device: torch.device) -> bool:
-    """Whether a compiled kernel exists for tensors on ``device``."""
+    """Whether a compiled kernel exists for tensors on ``device`` (and is not switched off)."""
+    if _FORCE_FALLBACK:
+        return False
     if device.type == "cpu":
         return HAS_EXTENSION
     if device.type == "cuda":

@@ -148,3 +148,16 @@ def test_kernels_check_arguments_when_called_directly():
         torch.ops.relflat.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, 0, False)
     with pytest.raises(RuntimeError, match="hessian must be"):
         torch.ops.relflat.dense_block_trace(torch.randn(6, 5), torch.randn(2, 3))
+
+
+def test_fallback_only_switches_every_op_to_the_reference():
+    from relflat_ext._ext import fallback_only, kernel_available
+    cpu = torch.device("cpu")
+    available = kernel_available(cpu)
+    with fallback_only():
+        assert not kernel_available(cpu)
+        f, w, b = _inputs(20, 5, 3, torch.float64, "cpu", 0)
+        got = ops.last_layer_flatness(f, w, b, 0, True)
+    assert kernel_available(cpu) == available
+    want = ref.last_layer_flatness(f, w, b, 0, True)
+    assert all(torch.equal(a, c) for a, c in zip(got, want))

@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark suites: device names, synchronization, work counts."""
+from typing import Callable, Optional
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def synced(fn: Callable, device: torch.device) -> Callable:
+    """fn followed by a device synchronization, so the timer sees the work finish."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+def record(benchmark, device: torch.device, flops: Optional[float] = None, bytes_moved: Optional[float] = None,
+           **extra) -> None:
+    """What the report runner needs: the device, and the work model (FLOPs and bytes that must move)
+    from which it derives achieved FLOP/s and GB/s."""
+    benchmark.extra_info["device"] = device_name(device)
+    if flops is not None:
+        benchmark.extra_info["flops"] = float(flops)
+    if bytes_moved is not None:
+        benchmark.extra_info["bytes"] = float(bytes_moved)
+    benchmark.extra_info.update(extra)
+
+
+def run(benchmark, fn: Callable, device: torch.device, rounds: int) -> None:
+    f = synced(fn, device)
+    benchmark.pedantic(f, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)

@@ -30,8 +30,9 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Linear]:
     else:
         raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"layer {name!r} is a {type(module).__name__}; relative flatness is defined here for "
-                        "nn.Linear layers (feature matrix W acting on per-sample feature vectors)")
+        raise TypeError(f"layer {name!r} is a {type(module).__name__}; this path needs an nn.Linear layer "
+                        "(feature matrix W acting on per-sample feature vectors); method='stochastic' (or "
+                        "'auto') handles convolutions and other layers whose weight multiplies features")
     return name, module
 
 
@@ -102,6 +103,10 @@ def preserved(model: nn.Module):
             p.grad = grad
 
 
+class NotVectorFeatures(ValueError):
+    """The layer's input is not (n, m): the exact path cannot run, the stochastic estimator can."""
+
+
 class LayerTap:
     """Forward hook that records the layer's input features and, when ``replace_output``,
     substitutes a fresh leaf ``z`` (requires grad) for the layer's output, so the rest of the
@@ -122,10 +127,9 @@ class LayerTap:
                                "weights); the per-sample identity needs a layer used once")
         phi = args[0]
         if phi.dim() != 2:
-            raise ValueError(
+            raise NotVectorFeatures(
                 f"layer {self.name!r} receives input of shape {tuple(phi.shape)}; the exact path needs "
-                "2-D per-sample features (n, m). Sequence or convolutional inputs need the stochastic "
-                "estimator (not yet available).")
+                "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
         self.features, self.raw_output = phi.detach(), out
         if self.replace_output:
             self.output = out.detach().requires_grad_(True)

@@ -5,7 +5,7 @@ it is the reference the fast paths are tested against, not a tool for large laye
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,9 +20,10 @@ DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 
 def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
                   loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
-                  vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> torch.Tensor:
-    """Dense Hessian (d*m, d*m) of the mean loss over all samples w.r.t. the layer weight (d, m),
-    indexed by the row-major flattening of the weight. ``vectorize=False`` is the authors' loop
+                  vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
+                  ) -> Tuple[torch.Tensor, int]:
+    """(hessian, n): the dense Hessian (d*m, d*m) of the mean loss over all n samples w.r.t. the
+    layer weight (d, m), indexed by the row-major flattening of the weight. ``vectorize=False`` is the authors' loop
     (one ``autograd.grad`` per entry); ``vectorize=True`` batches the rows with vmap."""
     name, lin = resolve_layer(model, layer)
     if not callable(loss):

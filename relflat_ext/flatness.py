@@ -21,9 +21,11 @@ from torch import nn
 
 from . import ops
 from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
-from ._model import LayerSpec, check_finite, iterate_batches, preserved, resolve_layer, tapped
+from ._model import (LayerSpec, NotVectorFeatures, check_finite, iterate_batches, preserved, resolve_layer,
+                     tapped)
+from .stochastic import WeightView, resolve_weight_layer, stochastic_estimate
 
-METHODS = ("auto", "closed_form", "exact", "autograd")
+METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
 # Elements of the (probes, samples, d) Hessian-vector-product block held at once by the exact path.
 # 2^18 (1 MiB in float32) measured best on CPU: larger blocks are memory-bound and hit vmap's slow
 # per-probe fallback for ops without batching rules (tanh_backward): 4.6 s vs 16.7 s at 2^24 for
@@ -38,7 +40,8 @@ class FlatnessResult:
     """kappa: kappa_Tr; kappa_lmax: max-eigenvalue variant (when asked); block_trace (d, d):
     ``T[s, t] = Tr(H_{s,t})`` (None when not asked); method: the path that ran; n: samples used;
     layer: the layer's name; feature_scale (m,): Theorem 4's per-feature standard deviations when
-    ``normalize_features`` (zero-spread features keep scale 1); seconds: wall time."""
+    ``normalize_features`` (zero-spread features keep scale 1); seconds: wall time; for the
+    stochastic method kappa_stderr (standard error) and probes; reason: why "auto" chose its path."""
     kappa: float
     kappa_lmax: Optional[float]
     block_trace: Optional[torch.Tensor]
@@ -47,6 +50,9 @@ class FlatnessResult:
     layer: str = ""
     feature_scale: Optional[torch.Tensor] = None
     seconds: float = 0.0
+    kappa_stderr: Optional[float] = None
+    probes: Optional[int] = None
+    reason: str = ""
 
 
 def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
@@ -176,7 +182,9 @@ def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
 def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
                       loss: LossSpec = "cross_entropy", method: str = "auto",
                       normalize_features: bool = False, lmax: bool = False,
-                      batch_size: Optional[int] = None, block_trace: bool = True) -> FlatnessResult:
+                      batch_size: Optional[int] = None, block_trace: bool = True,
+                      rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
+                      weight_view: Optional[WeightView] = None) -> FlatnessResult:
     """Relative flatness kappa_Tr of ``layer`` (an ``nn.Linear`` in ``model``) on the data.
 
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
@@ -187,11 +195,15 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     output Hessians through batched HVPs w.r.t. the layer output: d probes, or m probes with the
     columns of W when m < d and neither ``block_trace`` nor ``lmax`` is asked), "autograd" (the
     authors' full-Hessian baseline), or "auto" (closed form when possible, else exact).
-    normalize_features: Theorem 4's rescaling by the features' standard deviations.
+    "stochastic": the multiplicative-probe estimator (:mod:`relflat_ext.stochastic`) for any layer
+    whose weight acts linearly on features (Linear on any input shape, Conv1d/2d/3d, or a module
+    with ``weight_view``), stopping at ``rel_tol`` relative standard error or ``max_probes``;
+    "auto" uses it where the exact path cannot run (convolutions, sequence inputs) and says why in
+    ``result.reason``. normalize_features: Theorem 4's rescaling by the features' standard deviations.
     The model is measured in eval mode (BatchNorm running statistics, no dropout) and is left
     exactly as it was: training flags, requires_grad, .grad and weights.
     """
-    if method not in METHODS:
+    if method not in METHODS and method != "exact_or_closed":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not callable(loss):
         loss_code(loss)
@@ -199,6 +211,20 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         from .baseline import relative_flatness_autograd
         return relative_flatness_autograd(model, layer, inputs, targets, loss=loss, lmax=lmax,
                                           normalize_features=normalize_features, batch_size=batch_size)
+    if method == "stochastic" or (method == "auto" and not _is_linear(model, layer)):
+        reason = "" if method == "stochastic" else "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"
+        return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol, max_probes,
+                           seed, weight_view, reason)
+    if method == "auto":
+        try:
+            res = relative_flatness(model, layer, inputs, targets, loss, "exact_or_closed", normalize_features, lmax,
+                                    batch_size, block_trace)
+        except NotVectorFeatures:
+            return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol,
+                               max_probes, seed, weight_view, "stochastic: the layer's input is not (n, m)")
+        res.reason = f"{res.method}: " + ("the layer produces the model output and the loss is built in"
+                                          if res.method == "closed_form" else "nn.Linear on (n, m) features")
+        return res
     start = time.perf_counter()
     name, lin = resolve_layer(model, layer)
     if method == "closed_form" and callable(loss):
@@ -207,7 +233,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     weight = lin.weight.detach()
     w = weight if scale is None else weight * scale
     acc = None
-    chosen = None if method == "auto" else method
+    chosen = None if method == "exact_or_closed" else method
     with preserved(model):
         for x, y in iterate_batches(inputs, targets, batch_size):
             if chosen in (None, "closed_form"):
@@ -229,6 +255,24 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
             else:
                 _exact_batch(acc, model, name, lin, x, y, loss, w, scale)
     return acc.result(chosen, name, scale, start)
+
+
+def _is_linear(model: nn.Module, layer: LayerSpec) -> bool:
+    return isinstance(resolve_weight_layer(model, layer)[1], nn.Linear)
+
+
+def _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol, max_probes, seed,
+                weight_view, reason) -> FlatnessResult:
+    name, module = resolve_weight_layer(model, layer)
+    scale = None
+    if normalize_features:
+        if not isinstance(module, nn.Linear):
+            raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers")
+        scale = feature_scale(model, name, inputs, targets, batch_size)
+    est = stochastic_estimate(model, name, inputs, targets, loss=loss, rel_tol=rel_tol, max_probes=max_probes,
+                              seed=seed, batch_size=batch_size, feature_scale=scale, weight_view=weight_view)
+    return FlatnessResult(est.value, None, None, "stochastic", est.n, name, scale, est.seconds,
+                          kappa_stderr=est.stderr, probes=est.probes, reason=reason)
 
 
 _BATCHED_HVP_OK = True

@@ -18,7 +18,7 @@ def _setup():
 BAD_CALLS = [
     ("layer not in model", lambda m, x, y: rf.relative_flatness(m, "7", x, y), ValueError, "not in the model"),
     ("foreign module", lambda m, x, y: rf.relative_flatness(m, nn.Linear(5, 6), x, y), ValueError, "not a submodule"),
-    ("non-Linear layer", lambda m, x, y: rf.relative_flatness(m, "1", x, y), TypeError, "nn.Linear"),
+    ("layer without weight", lambda m, x, y: rf.relative_flatness(m, "1", x, y), TypeError, "no weight parameter"),
     ("unsupported loss", lambda m, x, y: rf.relative_flatness(m, "2", x, y, loss="hinge"), ValueError, "loss must be"),
     ("unknown method", lambda m, x, y: rf.relative_flatness(m, "2", x, y, method="fast"), ValueError, "method must be"),
     ("empty data", lambda m, x, y: rf.relative_flatness(m, "2", x[:0], y[:0]), ValueError, "empty"),
@@ -59,7 +59,7 @@ def test_successful_calls_leave_model_unchanged(method):
     assert_unchanged(model, before)
 
 
-def test_sequence_inputs_get_a_clear_error():
+def test_sequence_inputs_need_the_stochastic_path():
     class Tokens(nn.Module):
         def __init__(self):
             super().__init__()
@@ -72,8 +72,10 @@ def test_sequence_inputs_get_a_clear_error():
     x = torch.randn(6, 5, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="2-D per-sample features"):
-        rf.relative_flatness(model, "proj", x, y)
+    with pytest.raises(ValueError, match="2-D per-sample features.*method='stochastic'"):
+        rf.relative_flatness(model, "proj", x, y, method="exact")
+    assert_unchanged(model, before)
+    assert rf.relative_flatness(model, "proj", x, y, max_probes=64).method == "stochastic"  # auto
     assert_unchanged(model, before)
 
 

@@ -1,0 +1,183 @@
+"""The multiplicative-probe estimator (DESIGN.md, "Feature robustness and Theorem 5") for any layer
+whose weight acts linearly on features: ``nn.Linear`` on inputs of any shape (tokens included),
+``nn.Conv1d/2d/3d`` (weight viewed as (out, in/groups * prod(kernel)) acting on patches), or any
+module through a user-supplied view.
+
+With ``A`` an m x m matrix of i.i.d. N(0, 1) entries, ``E_A[ D^2E(W)[W A, W A] ] = kappa_Tr`` exactly
+(``E[A A^T] = m I`` turns the quadratic form into ``sum_{s,t} <w_s, w_t> Tr(H_{s,t})``). Each probe is
+one Hessian-vector product of the empirical risk with respect to the layer weight; probes are
+batched (``is_grads_batched``), the data are streamed, and rounds of probes are drawn until the
+relative standard error reaches ``rel_tol`` or ``max_probes`` is reached. With the directions
+replaced by i.i.d. N(0, 1) weight-space vectors the same machinery gives ``Tr(H)`` (Hutchinson).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._losses import LossSpec, loss_code, resolve_loss
+from ._model import LayerSpec, iterate_batches, preserved
+
+QUANTITIES = ("kappa", "hessian_trace")
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclasses.dataclass
+class WeightView:
+    """How a layer's weight is seen as the (d, m) matrix W that multiplies feature vectors:
+    ``to_matrix(weight) -> (d, m)`` and ``from_matrix(matrix) -> weight.shape``."""
+    to_matrix: Callable[[torch.Tensor], torch.Tensor]
+    from_matrix: Callable[[torch.Tensor], torch.Tensor]
+
+
+def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None) -> WeightView:
+    """The (d, m) view of a layer's weight: given, or known for Linear and Conv layers."""
+    if view is not None:
+        return view
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return WeightView(lambda w: w, lambda mat: mat)
+    if isinstance(module, CONV_TYPES):
+        shape = tuple(weight.shape)
+        return WeightView(lambda w: w.reshape(shape[0], -1), lambda mat: mat.reshape(shape))
+    raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
+                    "from_matrix) saying how its weight multiplies feature vectors")
+
+
+def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
+    """(name, module) of a layer with a ``weight`` parameter inside ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_modules())
+    if isinstance(layer, str):
+        if layer not in named:
+            weighted = [n for n, m in named.items() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+            raise ValueError(f"layer {layer!r} is not in the model; its layers with weights are {weighted}")
+        name, module = layer, named[layer]
+    elif isinstance(layer, nn.Module):
+        matches = [n for n, m in named.items() if m is layer]
+        if not matches:
+            raise ValueError(f"layer (a {type(layer).__name__}) is not a submodule of the model")
+        name, module = matches[0], layer
+    else:
+        raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+        raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
+                        "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
+                        "any module with a weight_view)")
+    return name, module
+
+
+@dataclasses.dataclass
+class StochasticEstimate:
+    """value: the estimate; stderr: its standard error over probes; probes: how many were used;
+    samples (probes,): the per-probe quadratic forms; converged: whether rel_tol was reached."""
+    value: float
+    stderr: float
+    probes: int
+    samples: torch.Tensor
+    converged: bool
+    n: int
+    seconds: float
+
+
+_BATCHED_OK = True
+
+
+def _quadratic_forms(model, weight, x, y, loss_fn, directions: torch.Tensor) -> torch.Tensor:
+    """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
+    mean loss with respect to the weight."""
+    global _BATCHED_OK
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        if loss.dim() != 0:
+            raise ValueError(f"loss must return a scalar (mean over samples), got shape {tuple(loss.shape)}")
+        grad = torch.autograd.grad(loss, weight, create_graph=True)[0]
+        if not grad.requires_grad:  # loss linear in the weight
+            return directions.new_zeros(directions.shape[0])
+        hv = None
+        if _BATCHED_OK and directions.shape[0] > 1:
+            try:
+                hv = torch.autograd.grad(grad, weight, directions, retain_graph=True, is_grads_batched=True)[0]
+            except RuntimeError:  # an op without a vmap rule: one backward per probe
+                _BATCHED_OK = False
+        if hv is None:
+            hv = torch.stack([torch.autograd.grad(grad, weight, v, retain_graph=True)[0] for v in directions])
+    return (hv * directions).flatten(1).sum(1).detach() * x.shape[0]
+
+
+def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int, gen: torch.Generator,
+                scale: Optional[torch.Tensor]) -> torch.Tensor:
+    d, m = w_mat.shape
+    if quantity == "hessian_trace":
+        return torch.randn((count, d * m), generator=gen, dtype=w_mat.dtype, device=w_mat.device).reshape(
+            count, *view.from_matrix(w_mat).shape)
+    a = torch.randn((count, m, m), generator=gen, dtype=w_mat.dtype, device=w_mat.device)
+    if scale is None:
+        mats = w_mat @ a  # W A
+    else:  # Theorem 4 coordinates W' = W diag(s): W' A, mapped back to W as W' A diag(1/s)
+        mats = (w_mat * scale) @ a / scale
+    return torch.stack([view.from_matrix(mat) for mat in mats])
+
+
+def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None, loss: LossSpec = "cross_entropy",
+                        quantity: str = "kappa", rel_tol: float = 0.05, max_probes: int = 1000,
+                        probes_per_round: int = 32, seed: Optional[int] = None, batch_size: Optional[int] = None,
+                        feature_scale: Optional[torch.Tensor] = None, weight_view: Optional[WeightView] = None,
+                        progress: bool = False) -> StochasticEstimate:
+    """Unbiased estimate of kappa_Tr (``quantity="kappa"``) or of the layer's Hessian trace
+    (``"hessian_trace"``), by rounds of ``probes_per_round`` Hessian-vector products over the whole
+    data, until ``stderr <= rel_tol * |value|`` or ``max_probes``. ``feature_scale`` (m,) gives
+    Theorem 4's normalized kappa (directions ``W diag(s) A diag(1/s)``). Same seed, same probes
+    (so data-parallel ranks can share them). The model is left exactly as it was."""
+    start = time.perf_counter()
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+    if not (isinstance(rel_tol, (int, float)) and rel_tol > 0):
+        raise ValueError(f"rel_tol must be a positive number, got {rel_tol!r}")
+    if not isinstance(max_probes, int) or max_probes < 2:
+        raise ValueError(f"max_probes must be an integer >= 2, got {max_probes!r}")
+    if not isinstance(probes_per_round, int) or probes_per_round < 2:
+        raise ValueError(f"probes_per_round must be an integer >= 2, got {probes_per_round!r}")
+    if not callable(loss):
+        loss_code(loss)
+    loss_fn = resolve_loss(loss)
+    name, module = resolve_weight_layer(model, layer)
+    view = matrix_view(module, name, weight_view)
+    weight = module.weight
+    w_mat = view.to_matrix(weight.detach())
+    if feature_scale is not None and tuple(feature_scale.shape) != (w_mat.shape[1],):
+        raise ValueError(f"feature_scale must be ({w_mat.shape[1]},), got {tuple(feature_scale.shape)}")
+    base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+    samples: List[torch.Tensor] = []
+    n = 0
+    value = stderr = math.nan
+    converged = False
+    with preserved(model):
+        weight.requires_grad_(True)
+        for rnd in range(math.ceil(max_probes / probes_per_round)):
+            count = min(probes_per_round, max_probes - rnd * probes_per_round)
+            gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
+            dirs = _directions(quantity, w_mat, view, count, gen, feature_scale)
+            total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
+            for x, y in iterate_batches(inputs, targets, batch_size):
+                total += _quadratic_forms(model, weight, x, y, loss_fn, dirs).double()
+                n += x.shape[0]
+            samples.append(total / n)
+            allq = torch.cat(samples)
+            value = float(allq.mean())
+            stderr = float(allq.std() / math.sqrt(allq.numel()))
+            if progress:
+                print(f"relflat stochastic {quantity} of {name!r}: {allq.numel()} probes, {value:.6g} +- {stderr:.2g}",
+                      file=sys.stderr, flush=True)
+            if stderr <= rel_tol * abs(value):
+                converged = True
+                break
+    return StochasticEstimate(value, stderr, int(sum(s.numel() for s in samples)), torch.cat(samples).to(w_mat.dtype),
+                              converged, n, time.perf_counter() - start)

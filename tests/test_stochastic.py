@@ -1,0 +1,137 @@
+"""The multiplicative-probe estimator: unbiased for kappa_Tr (and Tr(H)), on Linear, sequence and
+convolutional layers, against exact values."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import relflat_ext as rf
+from relflat_ext.stochastic import stochastic_estimate
+from models import assert_unchanged, data, mlp, snapshot
+
+
+@pytest.mark.parametrize("seed, layer, loss", [(0, "0", "cross_entropy"), (1, "2", "cross_entropy"),
+                                                (2, "2", "mse"), (3, "4", "cross_entropy")])
+def test_stochastic_agrees_with_exact_on_linear_layers(seed, layer, loss):
+    model = mlp([6, 8, 7, 4], "tanh", seed=seed)
+    x, y = data(120, 6, 4, loss, seed=seed)
+    exact = rf.relative_flatness(model, layer, x, y, loss=loss).kappa
+    est = rf.relative_flatness(model, layer, x, y, loss=loss, method="stochastic", rel_tol=0.03, seed=seed)
+    assert est.method == "stochastic" and est.probes >= 32 and est.kappa_stderr > 0
+    assert abs(est.kappa - exact) <= 3 * est.kappa_stderr, (est.kappa, est.kappa_stderr, exact)
+
+
+def test_estimator_is_unbiased_over_independent_runs():
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(80, 6, 4, "cross_entropy", seed=0)
+    exact = rf.relative_flatness(model, "2", x, y).kappa
+    runs = torch.tensor([stochastic_estimate(model, "2", x, y, max_probes=8, probes_per_round=8, seed=s).value
+                         for s in range(60)])
+    assert abs(runs.mean().item() - exact) <= 3 * runs.std().item() / math.sqrt(60)
+
+
+def test_stops_at_rel_tol_and_reports_it():
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(80, 6, 4, "cross_entropy", seed=0)
+    loose = stochastic_estimate(model, "2", x, y, rel_tol=0.5, max_probes=1000, seed=0)
+    assert loose.converged and loose.probes == 32 and loose.stderr <= 0.5 * loose.value
+    capped = stochastic_estimate(model, "2", x, y, rel_tol=1e-6, max_probes=40, probes_per_round=16, seed=0)
+    assert not capped.converged and capped.probes == 40
+
+
+def test_hessian_trace_estimate_matches_the_dense_hessian():
+    model = mlp([6, 8, 7, 4], "tanh", seed=1)
+    x, y = data(60, 6, 4, "cross_entropy", seed=1)
+    trace = torch.trace(rf.layer_hessian(model, "2", x, y)[0]).item()
+    est = stochastic_estimate(model, "2", x, y, quantity="hessian_trace", rel_tol=0.02, seed=1)
+    assert abs(est.value - trace) <= 3 * est.stderr
+
+
+def test_normalized_variant_matches_theorem4_exact():
+    model = mlp([6, 8, 7, 4], "tanh", seed=2)
+    x, y = data(100, 6, 4, "cross_entropy", seed=2)
+    exact = rf.relative_flatness(model, "2", x, y, normalize_features=True).kappa
+    est = rf.relative_flatness(model, "2", x, y, method="stochastic", normalize_features=True, rel_tol=0.03, seed=2)
+    assert abs(est.kappa - exact) <= 3 * est.kappa_stderr
+
+
+class TokenModel(nn.Module):
+    """A Linear layer applied to every token of a sequence, then mean pooling."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x (n, T, 5)
+        return self.head(torch.tanh(self.proj(x)).mean(1))
+
+
+def _kappa_from_dense_hessian(model, weight, view_matrix, x, y):
+    """Exact kappa = <W W^T, T> from the dense Hessian of the mean loss in the weight."""
+    w0 = weight.detach().clone()
+    name = [k for k, p in model.named_parameters() if p is weight][0]
+
+    def risk(w):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, {name: w}, (x,)), y)
+    hess = torch.autograd.functional.hessian(risk, w0)
+    mat = view_matrix(w0)
+    d, m = mat.shape
+    return rf.ops.dense_block_trace(hess.reshape(d * m, d * m), mat)[0].item()
+
+
+def test_sequence_inputs_go_stochastic_under_auto_and_agree_with_the_dense_hessian():
+    model = TokenModel().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 7, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    exact = _kappa_from_dense_hessian(model, model.proj.weight, lambda w: w, x, y)
+    res = rf.relative_flatness(model, "proj", x, y, rel_tol=0.03, seed=0)
+    assert res.method == "stochastic" and "not (n, m)" in res.reason
+    assert abs(res.kappa - exact) <= 3 * res.kappa_stderr
+    with pytest.raises(ValueError, match="stochastic"):
+        rf.relative_flatness(model, "proj", x, y, method="exact")
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(2, 3, 3), (30, 2, 9)), (nn.Conv2d(2, 3, 3, groups=1), (30, 2, 6, 6))])
+def test_convolutions_agree_with_the_dense_hessian(conv, shape):
+    torch.manual_seed(1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(4)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 4, (shape[0],), generator=g)
+    model(x)  # materialize the lazy layer
+    exact = _kappa_from_dense_hessian(model, model[0].weight, lambda w: w.reshape(w.shape[0], -1), x, y)
+    before = snapshot(model)
+    res = rf.relative_flatness(model, "0", x, y, rel_tol=0.03, seed=1)
+    assert_unchanged(model, before)
+    assert res.method == "stochastic" and "not nn.Linear" in res.reason
+    assert abs(res.kappa - exact) <= 3 * res.kappa_stderr, (res.kappa, res.kappa_stderr, exact)
+
+
+def test_auto_keeps_the_exact_paths_for_linear_layers_and_says_why():
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(30, 6, 4, "cross_entropy")
+    assert rf.relative_flatness(model, "4", x, y).reason.startswith("closed_form")
+    assert rf.relative_flatness(model, "2", x, y).reason.startswith("exact")
+
+
+def test_custom_weight_view():
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(60, 6, 4, "cross_entropy")
+    view = rf.stochastic.WeightView(lambda w: w, lambda mat: mat)  # what Linear uses, passed explicitly
+    a = stochastic_estimate(model, "2", x, y, seed=3, max_probes=64, weight_view=view)
+    b = stochastic_estimate(model, "2", x, y, seed=3, max_probes=64)
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(rel_tol=0.0), "rel_tol"), (dict(max_probes=1), "max_probes"),
+                                           (dict(quantity="fisher"), "quantity"),
+                                           (dict(probes_per_round=1), "probes_per_round")])
+def test_bad_arguments(kwargs, match):
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(10, 6, 4, "cross_entropy")
+    with pytest.raises(ValueError, match=match):
+        stochastic_estimate(model, "2", x, y, **kwargs)
+    with pytest.raises(TypeError, match="no weight"):
+        stochastic_estimate(model, "1", x, y)

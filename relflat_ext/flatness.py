@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _dist, ops
 from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
 from ._model import (LayerSpec, NotVectorFeatures, check_finite, iterate_batches, preserved, resolve_layer,
                      tapped)
@@ -80,9 +80,10 @@ def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
 class _Accumulator:
     """Sums over samples that make kappa, T and the lmax blocks, batch by batch."""
 
-    def __init__(self, weight: torch.Tensor, want_block: bool, lmax: bool):
+    def __init__(self, weight: torch.Tensor, want_block: bool, lmax: bool, distributed: bool = False):
         d, m = weight.shape
         self.weight, self.n, self.kappa_sum = weight, 0, weight.new_zeros(())
+        self.distributed = distributed
         self.block = weight.new_zeros((d, d)) if want_block else None
         if lmax and d * m * m * weight.element_size() > LMAX_MAX_BYTES:
             raise ValueError(f"lmax=True needs the {d} diagonal Hessian blocks of size {m}x{m} "
@@ -94,6 +95,11 @@ class _Accumulator:
         self.diag_blocks += torch.einsum("ns,ni,nj->sij", hdiag, features, features)
 
     def result(self, method: str, layer: str, scale, start: float) -> FlatnessResult:
+        if self.distributed:  # every rank's partial sums, reduced: the result on the union of the shards
+            _dist.check_same_shapes("the layer's weight shape", tuple(self.weight.shape), self.weight.device)
+            count = torch.tensor(float(self.n), dtype=torch.float64, device=self.weight.device)
+            _dist.all_reduce_sum([self.kappa_sum, count, self.block, self.diag_blocks])
+            self.n = int(count.item())
         n = self.n
         kappa_lmax = None
         if self.diag_blocks is not None:
@@ -160,9 +166,10 @@ def _feature_scale_from(features: torch.Tensor) -> torch.Tensor:
 
 
 def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
-                  batch_size: Optional[int] = None) -> torch.Tensor:
+                  batch_size: Optional[int] = None, distributed: Optional[bool] = None) -> torch.Tensor:
     """Per-feature standard deviation (population, over all samples) of the layer's input: the
-    ``V`` of Theorem 4 (DESIGN.md: standard deviation, not variance). Zero-spread features get 1."""
+    ``V`` of Theorem 4 (DESIGN.md: standard deviation, not variance). Zero-spread features get 1.
+    Under torch.distributed, over the samples of every rank."""
     name, lin = resolve_layer(model, layer)
     total = sq_total = None
     n = 0
@@ -174,6 +181,10 @@ def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
             total = phi.sum(0) if total is None else total + phi.sum(0)
             sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)
             n += phi.shape[0]
+    if _dist.active(distributed):
+        count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
+        _dist.all_reduce_sum([total, sq_total, count])
+        n = count.item()
     mean = total / n
     std = (sq_total / n - mean.pow(2)).clamp_min(0).sqrt().to(lin.weight.dtype)
     return torch.where(std > 0, std, torch.ones_like(std))
@@ -184,7 +195,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                       normalize_features: bool = False, lmax: bool = False,
                       batch_size: Optional[int] = None, block_trace: bool = True,
                       rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
-                      weight_view: Optional[WeightView] = None) -> FlatnessResult:
+                      weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None) -> FlatnessResult:
     """Relative flatness kappa_Tr of ``layer`` (an ``nn.Linear`` in ``model``) on the data.
 
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
@@ -200,9 +211,12 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     with ``weight_view``), stopping at ``rel_tol`` relative standard error or ``max_probes``;
     "auto" uses it where the exact path cannot run (convolutions, sequence inputs) and says why in
     ``result.reason``. normalize_features: Theorem 4's rescaling by the features' standard deviations.
+    distributed: with torch.distributed initialized (None: auto; True: required), each rank's data is
+    a shard and the partial sums are all-reduced: every rank gets the result on all the data.
     The model is measured in eval mode (BatchNorm running statistics, no dropout) and is left
     exactly as it was: training flags, requires_grad, .grad and weights.
     """
+    distributed = _dist.active(distributed)
     if method not in METHODS and method != "exact_or_closed":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not callable(loss):
@@ -214,14 +228,15 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     if method == "stochastic" or (method == "auto" and not _is_linear(model, layer)):
         reason = "" if method == "stochastic" else "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"
         return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol, max_probes,
-                           seed, weight_view, reason)
+                           seed, weight_view, reason, distributed)
     if method == "auto":
         try:
             res = relative_flatness(model, layer, inputs, targets, loss, "exact_or_closed", normalize_features, lmax,
-                                    batch_size, block_trace)
+                                    batch_size, block_trace, distributed=distributed)
         except NotVectorFeatures:
             return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol,
-                               max_probes, seed, weight_view, "stochastic: the layer's input is not (n, m)")
+                               max_probes, seed, weight_view, "stochastic: the layer's input is not (n, m)",
+                               distributed)
         res.reason = f"{res.method}: " + ("the layer produces the model output and the loss is built in"
                                           if res.method == "closed_form" else "nn.Linear on (n, m) features")
         return res
@@ -229,7 +244,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     name, lin = resolve_layer(model, layer)
     if method == "closed_form" and callable(loss):
         raise ValueError("method='closed_form' needs a built-in loss name, not a callable")
-    scale = feature_scale(model, name, inputs, targets, batch_size) if normalize_features else None
+    scale = feature_scale(model, name, inputs, targets, batch_size, distributed) if normalize_features else None
     weight = lin.weight.detach()
     w = weight if scale is None else weight * scale
     acc = None
@@ -246,7 +261,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                     raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
                                      "output; use method='exact'")
             if acc is None:
-                acc = _Accumulator(w, block_trace, lmax)
+                acc = _Accumulator(w, block_trace, lmax, distributed)
             if chosen == "closed_form":
                 code = loss_code(loss)
                 check_targets(code, y, x.shape[0], w.shape[0])
@@ -262,15 +277,16 @@ def _is_linear(model: nn.Module, layer: LayerSpec) -> bool:
 
 
 def _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol, max_probes, seed,
-                weight_view, reason) -> FlatnessResult:
+                weight_view, reason, distributed) -> FlatnessResult:
     name, module = resolve_weight_layer(model, layer)
     scale = None
     if normalize_features:
         if not isinstance(module, nn.Linear):
             raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers")
-        scale = feature_scale(model, name, inputs, targets, batch_size)
+        scale = feature_scale(model, name, inputs, targets, batch_size, distributed)
     est = stochastic_estimate(model, name, inputs, targets, loss=loss, rel_tol=rel_tol, max_probes=max_probes,
-                              seed=seed, batch_size=batch_size, feature_scale=scale, weight_view=weight_view)
+                              seed=seed, batch_size=batch_size, feature_scale=scale, weight_view=weight_view,
+                              distributed=distributed)
     return FlatnessResult(est.value, None, None, "stochastic", est.n, name, scale, est.seconds,
                           kappa_stderr=est.stderr, probes=est.probes, reason=reason)
 

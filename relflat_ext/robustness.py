@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _dist
 from ._losses import LossSpec, loss_code, resolve_loss
 from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
 
@@ -75,7 +76,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                        delta: Union[float, Sequence[float]] = 0.01, loss: LossSpec = "cross_entropy",
                        distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
-                       kappa: Optional[float] = None
+                       kappa: Optional[float] = None, distributed: Optional[bool] = None
                        ) -> Union[FeatureRobustnessResult, List[FeatureRobustnessResult]]:
     """Monte Carlo feature robustness of ``layer``'s input features, with Theorem 5's prediction.
 
@@ -86,8 +87,10 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     delta: a float, or a list (one result per value, all from the same draws). The same draws
     serve every data batch, so a DataLoader (re-iterable) or tensors with ``batch_size`` stream.
     kappa: kappa_Tr if already known (else computed with :func:`relative_flatness`) for
-    ``predicted = delta^2/(2m) kappa``. The model is left exactly as it was.
+    ``predicted = delta^2/(2m) kappa``. Under torch.distributed every rank draws the same matrices
+    and the sums over the shards are all-reduced. The model is left exactly as it was.
     """
+    distributed = _dist.active(distributed)
     from .flatness import relative_flatness
 
     deltas = _check_deltas(delta)
@@ -103,7 +106,10 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     signs = [1.0, -1.0] if antithetic else [1.0]
     scales = torch.tensor([d * s for d in deltas for s in signs], dtype=dtype, device=device)  # (S,)
     n_scales = scales.numel()
-    base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+    if distributed:
+        base_seed = _dist.shared_seed(seed, device)
+    else:
+        base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0
@@ -134,9 +140,13 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 diff = (pert - base).sum(1).double().reshape(n_scales, k)
                 sums[:, d0:d0 + k] += diff
             n += n_b
+    if distributed:
+        count = torch.tensor(float(n), dtype=torch.float64, device=device)
+        _dist.all_reduce_sum([sums, count])
+        n = int(count.item())
     if kappa is None:
         kappa = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,
-                                  block_trace=False).kappa
+                                  block_trace=False, distributed=distributed).kappa
     per_draw = (sums / n).reshape(len(deltas), len(signs), n_samples).mean(1)  # pair averages
     results = []
     for j, d in enumerate(deltas):

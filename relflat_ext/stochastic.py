@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import _dist
 from ._losses import LossSpec, loss_code, resolve_loss
 from ._model import LayerSpec, iterate_batches, preserved
 
@@ -130,12 +131,14 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
                         quantity: str = "kappa", rel_tol: float = 0.05, max_probes: int = 1000,
                         probes_per_round: int = 32, seed: Optional[int] = None, batch_size: Optional[int] = None,
                         feature_scale: Optional[torch.Tensor] = None, weight_view: Optional[WeightView] = None,
-                        progress: bool = False) -> StochasticEstimate:
+                        progress: bool = False, distributed: Optional[bool] = None) -> StochasticEstimate:
     """Unbiased estimate of kappa_Tr (``quantity="kappa"``) or of the layer's Hessian trace
     (``"hessian_trace"``), by rounds of ``probes_per_round`` Hessian-vector products over the whole
     data, until ``stderr <= rel_tol * |value|`` or ``max_probes``. ``feature_scale`` (m,) gives
     Theorem 4's normalized kappa (directions ``W diag(s) A diag(1/s)``). Same seed, same probes
-    (so data-parallel ranks can share them). The model is left exactly as it was."""
+    (under torch.distributed every rank draws the same probes, from rank 0's seed if none is given,
+    and the per-probe sums over the shards are all-reduced). The model is left exactly as it was."""
+    distributed = _dist.active(distributed)
     start = time.perf_counter()
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
@@ -154,7 +157,11 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
     w_mat = view.to_matrix(weight.detach())
     if feature_scale is not None and tuple(feature_scale.shape) != (w_mat.shape[1],):
         raise ValueError(f"feature_scale must be ({w_mat.shape[1]},), got {tuple(feature_scale.shape)}")
-    base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+    if distributed:
+        _dist.check_same_shapes("the layer's weight shape", tuple(w_mat.shape), w_mat.device)
+        base_seed = _dist.shared_seed(seed, w_mat.device)
+    else:
+        base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
     samples: List[torch.Tensor] = []
     n = 0
     value = stderr = math.nan
@@ -169,6 +176,10 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
             for x, y in iterate_batches(inputs, targets, batch_size):
                 total += _quadratic_forms(model, weight, x, y, loss_fn, dirs).double()
                 n += x.shape[0]
+            if distributed:
+                count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
+                _dist.all_reduce_sum([total, count])
+                n = int(count.item())
             samples.append(total / n)
             allq = torch.cat(samples)
             value = float(allq.mean())

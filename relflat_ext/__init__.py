@@ -19,9 +19,11 @@ from .bound import (BoundResult, RepresentativenessResult, generalization_bound,
                                  representativeness)
 from .robustness import FeatureRobustnessResult, feature_robustness
 from .stochastic import StochasticEstimate, WeightView, stochastic_estimate
+from .profiling import ProfileTable, profile
 
 __all__ = ["__version__", "build_info", "ops", "FlatnessResult", "relative_flatness",
            "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian", "feature_scale",
            "kde_log_density", "select_bandwidth", "BandwidthSelection", "feature_robustness",
            "FeatureRobustnessResult", "representativeness", "RepresentativenessResult",
-           "generalization_bound", "BoundResult", "stochastic_estimate", "StochasticEstimate", "WeightView"]
+           "generalization_bound", "BoundResult", "stochastic_estimate", "StochasticEstimate", "WeightView",
+           "profile", "ProfileTable"]

@@ -1,4 +1,5 @@
-"""Command line: `relflat report` runs the main job (see relflat_ext.report)."""
+"""Command line: `relflat report` runs the main job (see relflat_ext.report); `relflat profile`
+measures every weight layer of a model on a data set (see relflat_ext.profiling)."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,61 @@ def main(argv=None) -> int:
     rep.add_argument("--epochs", type=int, default=60)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default=None, help="write the report as JSON to this file")
+    prof = sub.add_parser("profile", help="relative flatness of every weight layer of a model")
+    prof.add_argument("--model", default="lenet5",
+                      help="'lenet5' (built in, trained on the data first), a torchvision model name, or module:function")
+    prof.add_argument("--weights", default=None, help="a local state_dict file for the model")
+    prof.add_argument("--data", default="digits",
+                      help="'digits', 'digits-flat', 'synthetic-imagenet', or module:function returning a DataLoader")
+    prof.add_argument("--samples", type=int, default=None, help="use the first N samples")
+    prof.add_argument("--batch-size", type=int, default=256)
+    prof.add_argument("--layers", nargs="*", default=None, help="layer names (default: every Linear/Conv layer)")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--rel-tol", type=float, default=0.05)
+    prof.add_argument("--max-probes", type=int, default=1000)
+    prof.add_argument("--train-epochs", type=int, default=None,
+                      help="train the model first (default: 30 epochs for lenet5, none otherwise)")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
     args = parser.parse_args(argv)
     if args.command == "report":
         from .report import run
         run(epochs=args.epochs, seed=args.seed, out=args.out)
+    elif args.command == "profile":
+        return _profile(args)
+    return 0
+
+
+def _profile(args) -> int:
+    import os
+    import time
+
+    import torch
+
+    from .profiling import profile
+    from .zoo import load_data, load_model, train
+
+    loader = load_data(args.data, batch_size=args.batch_size, samples=args.samples, seed=args.seed)
+    model = load_model(args.model, args.weights, seed=args.seed)
+    epochs = args.train_epochs if args.train_epochs is not None else (30 if args.model == "lenet5" else 0)
+    if epochs:
+        print(f"training {args.model} on {args.data} for {epochs} epochs ...")
+        train(model, loader, epochs)
+    device = torch.device(args.device)
+    model = model.to(device).eval()
+    if device.type != "cpu":
+        loader = [(x.to(device), y.to(device)) for x, y in loader]
+    start = time.perf_counter()
+    table = profile(model, loader, layers=args.layers or "auto", rel_tol=args.rel_tol, max_probes=args.max_probes,
+                    seed=args.seed)
+    print(f"\n{args.model} on {args.data} ({table.rows[0]['samples']} samples, {args.device}): "
+          f"{time.perf_counter() - start:.1f} s\n")
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    table.to_csv(os.path.join(args.out, "profile.csv"))
+    table.to_json(os.path.join(args.out, "profile.json"))
+    table.plot(os.path.join(args.out, "profile.png"))
+    print(f"\nwrote {args.out}/profile.csv, profile.json, profile.png")
     return 0
 
 

@@ -1,0 +1,98 @@
+"""Per-layer profiles: every weight layer present, numbers equal to single-layer calls; the CLI."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import relflat_ext as rf
+from relflat_ext.cli import main as cli_main
+from relflat_ext.zoo import lenet5
+from models import assert_unchanged, snapshot
+
+
+class Block(nn.Module):
+    """A small transformer-like block: token projections, attention-free mixing, an MLP and a head."""
+
+    def __init__(self, m=6, classes=3):
+        super().__init__()
+        self.q = nn.Linear(m, m)
+        self.mlp = nn.Sequential(nn.Linear(m, 2 * m), nn.GELU(), nn.Linear(2 * m, m))
+        self.head = nn.Linear(m, classes)
+
+    def forward(self, x):  # (n, T, m)
+        h = x + torch.tanh(self.q(x))
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+def _digits_like(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_cnn_profile_has_every_layer_and_equals_single_calls(tmp_path):
+    torch.manual_seed(0)
+    model = lenet5().double()
+    x, y = _digits_like()
+    before = snapshot(model)
+    table = rf.profile(model, x, y, rel_tol=0.2, max_probes=64, seed=0, progress=False)
+    assert_unchanged(model, before)
+    assert [r["layer"] for r in table.rows] == ["0", "3", "7", "9", "11"]
+    assert [r["method"] for r in table.rows] == ["stochastic", "stochastic", "exact", "exact", "closed_form"]
+    for r in table.rows:
+        single = rf.relative_flatness(model, r["layer"], x, y, rel_tol=0.2, max_probes=64, seed=0)
+        assert r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
+        weight = dict(model.named_modules())[r["layer"]].weight.detach()
+        assert r["weight_norm_sq"] == pytest.approx(float(weight.pow(2).sum()))
+        assert r["hessian_trace"] is not None and r["samples"] == 48
+    assert all(r["kappa_normalized"] is not None for r in table.rows if r["method"] != "stochastic")
+    hess, _ = rf.layer_hessian(model, "11", x, y, vectorize=True)  # Tr(H) from the block traces == dense
+    assert table.rows[-1]["hessian_trace"] == pytest.approx(torch.trace(hess).item(), rel=1e-8)
+    text = str(table)
+    assert "kappa" in text and "stochastic" in text and len(text.splitlines()) == 2 + len(table.rows)
+    table.to_csv(str(tmp_path / "p.csv"))
+    table.to_json(str(tmp_path / "p.json"))
+    table.plot(str(tmp_path / "p.png"))
+    assert json.load(open(tmp_path / "p.json"))[0]["layer"] == "0"
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_transformer_block_profile():
+    torch.manual_seed(0)
+    model = Block().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    table = rf.profile(model, x, y, rel_tol=0.2, max_probes=64, progress=False)
+    assert [r["layer"] for r in table.rows] == ["q", "mlp.0", "mlp.2", "head"]
+    assert [r["method"] for r in table.rows] == ["stochastic", "stochastic", "stochastic", "closed_form"]
+    assert all(math.isfinite(r["kappa"]) for r in table.rows)
+
+
+def test_profile_names_and_errors():
+    model = lenet5().double()
+    x, y = _digits_like(16)
+    table = rf.profile(model, x, y, layers=["11"], progress=False)
+    assert len(table.rows) == 1
+    with pytest.raises(ValueError, match="not in the model"):
+        rf.profile(model, x, y, layers=["nope"], progress=False)
+    with pytest.raises(ValueError, match="no Linear or Conv"):
+        rf.profile(nn.Sequential(nn.Tanh()), x, y, progress=False)
+
+
+def test_cli_profile_on_builtin_digits(tmp_path, capsys):
+    code = cli_main(["profile", "--model", "lenet5", "--data", "digits", "--samples", "300", "--train-epochs", "2",
+                     "--rel-tol", "0.3", "--max-probes", "64", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lenet5 on digits (300 samples" in out
+    rows = json.load(open(tmp_path / "profile.json"))
+    assert len(rows) == 5 and (tmp_path / "profile.png").exists() and (tmp_path / "profile.csv").exists()
+
+
+def test_cli_rejects_unknown_model_and_data(tmp_path):
+    with pytest.raises(ValueError, match="unknown model|torchvision"):
+        cli_main(["profile", "--model", "no_such_net", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="data must be one of"):
+        cli_main(["profile", "--data", "cifar", "--out", str(tmp_path)])

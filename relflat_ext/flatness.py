@@ -230,6 +230,14 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol, max_probes,
                            seed, weight_view, reason, distributed)
     if method == "auto":
+        name, lin = resolve_layer(model, layer)
+        d, m = lin.weight.shape
+        exact_probes = m if (m < d and not block_trace and not lmax) else d
+        if exact_probes > max_probes and not lmax:
+            return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol,
+                               max_probes, seed, weight_view, f"stochastic: cheaper than the exact path's "
+                               f"{exact_probes} Hessian-vector products per batch (max_probes={max_probes})",
+                               distributed)
         try:
             res = relative_flatness(model, layer, inputs, targets, loss, "exact_or_closed", normalize_features, lmax,
                                     batch_size, block_trace, distributed=distributed)

@@ -116,6 +116,14 @@ def test_auto_keeps_the_exact_paths_for_linear_layers_and_says_why():
     assert rf.relative_flatness(model, "2", x, y).reason.startswith("exact")
 
 
+def test_auto_goes_stochastic_when_the_exact_path_needs_more_hvps_than_max_probes():
+    model = mlp([6, 40, 30, 4], "tanh", seed=0)
+    x, y = data(50, 6, 4, "cross_entropy")
+    res = rf.relative_flatness(model, "2", x, y, max_probes=16, rel_tol=0.5, seed=0)
+    assert res.method == "stochastic" and "30 Hessian-vector products" in res.reason
+    assert rf.relative_flatness(model, "2", x, y, max_probes=64).method == "exact"
+
+
 def test_custom_weight_view():
     model = mlp([6, 8, 7, 4], "tanh", seed=0)
     x, y = data(60, 6, 4, "cross_entropy")

@@ -11,7 +11,7 @@ sequence inputs and any layer whose weight multiplies features. ``build_info()``
 compiled; ``ops`` holds the thin wrappers of the custom kernels.
 """
 from ._ext import __version__, build_info
-from . import ops
+from . import datasets, measures, ops  # noqa: F401  (subpackages of the public API)
 from .baseline import layer_hessian, relative_flatness_autograd
 from .flatness import FlatnessResult, feature_scale, relative_flatness, relative_flatness_from_features
 from .kde import BandwidthSelection, kde_log_density, select_bandwidth

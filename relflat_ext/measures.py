@@ -1,0 +1,164 @@
+"""The measures the paper compares relative flatness with (Section 6, Fig. 5): the layer's Hessian
+trace, the Fisher-Rao norm (Liang et al.), PAC-Bayes flatness (Jiang et al., "Fantastic
+generalization measures") and the squared weight norm. Calling conventions follow
+:func:`relative_flatness` (model, layer, inputs, targets or a DataLoader, loss)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._losses import LossSpec, loss_code, resolve_loss
+from ._model import LayerSpec, iterate_batches, preserved
+from .flatness import relative_flatness
+from .stochastic import CONV_TYPES, resolve_weight_layer, stochastic_estimate
+
+
+def weight_norm(layer: nn.Module) -> float:
+    """Squared Frobenius norm of a layer's weight."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"layer must have a weight, got {type(layer).__name__}")
+    return float(weight.detach().double().pow(2).sum())
+
+
+def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, loss: LossSpec = "cross_entropy",
+                  batch_size: Optional[int] = None, rel_tol: float = 0.05, max_probes: int = 1000,
+                  seed: Optional[int] = 0) -> float:
+    """Tr of the Hessian of the mean loss w.r.t. the layer's weight. Exact for nn.Linear on (n, m)
+    features, through the per-sample identity with G = I: ``Tr(H) = sum_s T[s, s]`` from the block
+    traces; otherwise a Hutchinson estimate to ``rel_tol`` (the stochastic estimator)."""
+    _, module = resolve_weight_layer(model, layer)
+    if isinstance(module, nn.Linear):
+        res = relative_flatness(model, layer, inputs, targets, loss=loss, batch_size=batch_size, block_trace=True,
+                                max_probes=max(max_probes, module.weight.shape[0] + 1))
+        if res.block_trace is not None:
+            return float(torch.trace(res.block_trace))
+    return stochastic_estimate(model, layer, inputs, targets, loss=loss, quantity="hessian_trace", rel_tol=rel_tol,
+                               max_probes=max_probes, seed=seed, batch_size=batch_size).value
+
+
+@dataclasses.dataclass
+class FisherRao:
+    """norm_sq = depth^2 * mean_i <dl/df(x_i), f(x_i)>^2 (Liang et al., eq. for the Fisher-Rao norm);
+    norm = its square root; depth = the L + 1 used."""
+    norm_sq: float
+    norm: float
+    depth: int
+
+
+def fisher_rao_norm(model: nn.Module, inputs, targets=None, loss: LossSpec = "cross_entropy",
+                    depth: Optional[int] = None, batch_size: Optional[int] = None) -> FisherRao:
+    """Liang et al.'s Fisher-Rao norm ``(L+1)^2 mean_i <dl/df(x_i), f(x_i)>^2``, with ``L+1`` the
+    number of weight layers (Linear and Conv) unless ``depth`` is given. For bias-free ReLU networks
+    ``<theta, grad_theta l_i> = (L+1) <dl/df(x_i), f(x_i)>`` (positive homogeneity), so this equals
+    ``mean_i <theta, grad_theta l_i>^2``."""
+    if depth is None:
+        depth = sum(isinstance(m, (nn.Linear, *CONV_TYPES)) for m in model.modules())
+        if depth == 0:
+            raise ValueError("the model has no Linear or Conv layers: pass depth explicitly")
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    if not callable(loss):
+        loss_code(loss)
+    loss_fn = resolve_loss(loss)
+    total, n = 0.0, 0
+    with preserved(model):
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            with torch.no_grad():
+                out = model(x)
+            f = out.detach().requires_grad_(True)
+            with torch.enable_grad():
+                # Mean loss over the batch: its gradient is (1/n_b) dl_i/df_i per sample.
+                grad = torch.autograd.grad(loss_fn(f, y), f)[0] * x.shape[0]
+            inner = (grad * out).flatten(1).sum(1)
+            total += float(inner.double().pow(2).sum())
+            n += x.shape[0]
+    norm_sq = depth ** 2 * total / n
+    return FisherRao(norm_sq, math.sqrt(norm_sq), depth)
+
+
+@dataclasses.dataclass
+class PacBayes:
+    """sigma: the largest noise standard deviation (found by bisection) whose Monte Carlo mean
+    accuracy drop is at most target_drop; flatness = 1 / sigma^2; bound = ||w||^2 / (4 sigma^2)
+    + log(n / sigma) + 10 (Jiang et al.'s "pacbayes.flatness" bound form); accuracy and
+    noisy_accuracy at sigma."""
+    sigma: float
+    flatness: float
+    bound: float
+    accuracy: float
+    noisy_accuracy: float
+    weight_norm_sq: float
+    n: int
+
+
+def _accuracy(model, inputs, targets, batch_size) -> (float, int):
+    correct, n = 0, 0
+    with torch.no_grad():
+        for x, y in iterate_batches(inputs, targets, batch_size):
+            pred = model(x).argmax(1)
+            labels = y if y.dim() == 1 else y.argmax(1)
+            correct += int((pred == labels).sum())
+            n += x.shape[0]
+    return correct / n, n
+
+
+def pacbayes_flatness(model: nn.Module, inputs, targets=None, target_drop: float = 0.1, draws: int = 10,
+                      sigma_max: float = 2.0, iterations: int = 15, seed: int = 0,
+                      batch_size: Optional[int] = None) -> PacBayes:
+    """PAC-Bayes flatness (Jiang et al. 2020): the largest sigma such that Gaussian noise
+    ``N(0, sigma^2)`` added to every parameter lowers the training accuracy by at most
+    ``target_drop`` on average over ``draws`` noise draws, by ``iterations`` bisection steps on
+    [0, sigma_max] (the same seeded draws at every sigma: common random numbers keep the
+    bisection monotone). The authors' code draws noise with standard deviation sigma^2; this
+    follows Jiang et al.'s paper (standard deviation sigma). The model is restored afterwards."""
+    if not (0 < target_drop < 1):
+        raise ValueError(f"target_drop must be in (0, 1), got {target_drop!r}")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    params = [p for p in model.parameters()]
+    if not params:
+        raise ValueError("the model has no parameters")
+    w_sq = float(sum(p.detach().double().pow(2).sum() for p in params))
+    with preserved(model):
+        base, n = _accuracy(model, inputs, targets, batch_size)
+        originals = [p.detach().clone() for p in params]
+        unit = []
+        for k in range(draws):  # unit-variance directions, reused at every sigma
+            g = torch.Generator(device=params[0].device).manual_seed(seed * 100003 + k)
+            unit.append([torch.randn(p.shape, generator=g, dtype=p.dtype, device=p.device) for p in params])
+
+        def noisy_accuracy(sigma: float) -> float:
+            accs = []
+            try:
+                for noise in unit:
+                    with torch.no_grad():
+                        for p, p0, e in zip(params, originals, noise):
+                            p.copy_(p0 + sigma * e)
+                    accs.append(_accuracy(model, inputs, targets, batch_size)[0])
+            finally:
+                with torch.no_grad():
+                    for p, p0 in zip(params, originals):
+                        p.copy_(p0)
+            return sum(accs) / len(accs)
+
+        lo, hi = 0.0, float(sigma_max)
+        acc_hi = noisy_accuracy(hi)
+        if base - acc_hi <= target_drop:
+            lo, acc_lo = hi, acc_hi  # even sigma_max keeps the accuracy: report it
+        else:
+            acc_lo = base
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                acc = noisy_accuracy(mid)
+                if base - acc <= target_drop:
+                    lo, acc_lo = mid, acc
+                else:
+                    hi = mid
+    sigma = max(lo, 1e-12)
+    return PacBayes(sigma, 1.0 / sigma ** 2, w_sq / (4 * sigma ** 2) + math.log(n / sigma) + 10, base, acc_lo,
+                    w_sq, n)

@@ -11,7 +11,7 @@ sequence inputs and any layer whose weight multiplies features. ``build_info()``
 compiled; ``ops`` holds the thin wrappers of the custom kernels.
 """
 from ._ext import __version__, build_info
-from . import datasets, measures, ops  # noqa: F401  (subpackages of the public API)
+from . import datasets, measures, ops
 from .baseline import layer_hessian, relative_flatness_autograd
 from .flatness import FlatnessResult, feature_scale, relative_flatness, relative_flatness_from_features
 from .kde import BandwidthSelection, kde_log_density, select_bandwidth
@@ -21,7 +21,7 @@ from .robustness import FeatureRobustnessResult, feature_robustness
 from .stochastic import StochasticEstimate, WeightView, stochastic_estimate
 from .profiling import ProfileTable, profile
 
-__all__ = ["__version__", "build_info", "ops", "FlatnessResult", "relative_flatness",
+__all__ = ["__version__", "build_info", "ops", "datasets", "measures", "FlatnessResult", "relative_flatness",
            "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian", "feature_scale",
            "kde_log_density", "select_bandwidth", "BandwidthSelection", "feature_robustness",
            "FeatureRobustnessResult", "representativeness", "RepresentativenessResult",

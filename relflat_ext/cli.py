@@ -29,7 +29,16 @@ def main(argv=None) -> int:
                       help="train the model first (default: 30 epochs for lenet5, none otherwise)")
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
+    rep5 = sub.add_parser("reproduce", help="the paper's synthetic experiments (Figs. 3 and 4)")
+    rep5.add_argument("figure", choices=["fig3", "fig4"])
+    rep5.add_argument("--quick", action="store_true", help="4 separations x 20 data sets instead of 7 x 100")
+    rep5.add_argument("--out", default="reports/reproduce")
+    rep5.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        from .experiments import reproduce
+        reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed)
+        return 0
     if args.command == "report":
         from .report import run
         run(epochs=args.epochs, seed=args.seed, out=args.out)

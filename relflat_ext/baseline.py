@@ -13,7 +13,7 @@ from torch import nn
 from . import ops
 from ._losses import LossSpec, loss_code, resolve_loss
 from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
-from .flatness import FlatnessResult, check_targets, feature_scale
+from .flatness import FlatnessResult, check_targets, feature_scale, inverse_scale
 
 DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 
@@ -82,8 +82,8 @@ def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targe
     scale = None
     if normalize_features:
         scale = feature_scale(model, name, inputs, targets, batch_size)
-        v = scale.repeat(weight.shape[0])
-        hessian = hessian / v[:, None] / v[None, :]
+        inv = inverse_scale(scale).repeat(weight.shape[0])
+        hessian = hessian * inv[:, None] * inv[None, :]
         weight = weight * scale
     kappa, block_trace = ops.dense_block_trace(hessian, weight)
     kappa_lmax = None

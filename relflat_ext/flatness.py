@@ -40,7 +40,7 @@ class FlatnessResult:
     """kappa: kappa_Tr; kappa_lmax: max-eigenvalue variant (when asked); block_trace (d, d):
     ``T[s, t] = Tr(H_{s,t})`` (None when not asked); method: the path that ran; n: samples used;
     layer: the layer's name; feature_scale (m,): Theorem 4's per-feature standard deviations when
-    ``normalize_features`` (zero-spread features keep scale 1); seconds: wall time; for the
+    ``normalize_features`` (0 for zero-spread features, which are dropped); seconds: wall time; for the
     stochastic method kappa_stderr (standard error) and probes; reason: why "auto" chose its path."""
     kappa: float
     kappa_lmax: Optional[float]
@@ -110,11 +110,20 @@ class _Accumulator:
                               time.perf_counter() - start)
 
 
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1/s, and 0 where s = 0: a zero-spread feature (constant, a bias in disguise, or a dead unit)
+    is dropped from the normalized measure, as the bias is from kappa. Keeping it at scale 1 would
+    let its weight column, which any layer-wise rescaling changes, enter G: measured on digits,
+    that broke the reparameterization invariance Theorem 4 is for (up to 12x on ReLU MLPs)."""
+    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+
+
 def _normalized(features: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]):
-    """Theorem 4: phi' = phi / s, W' = W diag(s) (the layer output is unchanged)."""
+    """Theorem 4: phi' = phi / s, W' = W diag(s) (the layer output is unchanged up to dropped
+    zero-spread features)."""
     if scale is None:
         return features, weight
-    return features / scale, weight * scale
+    return features * inverse_scale(scale), weight * scale
 
 
 def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -161,14 +170,14 @@ def _closed_form_batch(acc: _Accumulator, phi: torch.Tensor, w: torch.Tensor, bi
 
 
 def _feature_scale_from(features: torch.Tensor) -> torch.Tensor:
-    std = features.std(dim=0, unbiased=False)
-    return torch.where(std > 0, std, torch.ones_like(std))
+    return features.std(dim=0, unbiased=False)
 
 
 def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
                   batch_size: Optional[int] = None, distributed: Optional[bool] = None) -> torch.Tensor:
     """Per-feature standard deviation (population, over all samples) of the layer's input: the
-    ``V`` of Theorem 4 (DESIGN.md: standard deviation, not variance). Zero-spread features get 1.
+    ``V`` of Theorem 4 (DESIGN.md: standard deviation, not variance). Zero-spread features get 0
+    and are dropped from the normalized measure (see :func:`inverse_scale`).
     Under torch.distributed, over the samples of every rank."""
     name, lin = resolve_layer(model, layer)
     total = sq_total = None
@@ -186,8 +195,7 @@ def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
         _dist.all_reduce_sum([total, sq_total, count])
         n = count.item()
     mean = total / n
-    std = (sq_total / n - mean.pow(2)).clamp_min(0).sqrt().to(lin.weight.dtype)
-    return torch.where(std > 0, std, torch.ones_like(std))
+    return (sq_total / n - mean.pow(2)).clamp_min(0).sqrt().to(lin.weight.dtype)
 
 
 def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
@@ -273,7 +281,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
             if chosen == "closed_form":
                 code = loss_code(loss)
                 check_targets(code, y, x.shape[0], w.shape[0])
-                phi = tap.features if scale is None else tap.features / scale
+                phi = tap.features if scale is None else tap.features * inverse_scale(scale)
                 _closed_form_batch(acc, phi, w, lin.bias.detach() if lin.bias is not None else None, code)
             else:
                 _exact_batch(acc, model, name, lin, x, y, loss, w, scale)
@@ -329,7 +337,7 @@ def _exact_batch(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: t
             raise ValueError(f"loss must return a scalar (mean over samples), got shape {tuple(batch_loss.shape)}")
         z = tap.output
         grad_z = torch.autograd.grad(batch_loss, z, create_graph=True)[0]
-    phi = tap.features if scale is None else tap.features / scale
+    phi = tap.features if scale is None else tap.features * inverse_scale(scale)
     n_b, d = z.shape
     m = w.shape[1]
     sq_norms = phi.pow(2).sum(1)

@@ -131,7 +131,8 @@ def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int
     if scale is None:
         mats = w_mat @ a  # W A
     else:  # Theorem 4 coordinates W' = W diag(s): W' A, mapped back to W as W' A diag(1/s)
-        mats = (w_mat * scale) @ a / scale
+        inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+        mats = (w_mat * scale) @ a * inv  # zero-spread features dropped (flatness.inverse_scale)
     return torch.stack([view.from_matrix(mat) for mat in mats])
 
 

@@ -70,7 +70,13 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
             entry["mean_bound"] = sum(r["bound"] for r in rows) / datasets
             entry["mean_gap"] = sum(gap) / datasets
         per_sep.append(entry)
-    return {"figure": figure, "separation": [e["separation"] for e in per_sep],
+    extra = {}
+    if figure == "fig4":
+        mean = lambda e, key: sum(r[key] for r in e["rows"]) / len(e["rows"])
+        extra = {"gap": [mean(e, "gap") for e in per_sep], "bound": [mean(e, "bound") for e in per_sep],
+                 "representativeness": [mean(e, "representativeness") for e in per_sep],
+                 "flatness_term": [mean(e, "feature_robustness") for e in per_sep]}
+    return {**extra, "figure": figure, "separation": [e["separation"] for e in per_sep],
             "pearson": [e["pearson"] for e in per_sep], "kendall": [e["kendall"] for e in per_sep],
             "n_datasets": datasets, "n_samples": n, "test_samples": TEST_SAMPLES, "delta": delta,
             "per_separation": per_sep, "seconds": time.perf_counter() - start}
@@ -120,7 +126,7 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
     if figure not in ("fig3", "fig4", "fig5"):
         raise ValueError(f"figure must be fig3, fig4 or fig5, got {figure!r}")
     if figure == "fig5":
-        result = run_fig5(networks=10 if quick else 40, epochs=(5, 15) if quick else (10, 30, 60), seed=seed)
+        result = run_fig5(minima=6 if quick else 60, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"))
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "fig5.json"), "w") as fh:
             json.dump(result, fh, indent=2)
@@ -144,102 +150,165 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
 
 FIG5_MEASURES = ("relative_flatness", "relative_flatness_normalized", "hessian_trace", "fisher_rao",
                  "pacbayes_flatness", "weight_norm")
+FIG5_LAYER = "11"  # the classifier of lenet5_relu: relative flatness of the feature layer, as the paper
+LOSS_THRESHOLD = 0.05  # a network counts as a local minimum when its training loss is below this
 
 
-def _relu_mlp(width: int, seed: int):
-    """Bias-free ReLU MLP 64-width-width-10: positively homogeneous, so layer-wise rescalings
-    (W_l -> a W_l, W_{l+1} -> W_{l+1} / a) leave its function unchanged."""
+def lenet5_relu():
+    """LeNet-5 in shape for 1x8x8 digits, with ReLU and max pooling: positively homogeneous, so
+    dividing a layer (weight and bias) by alpha and multiplying the next by alpha keeps the function."""
     from torch import nn
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, width, bias=False), nn.ReLU(), nn.Linear(width, width, bias=False), nn.ReLU(),
-                         nn.Linear(width, 10, bias=False))
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
 
 
-def _measure_all(model, x, y, seed: int) -> Dict[str, float]:
-    from . import measures
-    last = "4"
-    return {"relative_flatness": relative_flatness(model, last, x, y, block_trace=False).kappa,
-            "relative_flatness_normalized": relative_flatness(model, last, x, y, normalize_features=True,
-                                                              block_trace=False).kappa,
-            "hessian_trace": measures.hessian_trace(model, last, x, y),
-            "fisher_rao": measures.fisher_rao_norm(model, x, y).norm,
-            "pacbayes_flatness": measures.pacbayes_flatness(model, x, y, draws=4, iterations=10, seed=seed).flatness,
-            "weight_norm": measures.weight_norm(dict(model.named_modules())[last])}
-
-
-def reparameterize(model, seed: int, spread: float = 10.0):
-    """A copy of a bias-free ReLU MLP with random layer-wise rescalings (log-uniform in
-    [1/spread, spread]) that leave its function unchanged (Appendix C)."""
+def reparameterize(model, seed: int, low: float = 5.0, high: float = 25.0):
+    """A copy with every hidden weight layer divided by alpha ~ U[low, high] (weight and bias) and
+    the next weight layer multiplied by it (Appendix C); ReLU networks compute the same function."""
     import copy
     from torch import nn
     g = torch.Generator().manual_seed(seed)
     out = copy.deepcopy(model)
-    linears = [m for m in out if isinstance(m, nn.Linear)]
+    layers = [m for m in out.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():
-        for a, b in zip(linears[:-1], linears[1:]):
-            scale = float(torch.exp((torch.rand((), generator=g) * 2 - 1) * torch.log(torch.tensor(spread))))
-            a.weight.mul_(scale)
-            b.weight.div_(scale)
+        for a, b in zip(layers[:-1], layers[1:]):
+            alpha = float(low + (high - low) * torch.rand((), generator=g))
+            a.weight.div_(alpha)
+            if a.bias is not None:
+                a.bias.div_(alpha)
+            b.weight.mul_(alpha)
     return out
 
 
-def run_fig5(networks: int, epochs: Sequence[int], seed: int = 0) -> Dict:
-    """Trains ``networks`` bias-free ReLU MLPs on scikit-learn's digits (1797 real 8x8 images, the
-    shipped real data set; CIFAR-10 cannot be downloaded here) with random hyperparameters, measures
-    every comparison measure on the training set and the generalization gap (test minus train
-    cross entropy), and reports Kendall's tau of each measure with the gap, before and after a
-    random function-preserving reparameterization of each network."""
-    from scipy.stats import kendalltau
-    from .report import load_digits_split
-    x, y, xt, yt = load_digits_split(seed)
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    start = time.perf_counter()
-    for k in range(networks):
-        pick = lambda options: options[int(torch.randint(0, len(options), (), generator=gen))]
-        config = {"width": pick([16, 32, 64, 128]), "lr": pick([3e-4, 1e-3, 3e-3, 1e-2]),
-                  "batch_size": pick([16, 64, 256]), "epochs": pick(list(epochs)),
-                  "weight_decay": pick([0.0, 1e-4, 1e-3])}
-        model = _relu_mlp(config["width"], seed * 1000 + k)
-        opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-        order = torch.Generator().manual_seed(seed * 1000 + k)
-        for _ in range(config["epochs"]):
-            perm = torch.randperm(len(y), generator=order)
-            for s in range(0, len(y), config["batch_size"]):
-                idx = perm[s:s + config["batch_size"]]
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+def _measure_all(model, x, y, seed: int) -> Dict[str, float]:
+    from . import measures
+    layer = dict(model.named_modules())[FIG5_LAYER]
+    return {"relative_flatness": relative_flatness(model, FIG5_LAYER, x, y, block_trace=False).kappa,
+            "relative_flatness_normalized": relative_flatness(model, FIG5_LAYER, x, y, normalize_features=True,
+                                                              block_trace=False).kappa,
+            "hessian_trace": measures.hessian_trace(model, FIG5_LAYER, x, y),
+            "fisher_rao": measures.fisher_rao_norm(model, x, y).norm,
+            "pacbayes_flatness": measures.pacbayes_flatness(model, x, y, draws=4, iterations=10, seed=seed).flatness,
+            "weight_norm": measures.weight_norm(layer)}
+
+
+def _sample_config(gen: torch.Generator, quick: bool) -> Dict:
+    pick = lambda options: options[int(torch.randint(0, len(options), (), generator=gen))]
+    optimizer = pick(["sgd", "adam", "rmsprop"])
+    lr = pick({"sgd": [0.03, 0.1, 0.3], "adam": [3e-4, 1e-3, 3e-3], "rmsprop": [3e-4, 1e-3, 3e-3]}[optimizer])
+    return {"optimizer": optimizer, "lr": lr, "batch_size": pick([16, 32, 64, 128]),
+            "weight_decay": pick([0.0, 1e-4, 5e-4]), "seed": int(torch.randint(0, 10**6, (), generator=gen)),
+            "max_epochs": 40 if quick else 150}
+
+
+def _train_minimum(config: Dict, x, y):
+    """Trains until the training loss is below LOSS_THRESHOLD (a minimum) or max_epochs (None)."""
+    torch.manual_seed(config["seed"])
+    model = lenet5_relu()
+    params, wd, lr = model.parameters(), config["weight_decay"], config["lr"]
+    opt = {"sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+           "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[config["optimizer"]]()
+    order = torch.Generator().manual_seed(config["seed"])
+    for epoch in range(config["max_epochs"]):
+        model.train()
+        perm = torch.randperm(len(y), generator=order)
+        for s in range(0, len(y), config["batch_size"]):
+            idx = perm[s:s + config["batch_size"]]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
         model.eval()
         with torch.no_grad():
-            gap = F.cross_entropy(model(xt), yt).item() - F.cross_entropy(model(x), y).item()
-        row = {**config, "gap": gap, "measures": _measure_all(model, x, y, seed),
-               "measures_reparameterized": _measure_all(reparameterize(model, seed * 1000 + k), x, y, seed)}
-        rows.append(row)
-        _progress(k + 1, networks, start, "fig5")
+            loss = F.cross_entropy(model(x), y).item()
+        if not loss < 10:  # diverged
+            return None, epoch + 1
+        if loss < LOSS_THRESHOLD:
+            return model, epoch + 1
+    return None, config["max_epochs"]
+
+
+def _pearson_kendall(values, gaps):
+    from scipy.stats import kendalltau, pearsonr
+    return float(pearsonr(values, gaps)[0]), float(kendalltau(values, gaps)[0])
+
+
+def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = None) -> Dict:
+    """Collects ``minima`` LeNet-5 networks trained to a training loss below LOSS_THRESHOLD on
+    scikit-learn's digits (1797 real 8x8 images, the shipped real data set; CIFAR-10 cannot be
+    downloaded here) from random optimizers, learning rates, batch sizes, weight decays and seeds
+    (cached in ``cache``); measures each comparison measure on the training set (float64), the
+    generalization gap (test minus train cross entropy), and Pearson and Kendall correlations of each
+    measure with the gap, before and after a random reparameterization (asserted function-preserving)."""
+    from .report import load_digits_split
+    x, y, xt, yt = load_digits_split(seed)
+    x, xt = x.reshape(-1, 1, 8, 8), xt.reshape(-1, 1, 8, 8)
+    gen = torch.Generator().manual_seed(seed)
+    rows, tried = [], 0
+    start = time.perf_counter()
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+    while len(rows) < minima:
+        config = _sample_config(gen, quick)
+        tried += 1
+        if tried > 6 * minima:
+            raise RuntimeError(f"only {len(rows)} of {tried} configurations reached a training loss below "
+                               f"{LOSS_THRESHOLD}; raise max_epochs or the threshold")
+        key = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
+        path = os.path.join(cache, f"{key}.pt") if cache else None
+        if path and os.path.exists(path):
+            saved = torch.load(path)
+            if saved["state"] is None:
+                continue
+            model = lenet5_relu()
+            model.load_state_dict(saved["state"])
+            epochs = saved["epochs"]
+        else:
+            model, epochs = _train_minimum(config, x, y)
+            if path:
+                torch.save({"state": None if model is None else model.state_dict(), "epochs": epochs}, path)
+            if model is None:
+                continue
+        model = model.double().eval()
+        xd, xtd = x.double(), xt.double()
+        with torch.no_grad():
+            train_loss = F.cross_entropy(model(xd), y).item()
+            gap = F.cross_entropy(model(xtd), yt).item() - train_loss
+        other = reparameterize(model, seed=config["seed"])
+        with torch.no_grad():
+            diff = (other(xd) - model(xd)).abs().max().item()
+        assert diff < 1e-8, f"reparameterization changed the function by {diff}"
+        rows.append({**config, "epochs": epochs, "train_loss": train_loss, "gap": gap,
+                     "measures": _measure_all(model, xd, y, seed),
+                     "measures_reparam": _measure_all(other, xd, y, seed)})
+        _progress(len(rows), minima, start, "fig5")
     gaps = [r["gap"] for r in rows]
-    tau = {m: float(kendalltau([r["measures"][m] for r in rows], gaps)[0]) for m in FIG5_MEASURES}
-    tau_r = {m: float(kendalltau([r["measures_reparameterized"][m] for r in rows], gaps)[0]) for m in FIG5_MEASURES}
-    return {"figure": "fig5", "dataset": "scikit-learn digits (1257 train / 540 test)", "n_networks": networks,
-            "measures": list(FIG5_MEASURES), "kendall": tau, "kendall_reparameterized": tau_r, "rows": rows,
-            "seconds": time.perf_counter() - start}
+    table = {}
+    for m in FIG5_MEASURES:
+        p, k = _pearson_kendall([r["measures"][m] for r in rows], gaps)
+        pr, kr = _pearson_kendall([r["measures_reparam"][m] for r in rows], gaps)
+        table[m] = {"pearson": p, "kendall": k, "pearson_reparam": pr, "kendall_reparam": kr}
+    return {"figure": "fig5", "dataset": "scikit-learn digits (1257 train / 540 test)", "model": "LeNet-5 (ReLU)",
+            "n_minima": len(rows), "configurations_tried": tried, "loss_threshold": LOSS_THRESHOLD,
+            "measures": table, "rows": rows, "seconds": time.perf_counter() - start}
 
 
 def plot_fig5(result: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = result["measures"]
+    names = list(result["measures"])
     pos = range(len(names))
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    ax.bar([p - 0.2 for p in pos], [result["kendall"][m] for m in names], width=0.4, label="trained networks")
-    ax.bar([p + 0.2 for p in pos], [result["kendall_reparameterized"][m] for m in names], width=0.4,
-           label="after random layer-wise reparameterization")
+    ax.bar([p - 0.2 for p in pos], [result["measures"][m]["kendall"] for m in names], width=0.4, label="minima")
+    ax.bar([p + 0.2 for p in pos], [result["measures"][m]["kendall_reparam"] for m in names], width=0.4,
+           label="after reparameterization (alpha in [5, 25])")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xticks(list(pos))
     ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=8)
     ax.set_ylabel("Kendall tau with the generalization gap")
-    ax.set_title(f"Fig. 5 / Appendix C on digits: {result['n_networks']} ReLU MLPs")
+    ax.set_title(f"Fig. 5 / Appendix C on digits: {result['n_minima']} LeNet-5 minima")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -247,8 +316,10 @@ def plot_fig5(result: Dict, path: str) -> None:
 
 
 def summary_fig5(result: Dict) -> str:
-    lines = [f"fig5: {result['n_networks']} networks on {result['dataset']} ({result['seconds']:.0f} s)",
-             f"{'measure':>30} {'kendall':>8} {'reparam.':>9}"]
-    for m in result["measures"]:
-        lines.append(f"{m:>30} {result['kendall'][m]:>8.3f} {result['kendall_reparameterized'][m]:>9.3f}")
+    lines = [f"fig5: {result['n_minima']} minima ({result['configurations_tried']} configurations tried) on "
+             f"{result['dataset']} ({result['seconds']:.0f} s)",
+             f"{'measure':>30} {'pearson':>8} {'kendall':>8} {'pearson*':>9} {'kendall*':>9}   (* reparameterized)"]
+    for m, v in result["measures"].items():
+        lines.append(f"{m:>30} {v['pearson']:>8.3f} {v['kendall']:>8.3f} {v['pearson_reparam']:>9.3f} "
+                     f"{v['kendall_reparam']:>9.3f}")
     return "\n".join(lines)

@@ -35,10 +35,11 @@ def main(argv=None) -> int:
                       help="fig3/4: 4 separations x 20 data sets instead of 7 x 100; fig5: 10 networks instead of 40")
     rep5.add_argument("--out", default="reports/reproduce")
     rep5.add_argument("--seed", type=int, default=0)
+    rep5.add_argument("--device", default="cpu", help="cpu or cuda: where models are trained and measured")
     args = parser.parse_args(argv)
     if args.command == "reproduce":
         from .experiments import reproduce
-        reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed)
+        reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device)
         return 0
     if args.command == "report":
         from .report import run

@@ -37,9 +37,10 @@ def _progress(k: int, total: int, start: float, label: str) -> None:
     sys.stderr.flush()
 
 
-def _one_dataset(separation: float, n: int, seed: int, delta: Optional[float]) -> Dict:
+def _one_dataset(separation: float, n: int, seed: int, delta: Optional[float], device: str = "cpu") -> Dict:
     task, model, x, y = make_dataset(separation, n=n, seed=seed)
     xt, yt = task.sample(TEST_SAMPLES, torch.Generator().manual_seed(10**6 + seed))
+    model, x, y, xt, yt = model.to(device), x.to(device), y.to(device), xt.to(device), yt.to(device)
     with torch.no_grad():
         train_loss = F.cross_entropy(model(x), y).item()
         test_loss = F.cross_entropy(model(xt), yt).item()
@@ -52,14 +53,14 @@ def _one_dataset(separation: float, n: int, seed: int, delta: Optional[float]) -
 
 
 def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: int, seed: int,
-                  delta: float = 0.1) -> Dict:
+                  delta: float = 0.1, device: str = "cpu") -> Dict:
     from scipy.stats import kendalltau, pearsonr
     per_sep: List[Dict] = []
     start, total, k = time.perf_counter(), len(separations) * datasets, 0
     for sep in separations:
         rows = []
         for j in range(datasets):
-            rows.append(_one_dataset(sep, n, seed * 100000 + j, delta if figure == "fig4" else None))
+            rows.append(_one_dataset(sep, n, seed * 100000 + j, delta if figure == "fig4" else None, device))
             k += 1
             _progress(k, total, start, figure)
         kappa = [r["kappa"] for r in rows]
@@ -122,11 +123,13 @@ def summary(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", seed: int = 0) -> Dict:
+def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", seed: int = 0,
+              device: str = "cpu") -> Dict:
     if figure not in ("fig3", "fig4", "fig5"):
         raise ValueError(f"figure must be fig3, fig4 or fig5, got {figure!r}")
     if figure == "fig5":
-        result = run_fig5(minima=6 if quick else 60, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"))
+        result = run_fig5(minima=6 if quick else 60, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"),
+                          device=device)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "fig5.json"), "w") as fh:
             json.dump(result, fh, indent=2)
@@ -136,7 +139,7 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
         return result
     separations = (0.5, 1.5, 3.0, 6.0) if quick else SEPARATIONS
     datasets = 20 if quick else 100
-    result = run_synthetic(figure, separations, datasets, 500, seed)
+    result = run_synthetic(figure, separations, datasets, 500, seed, device=device)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{figure}.json"), "w") as fh:
         json.dump(result, fh, indent=2)
@@ -205,7 +208,7 @@ def _sample_config(gen: torch.Generator, quick: bool) -> Dict:
 def _train_minimum(config: Dict, x, y):
     """Trains until the training loss is below LOSS_THRESHOLD (a minimum) or max_epochs (None)."""
     torch.manual_seed(config["seed"])
-    model = lenet5_relu()
+    model = lenet5_relu().to(x.device)
     params, wd, lr = model.parameters(), config["weight_decay"], config["lr"]
     opt = {"sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
            "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
@@ -213,7 +216,7 @@ def _train_minimum(config: Dict, x, y):
     order = torch.Generator().manual_seed(config["seed"])
     for epoch in range(config["max_epochs"]):
         model.train()
-        perm = torch.randperm(len(y), generator=order)
+        perm = torch.randperm(len(y), generator=order).to(x.device)
         for s in range(0, len(y), config["batch_size"]):
             idx = perm[s:s + config["batch_size"]]
             opt.zero_grad()
@@ -234,7 +237,7 @@ def _pearson_kendall(values, gaps):
     return float(pearsonr(values, gaps)[0]), float(kendalltau(values, gaps)[0])
 
 
-def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = None) -> Dict:
+def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = None, device: str = "cpu") -> Dict:
     """Collects ``minima`` LeNet-5 networks trained to a training loss below LOSS_THRESHOLD on
     scikit-learn's digits (1797 real 8x8 images, the shipped real data set; CIFAR-10 cannot be
     downloaded here) from random optimizers, learning rates, batch sizes, weight decays and seeds
@@ -243,7 +246,8 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
     measure with the gap, before and after a random reparameterization (asserted function-preserving)."""
     from .report import load_digits_split
     x, y, xt, yt = load_digits_split(seed)
-    x, xt = x.reshape(-1, 1, 8, 8), xt.reshape(-1, 1, 8, 8)
+    x, xt = x.reshape(-1, 1, 8, 8).to(device), xt.reshape(-1, 1, 8, 8).to(device)
+    y, yt = y.to(device), yt.to(device)
     gen = torch.Generator().manual_seed(seed)
     rows, tried = [], 0
     start = time.perf_counter()
@@ -258,10 +262,10 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
         key = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
         path = os.path.join(cache, f"{key}.pt") if cache else None
         if path and os.path.exists(path):
-            saved = torch.load(path)
+            saved = torch.load(path, map_location=device)
             if saved["state"] is None:
                 continue
-            model = lenet5_relu()
+            model = lenet5_relu().to(device)
             model.load_state_dict(saved["state"])
             epochs = saved["epochs"]
         else:

@@ -12,23 +12,38 @@ LayerSpec = Union[str, nn.Module]
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
-def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Linear]:
-    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``."""
+def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m, nn.Linear),
+               kind: str = "nn.Linear layers") -> Tuple[str, nn.Module]:
+    """(name, module) of ``layer`` (a name or a submodule) inside ``model``; an unknown name gets an
+    error listing the model's modules for which ``wanted`` holds (described as ``kind``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = dict(model.named_modules())
     if isinstance(layer, str):
         if layer not in named:
-            linear = [n for n, m in named.items() if isinstance(m, nn.Linear)]
-            raise ValueError(f"layer {layer!r} is not in the model; its nn.Linear layers are {linear}")
-        name, module = layer, named[layer]
-    elif isinstance(layer, nn.Module):
+            candidates = [n for n, m in named.items() if wanted(m)]
+            raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")
+        return layer, named[layer]
+    if isinstance(layer, nn.Module):
         matches = [n for n, m in named.items() if m is layer]
         if not matches:
             raise ValueError(f"layer (a {type(layer).__name__}) is not a submodule of the model")
-        name, module = matches[0], layer
-    else:
-        raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+        return matches[0], layer
+    raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1/s, and 0 where s = 0: a zero-spread feature (constant, a bias in disguise, or a dead unit)
+    is dropped from the normalized measure, as the bias is from kappa. Keeping it at scale 1 would
+    let its weight column, which any layer-wise rescaling changes, enter G: measured on digits,
+    that broke the reparameterization invariance Theorem 4 is for (up to 12x on ReLU MLPs)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Linear]:
+    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``."""
+    name, module = find_layer(model, layer)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"layer {name!r} is a {type(module).__name__}; this path needs an nn.Linear layer "
                         "(feature matrix W acting on per-sample feature vectors); method='stochastic' (or "

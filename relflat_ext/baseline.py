@@ -12,8 +12,8 @@ from torch import nn
 
 from . import ops
 from ._losses import LossSpec, loss_code, resolve_loss
-from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
-from .flatness import FlatnessResult, check_targets, feature_scale, inverse_scale
+from ._model import LayerSpec, inverse_scale, iterate_batches, preserved, resolve_layer
+from .flatness import FlatnessResult, check_targets, feature_scale
 
 DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 

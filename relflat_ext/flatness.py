@@ -21,8 +21,8 @@ from torch import nn
 
 from . import _dist, ops
 from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
-from ._model import (LayerSpec, NotVectorFeatures, check_finite, iterate_batches, preserved, resolve_layer,
-                     tapped)
+from ._model import (LayerSpec, NotVectorFeatures, check_finite, inverse_scale, iterate_batches, preserved,
+                     resolve_layer, tapped)
 from .stochastic import WeightView, resolve_weight_layer, stochastic_estimate
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
@@ -108,14 +108,6 @@ class _Accumulator:
         return FlatnessResult(float(self.kappa_sum) / n, kappa_lmax,
                               None if self.block is None else self.block / n, method, n, layer, scale,
                               time.perf_counter() - start)
-
-
-def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
-    """1/s, and 0 where s = 0: a zero-spread feature (constant, a bias in disguise, or a dead unit)
-    is dropped from the normalized measure, as the bias is from kappa. Keeping it at scale 1 would
-    let its weight column, which any layer-wise rescaling changes, enter G: measured on digits,
-    that broke the reparameterization invariance Theorem 4 is for (up to 12x on ReLU MLPs)."""
-    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
 
 
 def _normalized(features: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]):

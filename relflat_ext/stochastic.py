@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _dist
 from ._losses import LossSpec, loss_code, resolve_loss
-from ._model import LayerSpec, iterate_batches, preserved
+from ._model import LayerSpec, find_layer, inverse_scale, iterate_batches, preserved
 
 QUANTITIES = ("kappa", "hessian_trace")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -54,21 +54,8 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
 
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
     """(name, module) of a layer with a ``weight`` parameter inside ``model``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = dict(model.named_modules())
-    if isinstance(layer, str):
-        if layer not in named:
-            weighted = [n for n, m in named.items() if isinstance(getattr(m, "weight", None), nn.Parameter)]
-            raise ValueError(f"layer {layer!r} is not in the model; its layers with weights are {weighted}")
-        name, module = layer, named[layer]
-    elif isinstance(layer, nn.Module):
-        matches = [n for n, m in named.items() if m is layer]
-        if not matches:
-            raise ValueError(f"layer (a {type(layer).__name__}) is not a submodule of the model")
-        name, module = matches[0], layer
-    else:
-        raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+    name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
+                              "layers with weights")
     if not isinstance(getattr(module, "weight", None), nn.Parameter):
         raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
                         "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
@@ -131,8 +118,7 @@ def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int
     if scale is None:
         mats = w_mat @ a  # W A
     else:  # Theorem 4 coordinates W' = W diag(s): W' A, mapped back to W as W' A diag(1/s)
-        inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
-        mats = (w_mat * scale) @ a * inv  # zero-spread features dropped (flatness.inverse_scale)
+        mats = (w_mat * scale) @ a * inverse_scale(scale)  # zero-spread features dropped
     return torch.stack([view.from_matrix(mat) for mat in mats])
 
 

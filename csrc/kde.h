@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <math.h>
 #include <optional>
 
 #include "common.h"
@@ -90,6 +91,26 @@ inline KdeInputs prepare_kde(const at::Tensor& queries, const at::Tensor& keys,
     in.n_visible = at::full({1, queries.size(0)}, static_cast<double>(nk), queries.options());
   }
   return in;
+}
+
+#if defined(__CUDACC__)
+#define RELFLAT_HOST_DEVICE __host__ __device__
+#else
+#define RELFLAT_HOST_DEVICE
+#endif
+
+// Ends one (split, bandwidth, query) row of the online log-sum-exp: logdens holds the running max
+// and becomes max + log(sum) - log(#visible); the weighted values are divided by the sum. A row that
+// saw nothing (sum 0) gets -inf and zeros. Shared by the CPU and CUDA kernels.
+template <typename T>
+RELFLAT_HOST_DEVICE inline void finish_kde_row(T sum, T n_visible, T* logdens, T* values, int64_t c) {
+  if (sum > T(0)) {
+    *logdens += log(sum) - log(n_visible);
+    for (int64_t v = 0; v < c; ++v) values[v] /= sum;
+  } else {
+    *logdens = -INFINITY;
+    for (int64_t v = 0; v < c; ++v) values[v] = T(0);
+  }
 }
 
 }  // namespace relflat

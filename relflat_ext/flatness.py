@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from typing import Optional
 
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 
 from . import _dist, ops
 from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
-from ._model import (LayerSpec, NotVectorFeatures, check_finite, inverse_scale, iterate_batches, preserved,
-                     resolve_layer, tapped)
+from ._model import (LayerSpec, NotVectorFeatures, check_finite, hessian_vector_products, inverse_scale,
+                     iterate_batches, preserved, resolve_layer, tapped)
 from .stochastic import WeightView, resolve_weight_layer, stochastic_estimate
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
@@ -217,7 +216,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     exactly as it was: training flags, requires_grad, .grad and weights.
     """
     distributed = _dist.active(distributed)
-    if method not in METHODS and method != "exact_or_closed":
+    if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not callable(loss):
         loss_code(loss)
@@ -239,8 +238,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                                f"{exact_probes} Hessian-vector products per batch (max_probes={max_probes})",
                                distributed)
         try:
-            res = relative_flatness(model, layer, inputs, targets, loss, "exact_or_closed", normalize_features, lmax,
-                                    batch_size, block_trace, distributed=distributed)
+            res = _linear_layer(model, layer, inputs, targets, loss, None, normalize_features, lmax, batch_size,
+                                block_trace, distributed)
         except NotVectorFeatures:
             return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol,
                                max_probes, seed, weight_view, "stochastic: the layer's input is not (n, m)",
@@ -248,6 +247,14 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         res.reason = f"{res.method}: " + ("the layer produces the model output and the loss is built in"
                                           if res.method == "closed_form" else "nn.Linear on (n, m) features")
         return res
+    return _linear_layer(model, layer, inputs, targets, loss, method, normalize_features, lmax, batch_size,
+                         block_trace, distributed)
+
+
+def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], normalize_features, lmax,
+                  batch_size, block_trace, distributed) -> FlatnessResult:
+    """The closed-form and exact paths for an nn.Linear layer; ``method=None`` picks the closed form
+    when the layer produces the model output and the loss is built in, else exact."""
     start = time.perf_counter()
     name, lin = resolve_layer(model, layer)
     if method == "closed_form" and callable(loss):
@@ -256,7 +263,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     weight = lin.weight.detach()
     w = weight if scale is None else weight * scale
     acc = None
-    chosen = None if method == "exact_or_closed" else method
+    chosen = method
     with preserved(model):
         for x, y in iterate_batches(inputs, targets, batch_size):
             if chosen in (None, "closed_form"):
@@ -299,24 +306,6 @@ def _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_s
                           kappa_stderr=est.stderr, probes=est.probes, reason=reason)
 
 
-_BATCHED_HVP_OK = True
-
-
-def _hvp_block(grad_z: torch.Tensor, z: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """Hessian-vector products of the batch loss w.r.t. z along k probes (k, n, d) -> (k, n, d)."""
-    global _BATCHED_HVP_OK
-    if probes.shape[0] == 1:  # plain double backward: vmap over one probe only adds its overhead
-        return torch.autograd.grad(grad_z, z, probes[0], retain_graph=True)[0].unsqueeze(0)
-    if _BATCHED_HVP_OK:
-        try:
-            return torch.autograd.grad(grad_z, z, probes, retain_graph=True, is_grads_batched=True)[0]
-        except RuntimeError as exc:  # an op without a vmap rule in the model's backward
-            _BATCHED_HVP_OK = False
-            warnings.warn(f"relflat_ext: batched Hessian-vector products failed ({exc}); falling back to "
-                          "one backward pass per probe (same result, slower)", RuntimeWarning)
-    return torch.stack([torch.autograd.grad(grad_z, z, v, retain_graph=True)[0] for v in probes])
-
-
 def _exact_batch(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: torch.Tensor,
                  scale: Optional[torch.Tensor]) -> None:
     loss_fn = resolve_loss(loss)
@@ -347,7 +336,7 @@ def _exact_batch(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: t
         dirs = probe_dirs[:, cols].T  # (k, d)
         probes = dirs[:, None, :].expand(-1, n_b, -1)
         # Batch mean loss: d^2 E_b / dz_i^2 = Hz_i / n_b.
-        hz = (_hvp_block(grad_z, z, probes) * n_b).permute(1, 2, 0)  # (n_b, d, k)
+        hz = (hessian_vector_products(grad_z, z, probes) * n_b).permute(1, 2, 0)  # (n_b, d, k)
         gram_cols = w[:, cols] if use_weight_probes else gram[:, cols]
         per_sample, block = ops.contract_output_hessians(sq_norms, hz, gram_cols, acc.block is not None)
         acc.kappa_sum = acc.kappa_sum + per_sample.sum()

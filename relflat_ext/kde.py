@@ -52,9 +52,7 @@ def kde_log_density(train: torch.Tensor, test: torch.Tensor, bandwidth: Bandwidt
         raise ValueError(f"test must have m = {train.shape[1]} features like train, got shape {tuple(test.shape)}")
     bw = _as_bandwidths(bandwidth, train)
     logdens, _ = ops.gaussian_kernel_reduce(test.to(train.dtype), train, None, bw)
-    scalar = not isinstance(bandwidth, torch.Tensor) and isinstance(bandwidth, (int, float))
-    scalar = scalar or (isinstance(bandwidth, torch.Tensor) and bandwidth.dim() == 0)
-    return logdens[0, 0] if scalar else logdens[0]
+    return logdens[0, 0] if torch.as_tensor(bandwidth).dim() == 0 else logdens[0]
 
 
 def kfold_ids(n: int, folds: int, device=None) -> torch.Tensor:

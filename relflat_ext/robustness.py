@@ -54,6 +54,36 @@ def random_perturbations(count: int, m: int, distribution: str, generator: torch
     return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
 
 
+class _Draws:
+    """The n_samples perturbation matrices, drawn in fixed blocks of DRAW_BLOCK from seeds that
+    depend only on the block (so every data batch, whatever its size, sees the same matrices, on
+    every rank), kept in memory when they fit in CACHE_BYTES and redrawn otherwise."""
+    DRAW_BLOCK = 16
+    CACHE_BYTES = 256 << 20
+
+    def __init__(self, n_samples, m, distribution, seed, dtype, device):
+        self.n_samples, self.m, self.distribution, self.seed = n_samples, m, distribution, seed
+        self.dtype, self.device = dtype, device
+        self.cache = {} if n_samples * m * m * torch.finfo(dtype).bits // 8 <= self.CACHE_BYTES else None
+
+    def _block(self, j: int) -> torch.Tensor:
+        if self.cache is not None and j in self.cache:
+            return self.cache[j]
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + j)
+        count = min(self.DRAW_BLOCK, self.n_samples - j * self.DRAW_BLOCK)
+        mats = random_perturbations(count, self.m, self.distribution, gen, self.dtype, self.device)
+        if self.cache is not None:
+            self.cache[j] = mats
+        return mats
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        """Draws [start, stop) as (stop - start, m, m)."""
+        blocks = range(start // self.DRAW_BLOCK, (stop - 1) // self.DRAW_BLOCK + 1)
+        mats = torch.cat([self._block(j) for j in blocks])
+        offset = blocks[0] * self.DRAW_BLOCK
+        return mats[start - offset:stop - offset]
+
+
 def _per_sample_losses(loss: LossSpec, out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
     """Per-sample losses (copies, n) of ``out`` (copies * n, ...) against y (n, ...) repeated."""
     n = y.shape[0]
@@ -111,6 +141,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
+    draws = _Draws(n_samples, m, distribution, base_seed, dtype, device)
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0
     with preserved(model), torch.no_grad():
@@ -120,8 +151,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
             per_forward = max(1, MAX_ROWS_PER_FORWARD // (n_b * n_scales))
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
-                gen = torch.Generator(device=device).manual_seed(base_seed + d0)
-                mats = random_perturbations(k, m, distribution, gen, dtype, device)  # (k, m, m)
+                mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch
                 # Copy order: scale-major, then draw: A = scales[s] * U_j.
                 a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
                 copies = a_t.shape[0]

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _dist
 from ._losses import LossSpec, loss_code, resolve_loss
-from ._model import LayerSpec, find_layer, inverse_scale, iterate_batches, preserved
+from ._model import LayerSpec, find_layer, hessian_vector_products, inverse_scale, iterate_batches, preserved
 
 QUANTITIES = ("kappa", "hessian_trace")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -76,13 +76,9 @@ class StochasticEstimate:
     seconds: float
 
 
-_BATCHED_OK = True
-
-
 def _quadratic_forms(model, weight, x, y, loss_fn, directions: torch.Tensor) -> torch.Tensor:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
     mean loss with respect to the weight."""
-    global _BATCHED_OK
     with torch.enable_grad():
         loss = loss_fn(model(x), y)
         if loss.dim() != 0:
@@ -90,16 +86,9 @@ def _quadratic_forms(model, weight, x, y, loss_fn, directions: torch.Tensor) -> 
         grad = torch.autograd.grad(loss, weight, create_graph=True)[0]
         if not grad.requires_grad:  # loss linear in the weight
             return directions.new_zeros(directions.shape[0])
-        hv = None
         # Batched (vmap) HVPs pay off on GPUs; on the CPU the per-probe loop measured as fast for
         # Linear and 3x faster for the first conv of LeNet-5 (vmap falls back to slow loops there).
-        if _BATCHED_OK and directions.shape[0] > 1 and directions.is_cuda:
-            try:
-                hv = torch.autograd.grad(grad, weight, directions, retain_graph=True, is_grads_batched=True)[0]
-            except RuntimeError:  # an op without a vmap rule: one backward per probe
-                _BATCHED_OK = False
-        if hv is None:
-            hv = torch.stack([torch.autograd.grad(grad, weight, v, retain_graph=True)[0] for v in directions])
+        hv = hessian_vector_products(grad, weight, directions, batched=directions.is_cuda)
     return (hv * directions).flatten(1).sum(1).detach() * x.shape[0]
 
 

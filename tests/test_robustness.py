@@ -93,3 +93,13 @@ def test_bad_input_is_rejected_clearly(kwargs, match):
         rf.feature_robustness(model, args.pop("layer"), x, y, **args)
     with pytest.raises(ValueError, match="NaN"):
         rf.feature_robustness(model, "2", torch.full_like(x, math.nan), y, delta=0.1)
+
+
+def test_batches_of_different_sizes_see_the_same_matrices():
+    """Forward chunks depend on the batch size (here 234 draws per forward for one batch of 70, 256
+    for a batch of 64): the matrices must not."""
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(70, 6, 4, "cross_entropy", seed=1)
+    whole = rf.feature_robustness(model, "2", x, y, delta=0.1, n_samples=300, seed=2)
+    batched = rf.feature_robustness(model, "2", x, y, delta=0.1, n_samples=300, seed=2, batch_size=64)
+    torch.testing.assert_close(batched.samples, whole.samples, rtol=1e-9, atol=1e-15)

@@ -166,22 +166,14 @@ void fold_tile(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t 
   fold_tile_body<T, false>(p, i0, qb, k0, kt, dots, ld, buf, sums);
 }
 
-// log density = running max + log(sum) - log(#visible); weighted values divided by the sum.
 template <typename T>
 void finish_rows(const KdeView<T>& p, int64_t i0, int64_t qb, const T* sums) {
   for (int64_t r = 0; r < p.n_splits; ++r)
     for (int64_t b = 0; b < p.n_bw; ++b)
       for (int64_t i = 0; i < qb; ++i) {
         const int64_t row = (r * p.n_bw + b) * p.nq + i0 + i;
-        const T sum = sums[(r * p.n_bw + b) * kQueryBlock + i];
-        T* acc = p.wval + row * p.c;
-        if (sum > T(0)) {
-          p.logdens[row] += std::log(sum) - std::log(p.n_visible[r * p.nq + i0 + i]);
-          for (int64_t v = 0; v < p.c; ++v) acc[v] /= sum;
-        } else {
-          p.logdens[row] = -std::numeric_limits<T>::infinity();
-          for (int64_t v = 0; v < p.c; ++v) acc[v] = T(0);
-        }
+        finish_kde_row<T>(sums[(r * p.n_bw + b) * kQueryBlock + i], p.n_visible[r * p.nq + i0 + i], p.logdens + row,
+                          p.wval + row * p.c, p.c);
       }
 }
 

@@ -102,15 +102,7 @@ __global__ void kde_finish_kernel(KdeArgs<T> a) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
        row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t q = row % a.nq, r = row / (a.n_bw * a.nq);
-    const T sum = a.sums[row];
-    T* acc = a.wval + row * a.c;
-    if (sum > T(0)) {
-      a.logdens[row] += log(sum) - log(a.n_visible[r * a.nq + q]);
-      for (int64_t v = 0; v < a.c; ++v) acc[v] /= sum;
-    } else {
-      a.logdens[row] = -std::numeric_limits<T>::infinity();
-      for (int64_t v = 0; v < a.c; ++v) acc[v] = T(0);
-    }
+    finish_kde_row<T>(a.sums[row], a.n_visible[r * a.nq + q], a.logdens + row, a.wval + row * a.c, a.c);
   }
 }
 

@@ -59,9 +59,11 @@ def summarize(raw: Dict, limits: Dict[str, float]) -> Dict[str, List[Dict]]:
             row["fraction_of_copy_bandwidth"] = row["bytes_per_s"] / limits["copy_bytes_per_s"]
         groups[bench["group"] or bench["name"]].append(row)
     for rows in groups.values():
-        ours = next((r for r in rows if r["contender"].startswith("relflat")), rows[0])
+        ours = next((r for r in rows if r["contender"] == "relflat"),
+                    next((r for r in rows if r["contender"].startswith("relflat")), rows[0]))
         for r in rows:
             r["ratio_to_relflat"] = r["median_s"] / ours["median_s"]
+            r["is_reference"] = r is ours
     return groups
 
 
@@ -81,7 +83,7 @@ def markdown(groups: Dict[str, List[Dict]], limits: Dict[str, float], header: st
             gbs = (f"{r['bytes_per_s'] / 1e9:.1f} ({r['fraction_of_copy_bandwidth']:.0%})"
                    if "bytes_per_s" in r else "")
             ratio = r["ratio_to_relflat"]
-            rel = "1" if r["contender"].startswith("relflat") else (
+            rel = "1" if r.get("is_reference") else (
                 f"{ratio:.3g}x slower" if ratio >= 1 else f"{1 / ratio:.3g}x faster")
             lines.append(f"| {r['contender']} | {_fmt_time(r['median_s'])} | {rel} | {flops} | {gbs} |")
         lines.append("")

@@ -145,6 +145,13 @@ class NotVectorFeatures(ValueError):
     """The layer's input is not (n, m): the exact path cannot run, the stochastic estimator can."""
 
 
+def check_vector_features(name: str, phi: torch.Tensor) -> None:
+    if phi.dim() != 2:
+        raise NotVectorFeatures(
+            f"layer {name!r} receives input of shape {tuple(phi.shape)}; the exact path needs "
+            "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
+
+
 class LayerTap:
     """Forward hook that records the layer's input features and, when ``replace_output``,
     substitutes a fresh leaf ``z`` (requires grad) for the layer's output, so the rest of the
@@ -164,10 +171,7 @@ class LayerTap:
             raise RuntimeError(f"layer {self.name!r} is called more than once per forward pass (shared "
                                "weights); the per-sample identity needs a layer used once")
         phi = args[0]
-        if phi.dim() != 2:
-            raise NotVectorFeatures(
-                f"layer {self.name!r} receives input of shape {tuple(phi.shape)}; the exact path needs "
-                "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
+        check_vector_features(self.name, phi)
         self.features, self.raw_output = phi.detach(), out
         if self.replace_output:
             self.output = out.detach().requires_grad_(True)

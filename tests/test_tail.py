@@ -1,0 +1,122 @@
+"""The exact path's second-order chain rule through Sequential tails (relflat_ext._tail) == the
+authors' autograd baseline, float64, for every supported activation, loss and tail shape; and the
+models it must leave to Hessian-vector products."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relflat_ext as rf
+from models import assert_unchanged, data, snapshot
+from relflat_ext import _tail
+
+ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.2),
+               nn.ELU(0.7), nn.SELU(), nn.CELU(1.3), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Mish(),
+               nn.Softplus(beta=2.0, threshold=1.0), nn.Softsign(), nn.Tanhshrink(), nn.Hardtanh(-0.5, 0.5),
+               nn.Hardswish(), nn.LogSigmoid()]
+
+
+def test_every_supported_elementwise_type_is_tested():
+    assert {type(a) for a in ACTIVATIONS} == set(_tail.ELEMENTWISE)
+
+
+def _deep(act, seed=0, k=4):
+    """Layer "2" (7 -> 6) with a tail of two activations, dropout, identity and two Linear layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 6), act, nn.Dropout(0.3), nn.Linear(6, 8),
+                         act, nn.Identity(), nn.Linear(8, k)).double()
+
+
+def _compare(model, layer, x, y, loss="cross_entropy", rtol=1e-8):
+    before = snapshot(model)
+    fast = rf.relative_flatness(model, layer, x, y, loss=loss, method="exact", lmax=True)
+    assert_unchanged(model, before)
+    assert "Sequential tail" in fast.reason
+    base = rf.relative_flatness_autograd(model, layer, x, y, loss=loss, lmax=True, vectorize=True)
+    assert abs(fast.kappa - base.kappa) <= rtol * abs(base.kappa), (fast.kappa, base.kappa)
+    assert abs(fast.kappa_lmax - base.kappa_lmax) <= rtol * abs(base.kappa_lmax)
+    torch.testing.assert_close(fast.block_trace, base.block_trace, rtol=rtol,
+                               atol=rtol * base.block_trace.abs().max().item())
+    return fast
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+def test_each_activation_matches_baseline(act):
+    model = _deep(act)
+    x, y = data(30, 5, 4, "cross_entropy", seed=3)
+    _compare(model, "2", 2 * x, y)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+@pytest.mark.parametrize("layer", ["0", "2", "5"])
+def test_each_loss_and_layer_matches_baseline(loss, layer):
+    model = _deep(nn.Softplus(), seed=1)
+    x, y = data(25, 5, 4, loss, seed=4)
+    _compare(model, layer, x, y, loss)
+
+
+def test_probability_targets_and_callable_losses():
+    model = _deep(nn.GELU(), seed=2)
+    x, y = data(20, 5, 4, "cross_entropy", seed=5)
+    probs = torch.softmax(torch.randn(20, 4, dtype=torch.float64), dim=1)
+    _compare(model, "2", x, probs)
+
+    def quartic(out, target):  # dense per-sample output Hessians
+        return F.smooth_l1_loss(out, target) + 0.1 * (out.sum(1) ** 4).mean()
+
+    _compare(model, "2", x, torch.randn(20, 4, dtype=torch.float64), quartic)
+    _compare(model, "8", x, torch.randn(20, 4, dtype=torch.float64), quartic)  # empty tail
+
+
+def test_linear_tail_and_nested_sequentials():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()),
+                          nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 7), nn.Sequential(nn.Sigmoid(), nn.Linear(7, 3)))
+                          ).double()
+    x, y = data(20, 4, 3, "cross_entropy", seed=6)
+    for layer in ("0.0", "1.0", "1.1"):
+        _compare(model, layer, x, y)
+    shared = nn.Linear(5, 5)  # a tail module used twice is still a chain
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(5, 3)).double()
+    _compare(model, "0", x, y)
+
+
+def test_prefix_may_hold_any_module():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.LayerNorm(20),
+                          nn.Linear(20, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = data(15, 12, 3, "cross_entropy", seed=7)
+    _compare(model, "4", x, y)
+
+
+def test_float32_agrees_with_float64():
+    model = _deep(nn.Tanh(), seed=5, k=10)
+    x, y = data(400, 5, 10, "cross_entropy", seed=8)
+    want = rf.relative_flatness(model, "2", x, y).kappa
+    got = rf.relative_flatness(model.float(), "2", x.float(), y).kappa
+    assert abs(got - want) <= 1e-5 * abs(want)
+
+
+class _Subclass(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _not_plain():
+    torch.manual_seed(6)
+    hooked = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    hooked[1].register_forward_hook(lambda module, args, out: out * 1.5)
+    yield "subclass", _Subclass(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), "0"
+    yield "hook", hooked, "0"
+    yield "unsupported tail", nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double(), "0"
+
+
+@pytest.mark.parametrize("case", list(_not_plain()), ids=lambda c: c[0])
+def test_other_models_use_hessian_vector_products(case):
+    _, model, layer = case
+    assert _tail.plan(model, dict(model.named_modules())[layer]) is None
+    x, y = data(15, 4, 3, "cross_entropy", seed=9)
+    fast = rf.relative_flatness(model, layer, x, y, method="exact")
+    assert "Hessian-vector products" in fast.reason
+    base = rf.relative_flatness_autograd(model, layer, x, y, vectorize=True)
+    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)

@@ -1,45 +1,41 @@
-"""Exact output Hessians of a layer whose tail is a chain of Linear layers and elementwise
-activations (an ``nn.Sequential``), propagated by the chain rule instead of Hessian-vector products.
+"""Which models let the exact path use the second-order chain rule (:mod:`relflat_ext._chain_rule`)
+instead of Hessian-vector products: those where everything after the layer is a chain of Linear
+layers, elementwise activations, dropout (the identity in eval mode) and identities.
 
-For ``z -> f_1 -> ... -> f_L = output`` and a per-sample loss ``l_i``, the second-order chain rule
-gives ``Hz_i = sum over sources of P_i^T S_i P_i``, with two kinds of source:
-
-- the loss: ``S_i = d^2 l_i / d out^2`` and ``P_i = d out / dz`` (the tail's Jacobian);
-- each elementwise activation ``v = sigma(u)``: ``S_i = diag(sigma''(u_i) * dl_i/dv_i)``, ``P_i = du/dz``.
-
-Only ``T = sum_i c_i Hz_i`` (and ``diag(Hz_i)`` for lmax) is needed, so the Jacobians are carried
-forward from z, as a per-sample diagonal until the first Linear and as a dense (r, n, d) stack
-after it, and each source is contracted where it is met: a few GEMMs per chunk of samples instead
-of d Hessian-vector products through the tail, every one a string of memory-bound passes.
-Activation derivatives come from autograd on the user's own module (exact for GELU's tanh form,
-Softplus' threshold, LeakyReLU's slope...).
+Two ways to see the tail:
+- a plain ``nn.Sequential`` (nested ones too, subclasses that keep its forward): the modules after
+  the layer, and the modules before it give the features directly;
+- any other model that ``torch.fx.symbolic_trace`` can trace: the nodes after the layer, when each
+  has one user and they end at the output (``F.relu``, ``torch.tanh``, ``x.sigmoid()``... are
+  accepted as well as modules). The trace is checked against the model: the tail must reproduce
+  the model's output from the layer's output on the data, or the HVP path runs instead.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
-from torch import nn
-
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
-from ._model import hessian_vector_products
+import torch.nn.functional as F
+from torch import fx, nn
 
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Hardtanh, nn.Hardswish,
                nn.LogSigmoid)  # not Hardsigmoid: autograd has no second derivative for it
 PASS_THROUGH = (nn.Identity, nn.Dropout)  # dropout is the identity in eval mode, where we measure
-# Elements of the largest (r, samples, d) Jacobian stack or (samples, k, k) loss Hessian per chunk.
-CHUNK_ELEMENTS = 1 << 22
+ELEMENTWISE_FUNCTIONS = (torch.tanh, torch.sigmoid, torch.relu, F.tanh, F.sigmoid, F.relu, F.relu6, F.leaky_relu,
+                         F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.softplus, F.softsign, F.tanhshrink,
+                         F.hardtanh, F.hardswish, F.logsigmoid)
+ELEMENTWISE_METHODS = ("tanh", "sigmoid", "relu")
 
 _enabled = True
 
 
 @contextlib.contextmanager
 def hvp_only() -> Iterator[None]:
-    """Within the block, the exact path uses Hessian-vector products even for Sequential tails
-    (to check one against the other, or to time the general path)."""
+    """Within the block, the exact path uses Hessian-vector products for every model (to check one
+    strategy against the other, or to time the general one)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:
@@ -48,215 +44,122 @@ def hvp_only() -> Iterator[None]:
         _enabled = previous
 
 
+class Elementwise(nn.Module):
+    """A traced elementwise call, ``fn(u, *args, **kwargs)``, as a tail step."""
+
+    def __init__(self, fn, args=(), kwargs=None):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs or {})
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.fn(u, *self.args, **self.kwargs)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    return type(module) in ELEMENTWISE or type(module) is Elementwise
+
+
+def _supported(module: nn.Module) -> bool:
+    return is_linear(module) or is_elementwise(module) or type(module) in PASS_THROUGH
+
+
 @dataclasses.dataclass
 class TailPlan:
-    prefix: List[nn.Module]  # modules before the layer
+    """``tail``: the steps after the layer. ``prefix``: the modules before it (a Sequential), or
+    None when the features come from running the model (a trace, checked by ``reproduces``)."""
     layer: nn.Linear
-    tail: List[nn.Module]  # modules after it: Linear, elementwise or pass-through only
+    tail: List[nn.Module]
+    prefix: Optional[List[nn.Module]]
+
+    @property
+    def traced(self) -> bool:
+        return self.prefix is None
+
+
+def plan(model: nn.Module, name: str, layer: nn.Linear) -> Optional[TailPlan]:
+    """The tail of ``layer`` (named ``name`` in ``model``) when the chain rule applies, else None.
+    Call it with the model in the mode it is measured in (eval): a trace follows that mode."""
+    if not _enabled or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    flat = _flatten(model)
+    if flat is not None:
+        if sum(m is layer for m in flat) != 1:
+            return None  # a shared layer: the tap reports it
+        at = next(i for i, m in enumerate(flat) if m is layer)
+        tail = flat[at + 1:]
+        return TailPlan(layer, tail, flat[:at]) if all(_supported(m) for m in tail) else None
+    tail = _traced_tail(model, name)
+    return None if tail is None else TailPlan(layer, tail, None)
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _flatten(module: nn.Module) -> Optional[List[nn.Module]]:
-    if type(module) is not nn.Sequential:  # a subclass may override forward
+    if not _plain_sequential(module):
         return None
     flat: List[nn.Module] = []
     for child in module:
-        if type(child) is nn.Sequential:
-            inner = _flatten(child)
-            if inner is None:
-                return None
-            flat += inner
+        if _plain_sequential(child):
+            flat += _flatten(child)
         else:
             flat.append(child)
     return flat
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def plan(model: nn.Module, layer: nn.Linear) -> Optional[TailPlan]:
-    """The prefix/tail split when ``model`` is a plain (nested) ``nn.Sequential`` that uses
-    ``layer`` once and whose tail has only supported modules; None otherwise (use HVPs)."""
-    if not _enabled:
+def _traced_tail(model: nn.Module, name: str) -> Optional[List[nn.Module]]:
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any untraceable forward just means: use HVPs
         return None
-    flat = _flatten(model)
-    if flat is None or sum(m is layer for m in flat) != 1:
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
         return None
-    if any(_hooked(m) for m in model.modules()):
+    modules = dict(model.named_modules())
+    node, tail = calls[0], []
+    while True:
+        if len(node.users) != 1:
+            return None  # the value is used twice (a skip connection, a second head...)
+        user = next(iter(node.users))
+        if user.op == "output":
+            return tail if user.args[0] is node else None
+        step = _step(user, node, modules)
+        if step is None:
+            return None
+        tail.append(step)
+        node = user
+
+
+def _step(user: fx.Node, node: fx.Node, modules) -> Optional[nn.Module]:
+    """The tail step that ``user`` applies to ``node``'s value, if it is a supported one."""
+    rest, kwargs = user.args[1:], user.kwargs
+    if not user.args or user.args[0] is not node or _has_node((rest, kwargs)):
         return None
-    at = next(i for i, m in enumerate(flat) if m is layer)
-    tail = flat[at + 1:]
-    if not all(type(m) is nn.Linear or type(m) in ELEMENTWISE or type(m) in PASS_THROUGH for m in tail):
-        return None
-    return TailPlan(flat[:at], layer, tail)
+    if user.op == "call_module":
+        module = modules[user.target]
+        return module if _supported(module) and not rest and not kwargs else None
+    if user.op == "call_function" and user.target in ELEMENTWISE_FUNCTIONS:
+        return Elementwise(user.target, rest, kwargs)
+    if user.op == "call_method" and user.target in ELEMENTWISE_METHODS and not rest and not kwargs:
+        return Elementwise(getattr(torch, user.target))
+    return None
 
 
-def out_features(tail: List[nn.Module], d: int) -> int:
-    """Width of the tail's output for a layer output of width d."""
-    widths = [m.out_features for m in tail if type(m) is nn.Linear]
-    return widths[-1] if widths else d
+def _has_node(args) -> bool:
+    found = []
+    fx.node.map_arg(args, found.append)
+    return bool(found)
 
 
-def _derivatives(module: nn.Module, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sigma(u), sigma'(u), sigma''(u) of an elementwise module, by autograd through the module."""
-    with torch.enable_grad():
-        leaf = u.detach().requires_grad_(True)
-        v = module(leaf.clone())  # clone: in-place activations must not write into the leaf
-        first = torch.autograd.grad(v.sum(), leaf, create_graph=True)[0]
-        second = (torch.autograd.grad(first.sum(), leaf, allow_unused=True)[0]
-                  if first.requires_grad else None)
-    second = torch.zeros_like(u) if second is None else second
-    return v.detach(), first.detach(), second
-
-
-class _Jacobian:
-    """d u / d z for every sample of the chunk: ``diag`` (n, d) while the tail has been elementwise
-    (P_i = diag(diag_i)), then ``dense`` (r, n, d) (P_i = dense[:, i, :])."""
-
-    def __init__(self, n: int, d: int, like: torch.Tensor):
-        self.diag: Optional[torch.Tensor] = like.new_ones((n, d))
-        self.dense: Optional[torch.Tensor] = None
-
-    def linear(self, weight: torch.Tensor) -> None:
-        if self.diag is not None:
-            self.dense, self.diag = weight[:, None, :] * self.diag[None], None
-        else:
-            r, n, d = self.dense.shape
-            self.dense = (weight @ self.dense.reshape(r, n * d)).reshape(weight.shape[0], n, d)
-
-    def elementwise(self, slope: torch.Tensor) -> None:  # slope (n, r)
-        if self.diag is not None:
-            self.diag = self.diag * slope
-        else:
-            self.dense = self.dense * slope.T[:, :, None]
-
-
-class _Sum:
-    """T = sum_i c_i P_i^T S_i P_i over the sources, and diag(P_i^T S_i P_i) per sample (lmax)."""
-
-    def __init__(self, weights: torch.Tensor, d: int, want_diag: bool):
-        self.weights = weights
-        self.total = weights.new_zeros((d, d))
-        self.diag = weights.new_zeros((weights.shape[0], d)) if want_diag else None
-
-    def diagonal_source(self, jac: _Jacobian, s: torch.Tensor) -> None:
-        """S_i = diag(s_i), s (n, r)."""
-        if jac.diag is not None:
-            p2 = jac.diag.pow(2)
-            self.total.diagonal().add_((self.weights[:, None] * s * p2).sum(0))
-            if self.diag is not None:
-                self.diag += s * p2
-            return
-        p = jac.dense
-        scaled = p * (self.weights[:, None] * s).T[:, :, None]
-        self.total += scaled.flatten(0, 1).T @ p.flatten(0, 1)
-        if self.diag is not None:
-            self.diag += torch.einsum("nr,rnd->nd", s, p.pow(2))
-
-    def rank_one_source(self, jac: _Jacobian, b: torch.Tensor) -> None:
-        """S_i = -b_i b_i^T, b (n, r)."""
-        q = b * jac.diag if jac.diag is not None else torch.einsum("nr,rnd->nd", b, jac.dense)
-        self.total -= (q * self.weights[:, None]).T @ q
-        if self.diag is not None:
-            self.diag -= q.pow(2)
-
-    def dense_source(self, jac: _Jacobian, s: torch.Tensor) -> None:
-        """S_i = s[i] (n, r, r)."""
-        if jac.diag is not None:
-            p = jac.diag
-            self.total += torch.einsum("n,ns,nst,nt->st", self.weights, p, s, p)
-            if self.diag is not None:
-                self.diag += p.pow(2) * s.diagonal(dim1=1, dim2=2)
-            return
-        p = jac.dense
-        sp = torch.einsum("nab,bnd->and", s, p)
-        self.total += (sp * self.weights[None, :, None]).flatten(0, 1).T @ p.flatten(0, 1)
-        if self.diag is not None:
-            self.diag += (sp * p).sum(0)
-
-
-def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Callable, code: Optional[int]):
-    """The loss' own Hessian in the output, per sample (l_i with E = mean_i l_i)."""
-    k = out.shape[1]
-    if code == CROSS_ENTROPY:  # diag(p) - p p^T
-        p = torch.softmax(out, dim=1)
-        acc.diagonal_source(jac, p)
-        acc.rank_one_source(jac, p)
-    elif code == MSE:  # (2/k) I
-        acc.diagonal_source(jac, torch.full_like(out, 2.0 / k))
-    elif code == BCE_WITH_LOGITS:  # diag(sigma (1 - sigma)) / k
-        s = torch.sigmoid(out)
-        acc.diagonal_source(jac, s * (1 - s) / k)
-    else:  # a callable loss: its per-sample Hessian from k HVPs in the output (n, k, k)
-        with torch.enable_grad():
-            leaf = out.detach().requires_grad_(True)
-            grad = torch.autograd.grad(loss_fn(leaf, y), leaf, create_graph=True)[0]
-        if not grad.requires_grad:  # linear in the output
-            return
-        probes = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(-1, out.shape[0], -1)
-        hess = hessian_vector_products(grad, leaf, probes) * out.shape[0]  # (k, n, k): mean -> per sample
-        acc.dense_source(jac, hess.permute(1, 2, 0))
-
-
-def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Callable, code: Optional[int],
-                        weights: torch.Tensor, want_diag: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(sum_i weights_i Hz_i (d, d), diag(Hz_i) (n, d) or None)`` for the layer output z (n, d)
-    through ``tail``. ``loss_fn(output, y)`` averages over samples; ``code`` names a built-in loss
-    (its Hessian in closed form) or is None for a callable (k Hessian-vector products)."""
-    n, d = z.shape
-    widths = [m.out_features for m in tail if type(m) is nn.Linear]  # the dense stack's heights
-    per_sample = max([d] + [r * d for r in widths] + [out_features(tail, d) ** 2 if code is None else 0])
-    step = max(1, CHUNK_ELEMENTS // per_sample)
-    total = z.new_zeros((d, d))
-    diags = []
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        part, diag = _chunk(tail, z[rows], y[rows], loss_fn, code, weights[rows], want_diag)
-        total += part
-        diags.append(diag)
-    return total, (torch.cat(diags) if want_diag else None)
-
-
-def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
-    n, d = z.shape
-    # Forward: every module's input, and sigma', sigma'' of the activations.
-    u, slopes, curvatures = z, [], []
-    with torch.no_grad():
-        for module in tail:
-            if type(module) in ELEMENTWISE:
-                u, slope, curvature = _derivatives(module, u)
-                slopes.append(slope)
-                curvatures.append(curvature)
-            elif type(module) is nn.Linear:
-                u = module(u)
-    out = u
-    if out.dim() != 2 or out.shape[0] != n:
-        raise ValueError(f"the model output must be (n, k) for the exact path, got {tuple(out.shape)}")
-    # Backward: dl_i/dv at each activation output, for the activations' sources.
-    with torch.enable_grad():
-        leaf = out.detach().requires_grad_(True)
-        grad = torch.autograd.grad(loss_fn(leaf, y), leaf, allow_unused=True)[0]
-    grad = torch.zeros_like(out) if grad is None else grad * n  # mean -> per-sample losses
-    sources = []
-    a = len(slopes)
-    for module in reversed(tail):
-        if type(module) is nn.Linear:
-            grad = grad @ module.weight.detach()
-        elif type(module) in ELEMENTWISE:
-            a -= 1
-            sources.append(curvatures[a] * grad)
-            grad = grad * slopes[a]
-    sources.reverse()
-    # Forward again: carry dz -> du, contract each source where it is met.
-    acc = _Sum(weights, d, want_diag)
-    jac = _Jacobian(n, d, z)
-    a = 0
-    for module in tail:
-        if type(module) is nn.Linear:
-            jac.linear(module.weight.detach())
-        elif type(module) in ELEMENTWISE:
-            acc.diagonal_source(jac, sources[a])
-            jac.elementwise(slopes[a])
-            a += 1
-    _loss_source(acc, jac, out, y, loss_fn, code)
-    return acc.total, acc.diag
+def reproduces(tail_output: torch.Tensor, model_output) -> bool:
+    """Whether a traced tail gives the model's own output (same ops, so equal up to rounding)."""
+    if not isinstance(model_output, torch.Tensor) or model_output.shape != tail_output.shape:
+        return False
+    scale = model_output.abs().max().item() if model_output.numel() else 0.0
+    tol = 1e-4 if model_output.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
+    return bool(torch.allclose(tail_output, model_output, rtol=tol, atol=tol * max(scale, 1e-30)))

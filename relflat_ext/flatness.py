@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _dist, _tail, ops
+from . import _chain_rule, _dist, _tail, ops
 from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
 from ._model import (LayerSpec, NotVectorFeatures, check_finite, check_vector_features, hessian_vector_products,
                      inverse_scale, iterate_batches, preserved, resolve_layer, tapped)
@@ -269,10 +270,10 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
     w = weight if scale is None else weight * scale
     acc = None
     chosen = method
-    tail_plan = _tail.plan(model, lin)
-    if chosen is None and tail_plan is not None and tail_plan.tail:
-        chosen = "exact"  # the layer does not produce the output: no need to run the model to see
     with preserved(model):
+        tail_plan = _tail.plan(model, name, lin)  # in eval mode: a trace follows the mode
+        if chosen is None and tail_plan is not None and tail_plan.tail:
+            chosen = "exact"  # the layer does not produce the output: no need to run the model to see
         for x, y in iterate_batches(inputs, targets, batch_size):
             if chosen in (None, "closed_form"):
                 with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
@@ -291,12 +292,12 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
                 phi = tap.features if scale is None else tap.features * inverse_scale(scale)
                 _closed_form_batch(acc, phi, w, lin.bias.detach() if lin.bias is not None else None, code)
             else:
-                _exact_batch(acc, model, name, lin, x, y, loss, w, scale, tail_plan)
+                tail_plan = _exact_batch(acc, model, name, lin, x, y, loss, w, scale, tail_plan)
     result = acc.result(chosen, name, scale, start)
     result.reason = f"{chosen}: " + (
         "the layer produces the model output and the loss is built in" if chosen == "closed_form" else
-        "second derivatives propagated through the Sequential tail (Linear and elementwise modules)"
-        if tail_plan is not None else "Hessian-vector products through the model's tail")
+        "second derivatives propagated by the chain rule through the tail (Linear and elementwise steps"
+        + (", traced)" if tail_plan.traced else ", Sequential)") if tail_plan is not None else "Hessian-vector products through the model's tail")
     return result
 
 
@@ -320,38 +321,52 @@ def _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_s
 
 
 def _exact_batch(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: torch.Tensor,
-                 scale: Optional[torch.Tensor], tail_plan: Optional[_tail.TailPlan]) -> None:
+                 scale: Optional[torch.Tensor], tail_plan: Optional[_tail.TailPlan]) -> Optional[_tail.TailPlan]:
+    """Adds the batch by the chain rule through ``tail_plan`` or by HVPs; returns the plan to use for
+    the next batches (None once a traced tail failed to reproduce the model)."""
     if tail_plan is not None:
-        _exact_tail_batch(acc, tail_plan, name, x, y, loss, w, scale)
-        return
+        if _exact_tail_batch(acc, tail_plan, model, name, lin, x, y, loss, w, scale):
+            return tail_plan
+        warnings.warn(f"relflat_ext: the traced tail of layer {name!r} does not reproduce the model's output; "
+                      "using Hessian-vector products (same result, slower)", RuntimeWarning)
     # On CPU, sub-batches whose (samples, d) tensors stay cache-resident: each HVP is a handful of
     # memory-bound elementwise passes (samples are independent, so the split is exact).
     step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if x.device.type == "cpu" else x.shape[0]
     for start in range(0, x.shape[0], step):
         _exact_chunk(acc, model, name, lin, x[start:start + step], y[start:start + step], loss, w, scale)
+    return None
 
 
-def _exact_tail_batch(acc: _Accumulator, tail_plan: _tail.TailPlan, name: str, x, y, loss: LossSpec,
-                      w: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
-    """Exact path for a Sequential model whose tail is Linear and elementwise modules (see _tail)."""
+def _exact_tail_batch(acc: _Accumulator, tail_plan: _tail.TailPlan, model, name: str, lin, x, y,
+                      loss: LossSpec, w: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
+    """The chain-rule exact path (see _chain_rule); False, with nothing added, if a traced tail
+    does not reproduce the model's output."""
     with torch.no_grad():
-        phi = x
-        for module in tail_plan.prefix:
-            phi = module(phi)
-        check_vector_features(name, phi)
-        z = tail_plan.layer(phi)
+        if tail_plan.traced:
+            with tapped(lin, name, replace_output=False) as tap:
+                out = model(x)
+            phi, z = tap.features, tap.output
+            if not _tail.reproduces(_chain_rule.run_tail(tail_plan.tail, z), out):
+                return False
+        else:
+            phi = x
+            for module in tail_plan.prefix:
+                phi = module(phi)
+            check_vector_features(name, phi)
+            z = lin(phi)
     code = None if callable(loss) else loss_code(loss)
     if code is not None:
-        check_targets(code, y, z.shape[0], _tail.out_features(tail_plan.tail, z.shape[1]))
+        check_targets(code, y, z.shape[0], _chain_rule.out_features(tail_plan.tail, z.shape[1]))
     phi = phi if scale is None else phi * inverse_scale(scale)
-    total, hdiag = _tail.output_hessian_sums(tail_plan.tail, z, y, resolve_loss(loss), code, phi.pow(2).sum(1),
-                                             acc.diag_blocks is not None)
+    total, hdiag = _chain_rule.output_hessian_sums(tail_plan.tail, z, y, resolve_loss(loss), code,
+                                                   phi.pow(2).sum(1), acc.diag_blocks is not None)
     acc.n += z.shape[0]
     acc.kappa_sum = acc.kappa_sum + (w @ w.T * total).sum()
     if acc.block is not None:
         acc.block += total
     if hdiag is not None:
         acc.add_diagonal(hdiag, phi)
+    return True
 
 
 def _exact_chunk(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: torch.Tensor,

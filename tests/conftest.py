@@ -15,4 +15,4 @@ def exact_strategy(request):
     """Runs a test once with the Sequential-tail propagation and once with Hessian-vector products,
     the two ways the exact path computes the output Hessians; yields the reason text to expect."""
     with (_tail.hvp_only() if request.param == "hvp" else contextlib.nullcontext()):
-        yield "Sequential tail" if request.param == "tail" else "Hessian-vector products"
+        yield "chain rule" if request.param == "tail" else "Hessian-vector products"

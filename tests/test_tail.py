@@ -1,6 +1,6 @@
-"""The exact path's second-order chain rule through Sequential tails (relflat_ext._tail) == the
-authors' autograd baseline, float64, for every supported activation, loss and tail shape; and the
-models it must leave to Hessian-vector products."""
+"""The exact path's second-order chain rule (relflat_ext._chain_rule) == the authors' autograd
+baseline, float64, for every supported activation, loss and tail shape, in Sequential and in traced
+models; and the models it must leave to Hessian-vector products (relflat_ext._tail)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,11 @@ def _deep(act, seed=0, k=4):
                          act, nn.Identity(), nn.Linear(8, k)).double()
 
 
-def _compare(model, layer, x, y, loss="cross_entropy", rtol=1e-8):
+def _compare(model, layer, x, y, loss="cross_entropy", rtol=1e-8, how="Sequential"):
     before = snapshot(model)
     fast = rf.relative_flatness(model, layer, x, y, loss=loss, method="exact", lmax=True)
     assert_unchanged(model, before)
-    assert "Sequential tail" in fast.reason
+    assert "chain rule" in fast.reason and how in fast.reason, fast.reason
     base = rf.relative_flatness_autograd(model, layer, x, y, loss=loss, lmax=True, vectorize=True)
     assert abs(fast.kappa - base.kappa) <= rtol * abs(base.kappa), (fast.kappa, base.kappa)
     assert abs(fast.kappa_lmax - base.kappa_lmax) <= rtol * abs(base.kappa_lmax)
@@ -114,9 +114,81 @@ def _not_plain():
 @pytest.mark.parametrize("case", list(_not_plain()), ids=lambda c: c[0])
 def test_other_models_use_hessian_vector_products(case):
     _, model, layer = case
-    assert _tail.plan(model, dict(model.named_modules())[layer]) is None
+    with torch.no_grad():
+        assert _tail.plan(model.eval(), layer, dict(model.named_modules())[layer]) is None
     x, y = data(15, 4, 3, "cross_entropy", seed=9)
     fast = rf.relative_flatness(model, layer, x, y, method="exact")
     assert "Hessian-vector products" in fast.reason
     base = rf.relative_flatness_autograd(model, layer, x, y, vectorize=True)
+    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)
+
+
+class _Functional(nn.Module):
+    """An MLP written with a forward of functional calls and tensor methods, as research code is."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(5, 7), nn.Linear(7, 6), nn.Linear(6, 8), nn.Linear(8, 4)
+        self.act = nn.ELU()
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x))
+        x = torch.tanh(self.fc2(x))
+        x = F.leaky_relu(self.fc3(x), 0.1).sigmoid()
+        x = F.gelu(self.act(x), approximate="tanh")
+        return self.fc4(F.softplus(x, beta=2.0))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_traced_functional_model_matches_baseline(loss):
+    torch.manual_seed(7)
+    model = _Functional().double()
+    x, y = data(20, 5, 4, loss, seed=10)
+    for layer in ("fc1", "fc2", "fc3"):
+        _compare(model, layer, x, y, loss, how="traced")
+
+
+class _Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc3(h + torch.tanh(self.fc2(h)))  # fc1's output reaches the loss twice
+
+
+class _Stateful(nn.Module):
+    """Its forward changes after the first call, so a trace (the first call) is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.calls = nn.Linear(4, 5), nn.Linear(5, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h * 3.0 if self.calls > 1 else h)
+
+
+def test_traced_models_that_are_not_chains_use_hvps():
+    torch.manual_seed(8)
+    model = _Skip().double()
+    x, y = data(15, 4, 3, "cross_entropy", seed=11)
+    with torch.no_grad():
+        assert _tail.plan(model.eval(), "fc1", model.fc1) is None
+    fast = rf.relative_flatness(model, "fc1", x, y)
+    assert "Hessian-vector products" in fast.reason
+    base = rf.relative_flatness_autograd(model, "fc1", x, y, vectorize=True)
+    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)
+
+
+def test_a_trace_that_does_not_reproduce_the_model_is_not_used():
+    torch.manual_seed(9)
+    model = _Stateful().double()
+    x, y = data(15, 4, 3, "cross_entropy", seed=12)
+    with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        fast = rf.relative_flatness(model, "fc1", x, y)
+    assert "Hessian-vector products" in fast.reason
+    base = rf.relative_flatness_autograd(model, "fc1", x, y, vectorize=True)
     assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)

@@ -1,0 +1,208 @@
+"""The second-order chain rule through a tail of Linear layers and elementwise activations: exact
+output Hessians of a layer without Hessian-vector products.
+
+For ``z -> f_1 -> ... -> f_L = output`` and a per-sample loss ``l_i``, the chain rule gives
+``Hz_i = sum over sources of P_i^T S_i P_i``, with two kinds of source:
+
+- the loss: ``S_i = d^2 l_i / d out^2`` and ``P_i = d out / dz`` (the tail's Jacobian);
+- each elementwise activation ``v = sigma(u)``: ``S_i = diag(sigma''(u_i) * dl_i/dv_i)``, ``P_i = du/dz``.
+
+Only ``T = sum_i c_i Hz_i`` (and ``diag(Hz_i)`` for lmax) is needed, so the Jacobians are carried
+forward from z, as a per-sample diagonal until the first Linear and as a dense (r, n, d) stack
+after it, and each source is contracted where it is met: a few GEMMs per chunk of samples instead
+of d Hessian-vector products through the tail, every one a string of memory-bound passes.
+Activation derivatives come from autograd on the model's own module or function (exact for GELU's
+tanh form, Softplus' threshold, LeakyReLU's slope...). Which tails qualify: :mod:`relflat_ext._tail`.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
+from ._model import hessian_vector_products
+from ._tail import is_elementwise, is_linear
+
+# Elements of the largest (r, samples, d) Jacobian stack or (samples, k, k) loss Hessian per chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def out_features(tail: List[nn.Module], d: int) -> int:
+    """Width of the tail's output for a layer output of width d."""
+    widths = [m.out_features for m in tail if is_linear(m)]
+    return widths[-1] if widths else d
+
+
+def run_tail(tail: List[nn.Module], z: torch.Tensor) -> torch.Tensor:
+    """The tail's output for the layer output z (forward only)."""
+    with torch.no_grad():
+        for module in tail:
+            z = module(z)
+    return z
+
+
+def _derivatives(module: nn.Module, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sigma(u), sigma'(u), sigma''(u) of an elementwise module, by autograd through the module."""
+    with torch.enable_grad():
+        leaf = u.detach().requires_grad_(True)
+        v = module(leaf.clone())  # clone: in-place activations must not write into the leaf
+        first = torch.autograd.grad(v.sum(), leaf, create_graph=True)[0]
+        second = (torch.autograd.grad(first.sum(), leaf, allow_unused=True)[0]
+                  if first.requires_grad else None)
+    second = torch.zeros_like(u) if second is None else second
+    return v.detach(), first.detach(), second
+
+
+class _Jacobian:
+    """d u / d z for every sample of the chunk: ``diag`` (n, d) while the tail has been elementwise
+    (P_i = diag(diag_i)), then ``dense`` (r, n, d) (P_i = dense[:, i, :])."""
+
+    def __init__(self, n: int, d: int, like: torch.Tensor):
+        self.diag: Optional[torch.Tensor] = like.new_ones((n, d))
+        self.dense: Optional[torch.Tensor] = None
+
+    def linear(self, weight: torch.Tensor) -> None:
+        if self.diag is not None:
+            self.dense, self.diag = weight[:, None, :] * self.diag[None], None
+        else:
+            r, n, d = self.dense.shape
+            self.dense = (weight @ self.dense.reshape(r, n * d)).reshape(weight.shape[0], n, d)
+
+    def elementwise(self, slope: torch.Tensor) -> None:  # slope (n, r)
+        if self.diag is not None:
+            self.diag = self.diag * slope
+        else:
+            self.dense = self.dense * slope.T[:, :, None]
+
+
+class _Sum:
+    """T = sum_i c_i P_i^T S_i P_i over the sources, and diag(P_i^T S_i P_i) per sample (lmax)."""
+
+    def __init__(self, weights: torch.Tensor, d: int, want_diag: bool):
+        self.weights = weights
+        self.total = weights.new_zeros((d, d))
+        self.diag = weights.new_zeros((weights.shape[0], d)) if want_diag else None
+
+    def diagonal_source(self, jac: _Jacobian, s: torch.Tensor) -> None:
+        """S_i = diag(s_i), s (n, r)."""
+        if jac.diag is not None:
+            p2 = jac.diag.pow(2)
+            self.total.diagonal().add_((self.weights[:, None] * s * p2).sum(0))
+            if self.diag is not None:
+                self.diag += s * p2
+            return
+        p = jac.dense
+        scaled = p * (self.weights[:, None] * s).T[:, :, None]
+        self.total += scaled.flatten(0, 1).T @ p.flatten(0, 1)
+        if self.diag is not None:
+            self.diag += torch.einsum("nr,rnd->nd", s, p.pow(2))
+
+    def rank_one_source(self, jac: _Jacobian, b: torch.Tensor) -> None:
+        """S_i = -b_i b_i^T, b (n, r)."""
+        q = b * jac.diag if jac.diag is not None else torch.einsum("nr,rnd->nd", b, jac.dense)
+        self.total -= (q * self.weights[:, None]).T @ q
+        if self.diag is not None:
+            self.diag -= q.pow(2)
+
+    def dense_source(self, jac: _Jacobian, s: torch.Tensor) -> None:
+        """S_i = s[i] (n, r, r)."""
+        if jac.diag is not None:
+            p = jac.diag
+            self.total += torch.einsum("n,ns,nst,nt->st", self.weights, p, s, p)
+            if self.diag is not None:
+                self.diag += p.pow(2) * s.diagonal(dim1=1, dim2=2)
+            return
+        p = jac.dense
+        sp = torch.einsum("nab,bnd->and", s, p)
+        self.total += (sp * self.weights[None, :, None]).flatten(0, 1).T @ p.flatten(0, 1)
+        if self.diag is not None:
+            self.diag += (sp * p).sum(0)
+
+
+def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Callable, code: Optional[int]):
+    """The loss' own Hessian in the output, per sample (l_i with E = mean_i l_i)."""
+    k = out.shape[1]
+    if code == CROSS_ENTROPY:  # diag(p) - p p^T
+        p = torch.softmax(out, dim=1)
+        acc.diagonal_source(jac, p)
+        acc.rank_one_source(jac, p)
+    elif code == MSE:  # (2/k) I
+        acc.diagonal_source(jac, torch.full_like(out, 2.0 / k))
+    elif code == BCE_WITH_LOGITS:  # diag(sigma (1 - sigma)) / k
+        s = torch.sigmoid(out)
+        acc.diagonal_source(jac, s * (1 - s) / k)
+    else:  # a callable loss: its per-sample Hessian from k HVPs in the output (n, k, k)
+        with torch.enable_grad():
+            leaf = out.detach().requires_grad_(True)
+            grad = torch.autograd.grad(loss_fn(leaf, y), leaf, create_graph=True)[0]
+        if not grad.requires_grad:  # linear in the output
+            return
+        probes = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(-1, out.shape[0], -1)
+        hess = hessian_vector_products(grad, leaf, probes) * out.shape[0]  # (k, n, k): mean -> per sample
+        acc.dense_source(jac, hess.permute(1, 2, 0))
+
+
+def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Callable, code: Optional[int],
+                        weights: torch.Tensor, want_diag: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(sum_i weights_i Hz_i (d, d), diag(Hz_i) (n, d) or None)`` for the layer output z (n, d)
+    through ``tail``. ``loss_fn(output, y)`` averages over samples; ``code`` names a built-in loss
+    (its Hessian in closed form) or is None for a callable (k Hessian-vector products)."""
+    n, d = z.shape
+    widths = [m.out_features for m in tail if is_linear(m)]  # the dense stack's heights
+    per_sample = max([d] + [r * d for r in widths] + [out_features(tail, d) ** 2 if code is None else 0])
+    step = max(1, CHUNK_ELEMENTS // per_sample)
+    total = z.new_zeros((d, d))
+    diags = []
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        part, diag = _chunk(tail, z[rows], y[rows], loss_fn, code, weights[rows], want_diag)
+        total += part
+        diags.append(diag)
+    return total, (torch.cat(diags) if want_diag else None)
+
+
+def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
+    n, d = z.shape
+    # Forward: every module's input, and sigma', sigma'' of the activations.
+    u, slopes, curvatures = z, [], []
+    with torch.no_grad():
+        for module in tail:
+            if is_elementwise(module):
+                u, slope, curvature = _derivatives(module, u)
+                slopes.append(slope)
+                curvatures.append(curvature)
+            elif is_linear(module):
+                u = module(u)
+    out = u
+    if out.dim() != 2 or out.shape[0] != n:
+        raise ValueError(f"the model output must be (n, k) for the exact path, got {tuple(out.shape)}")
+    # Backward: dl_i/dv at each activation output, for the activations' sources.
+    with torch.enable_grad():
+        leaf = out.detach().requires_grad_(True)
+        grad = torch.autograd.grad(loss_fn(leaf, y), leaf, allow_unused=True)[0]
+    grad = torch.zeros_like(out) if grad is None else grad * n  # mean -> per-sample losses
+    sources = []
+    a = len(slopes)
+    for module in reversed(tail):
+        if is_linear(module):
+            grad = grad @ module.weight.detach()
+        elif is_elementwise(module):
+            a -= 1
+            sources.append(curvatures[a] * grad)
+            grad = grad * slopes[a]
+    sources.reverse()
+    # Forward again: carry dz -> du, contract each source where it is met.
+    acc = _Sum(weights, d, want_diag)
+    jac = _Jacobian(n, d, z)
+    a = 0
+    for module in tail:
+        if is_linear(module):
+            jac.linear(module.weight.detach())
+        elif is_elementwise(module):
+            acc.diagonal_source(jac, sources[a])
+            jac.elementwise(slopes[a])
+            a += 1
+    _loss_source(acc, jac, out, y, loss_fn, code)
+    return acc.total, acc.diag

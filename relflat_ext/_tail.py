@@ -6,9 +6,10 @@ Two ways to see the tail:
 - a plain ``nn.Sequential`` (nested ones too, subclasses that keep its forward): the modules after
   the layer, and the modules before it give the features directly;
 - any other model that ``torch.fx.symbolic_trace`` can trace: the nodes after the layer, when each
-  has one user and they end at the output (``F.relu``, ``torch.tanh``, ``x.sigmoid()``... are
-  accepted as well as modules). The trace is checked against the model: the tail must reproduce
-  the model's output from the layer's output on the data, or the HVP path runs instead.
+  has one user and they end at the output (``F.relu``, ``torch.tanh``, ``x.sigmoid()``... and
+  ``F.dropout`` with training=False are accepted as well as modules). The trace is checked
+  against the model: the tail must reproduce the model's output from the layer's output on the
+  data, or the HVP path runs instead.
 """
 from __future__ import annotations
 
@@ -145,6 +146,9 @@ def _step(user: fx.Node, node: fx.Node, modules) -> Optional[nn.Module]:
         return module if _supported(module) and not rest and not kwargs else None
     if user.op == "call_function" and user.target in ELEMENTWISE_FUNCTIONS:
         return Elementwise(user.target, rest, kwargs)
+    if user.op == "call_function" and user.target is F.dropout:  # F.dropout(x, p, training, inplace)
+        training = kwargs.get("training", rest[1] if len(rest) > 1 else True)
+        return None if training else nn.Identity()
     if user.op == "call_method" and user.target in ELEMENTWISE_METHODS and not rest and not kwargs:
         return Elementwise(getattr(torch, user.target))
     return None

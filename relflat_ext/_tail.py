@@ -1,6 +1,7 @@
 """Which models let the exact path use the second-order chain rule (:mod:`relflat_ext._chain_rule`)
 instead of Hessian-vector products: those where everything after the layer is a chain of Linear
-layers, elementwise activations, dropout (the identity in eval mode) and identities.
+layers, elementwise activations, BatchNorm1d with running statistics (in eval mode, where we
+measure, a per-feature affine map), dropout (the identity in eval mode) and identities.
 
 Two ways to see the tail:
 - a plain ``nn.Sequential`` (nested ones too, subclasses that keep its forward): the modules after
@@ -61,7 +62,13 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_elementwise(module: nn.Module) -> bool:
-    return type(module) in ELEMENTWISE or type(module) is Elementwise
+    return type(module) in ELEMENTWISE or type(module) is Elementwise or _frozen_batchnorm(module)
+
+
+def _frozen_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm1d in eval mode with running statistics: a per-feature affine map, so elementwise."""
+    return (type(module) is nn.BatchNorm1d and not module.training and module.track_running_stats
+            and module.running_mean is not None)
 
 
 def _supported(module: nn.Module) -> bool:

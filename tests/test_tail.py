@@ -81,6 +81,18 @@ def test_linear_tail_and_nested_sequentials():
     _compare(model, "0", x, y)
 
 
+def test_batchnorm_with_running_statistics_in_the_tail():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5), nn.BatchNorm1d(5),
+                          nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = data(30, 4, 3, "cross_entropy", seed=13)
+    model.train()
+    model(x)  # non-trivial running statistics
+    for layer in ("0", "3"):
+        _compare(model, layer, x, y)
+    assert model.training
+
+
 def test_prefix_may_hold_any_module():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.LayerNorm(20),

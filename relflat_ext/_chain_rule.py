@@ -165,7 +165,7 @@ def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Call
 
 def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
     n, d = z.shape
-    # Forward: every module's input, and sigma', sigma'' of the activations.
+    # Forward: the output, and sigma', sigma'' at every activation.
     u, slopes, curvatures = z, [], []
     with torch.no_grad():
         for module in tail:

@@ -271,7 +271,8 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
     acc = None
     chosen = method
     with preserved(model):
-        tail_plan = _tail.plan(model, name, lin)  # in eval mode: a trace follows the mode
+        # In eval mode: a trace follows the mode.
+        tail_plan = None if method == "closed_form" else _tail.plan(model, name, lin)
         if chosen is None and tail_plan is not None and tail_plan.tail:
             chosen = "exact"  # the layer does not produce the output: no need to run the model to see
         for x, y in iterate_batches(inputs, targets, batch_size):

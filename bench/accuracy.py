@@ -12,6 +12,8 @@ import json
 import os
 from collections import defaultdict
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +21,10 @@ from torch import nn
 import relflat_ext as rf
 from relflat_ext._tail import hvp_only
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
+from models import data, mlp  # noqa: E402  the test suite's random networks and data
+
 NETWORKS = [([6, 5, 4], "tanh"), ([5, 7, 6, 3], "softplus"), ([4, 6, 5, 4, 3], "gelu"), ([8, 9, 7, 4], "relu")]
-ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def _quartic(out, target):
@@ -28,24 +32,6 @@ def _quartic(out, target):
 
 
 LOSSES = {"cross_entropy": "cross_entropy", "mse": "mse", "bce_with_logits": "bce_with_logits", "callable": _quartic}
-
-
-def _mlp(widths, act, seed):
-    torch.manual_seed(seed)
-    layers = []
-    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([ACTIVATIONS[act]()] if k < len(widths) - 2 else [])
-    return nn.Sequential(*layers).double()
-
-
-def _data(n, widths, loss, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, widths[0], generator=g, dtype=torch.float64)
-    if loss == "cross_entropy":
-        return x, torch.randint(0, widths[-1], (n,), generator=g)
-    if loss == "bce_with_logits":
-        return x, torch.rand(n, widths[-1], generator=g, dtype=torch.float64)
-    return x, torch.randn(n, widths[-1], generator=g, dtype=torch.float64)
 
 
 def _rel(a, b) -> float:
@@ -56,10 +42,10 @@ def _rel(a, b) -> float:
 def measure(n: int = 64):
     rows = []
     for seed, (widths, act) in enumerate(NETWORKS):
-        model = _mlp(widths, act, seed)
+        model = mlp(widths, act, seed=seed)
         names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         for loss_name, loss in LOSSES.items():
-            x, y = _data(n, widths, "mse" if loss_name == "callable" else loss_name, seed)
+            x, y = data(n, widths[0], widths[-1], "mse" if loss_name == "callable" else loss_name, seed=seed)
             for name in names:
                 base = rf.relative_flatness_autograd(model, name, x, y, loss=loss, lmax=True, vectorize=True)
                 runs = [rf.relative_flatness(model, name, x, y, loss=loss, lmax=True)]

@@ -1,8 +1,8 @@
-"""Relative flatness, head and intermediate layers: the package (and its general Hessian-vector-product
-path) against the pure-PyTorch fallback,
-the eager closed form, the authors' autograd method (per-entry double backward), torch.func.hessian,
-a Hutchinson-style estimate with curvlinops, and the logits GEMM alone as the floor. Every case
-checks its result against a float64 reference before it is timed."""
+"""Relative flatness, head and intermediate layers: the package (and, for intermediate layers, its
+general Hessian-vector-product path) against the pure-PyTorch fallback, the eager closed form, the
+authors' autograd method (per-entry double backward), torch.func.hessian, a Hutchinson-style
+estimate with curvlinops, and the logits GEMM alone as the floor. Every case checks its result
+against a float64 reference before it is timed."""
 import pytest
 import torch
 from torch import nn

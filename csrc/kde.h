@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <math.h>
 #include <optional>
 
@@ -50,22 +51,26 @@ inline void check_kde_args(const at::Tensor& queries, const at::Tensor& keys, co
   }
 }
 
-// Everything the kernels read, contiguous. Queries and keys are centred on the keys' mean, which
-// leaves distances unchanged but shrinks the norms in |q|^2 + |k|^2 - 2 q.k, so the expansion loses
-// less to cancellation. coef = -1 / (2 h^2) and lognorm = -m log h - (m/2) log(2 pi), per bandwidth
-// and key: (B, nk). n_visible (R, nq) counts the keys each query sees (a binary search per query in
-// the sorted key ids), in the data dtype so the kernels can take its log.
-struct KdeInputs {
+// One problem as both backends take it: the arguments checked, everything the kernels read made
+// contiguous, the sizes, and the outputs in their no-visible-key state (-inf and zeros), which is
+// also the answer when there are no queries or no keys. Queries and keys are centred on the keys'
+// mean, which leaves distances unchanged but shrinks the norms in |q|^2 + |k|^2 - 2 q.k, so the
+// expansion loses less to cancellation. coef = -1 / (2 h^2) and lognorm = -m log h - (m/2) log(2 pi),
+// per bandwidth and key: (B, nk). n_visible (R, nq) counts the keys each query sees (a binary search
+// per query in the sorted key ids), in the data dtype so the kernels can take its log.
+struct KdeProblem {
   at::Tensor queries, keys, query_sq_norms, key_sq_norms, values, coef, lognorm, query_split, key_split,
       n_visible;
-  int64_t n_splits = 1;
+  at::Tensor logdens, wval;  // outputs (R, B, nq) and (R, B, nq, c)
+  int64_t nq = 0, nk = 0, c = 0, n_bw = 0, n_splits = 1;
 };
 
-inline KdeInputs prepare_kde(const at::Tensor& queries, const at::Tensor& keys,
-                             const std::optional<at::Tensor>& values, const at::Tensor& bandwidths,
-                             const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& query_split,
-                             const std::optional<at::Tensor>& key_split) {
-  KdeInputs in;
+inline KdeProblem prepare_kde(const at::Tensor& queries, const at::Tensor& keys,
+                              const std::optional<at::Tensor>& values, const at::Tensor& bandwidths,
+                              const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& query_split,
+                              const std::optional<at::Tensor>& key_split) {
+  check_kde_args(queries, keys, values, bandwidths, key_scale, query_split, key_split);
+  KdeProblem in;
   const int64_t m = queries.size(1);
   const int64_t nk = keys.size(0);
   const at::Tensor centre = nk > 0 ? keys.mean(0, /*keepdim=*/true) : at::zeros({1, m}, keys.options());
@@ -90,6 +95,12 @@ inline KdeInputs prepare_kde(const at::Tensor& queries, const at::Tensor& keys,
   } else {
     in.n_visible = at::full({1, queries.size(0)}, static_cast<double>(nk), queries.options());
   }
+  in.nq = queries.size(0);
+  in.nk = nk;
+  in.c = values.has_value() ? values->size(1) : 0;
+  in.n_bw = bandwidths.size(0);
+  in.logdens = at::full({in.n_splits, in.n_bw, in.nq}, -std::numeric_limits<double>::infinity(), queries.options());
+  in.wval = at::zeros({in.n_splits, in.n_bw, in.nq, in.c}, queries.options());
   return in;
 }
 

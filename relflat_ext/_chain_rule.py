@@ -150,8 +150,9 @@ def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Call
     through ``tail``. ``loss_fn(output, y)`` averages over samples; ``code`` names a built-in loss
     (its Hessian in closed form) or is None for a callable (k Hessian-vector products)."""
     n, d = z.shape
-    widths = [m.out_features for m in tail if is_linear(m)]  # the dense stack's heights
-    per_sample = max([d] + [r * d for r in widths] + [out_features(tail, d) ** 2 if code is None else 0])
+    heights = [m.out_features for m in tail if is_linear(m)]  # of the dense Jacobian stack
+    k = heights[-1] if heights else d
+    per_sample = max([d] + [r * d for r in heights] + [k * k if code is None else 0])
     step = max(1, CHUNK_ELEMENTS // per_sample)
     total = z.new_zeros((d, d))
     diags = []
@@ -175,9 +176,7 @@ def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
                 curvatures.append(curvature)
             elif is_linear(module):
                 u = module(u)
-    out = u
-    if out.dim() != 2 or out.shape[0] != n:
-        raise ValueError(f"the model output must be (n, k) for the exact path, got {tuple(out.shape)}")
+    out = u  # (n, k): Linear and elementwise steps keep z's two dimensions
     # Backward: dl_i/dv at each activation output, for the activations' sources.
     with torch.enable_grad():
         leaf = out.detach().requires_grad_(True)

@@ -5,13 +5,14 @@ the layer's weight only (bias excluded), no 1/m factor:
 ``kappa_Tr(W) = sum_{s,t} <w_s, w_t> Tr(H_{s,t})`` and ``kappa_lmax = sum_s ||w_s||^2 lambda_max(H_{s,s})``.
 Nothing of size (d*m)^2 is formed: ``H = (1/n) sum_i Hz_i (x) phi_i phi_i^T`` when samples do not
 interact, so both need only the per-sample output Hessians ``Hz_i``: closed form for the last
-layer; the second-order chain rule through the tail when the model is an ``nn.Sequential`` whose
-tail is Linear and elementwise modules (:mod:`relflat_ext._tail`: GEMMs); ``min(d, m)`` batched
-Hessian-vector products with respect to the layer output for any other model.
+layer; the second-order chain rule when the tail is a chain of Linear and elementwise steps
+(:mod:`relflat_ext._tail` says when, :mod:`relflat_ext._chain_rule` does it with GEMMs);
+``min(d, m)`` batched Hessian-vector products with respect to the layer output for any other model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -34,7 +35,8 @@ METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
 # the 784-512-256-10 MLP's 256x512 layer, n = 10000, and 0.10 s vs 0.71 s for a 32x64 layer.
 HVP_BLOCK_ELEMENTS = 1 << 18
 # On CPU the HVP path works through sub-batches of this many (samples x d) elements, which stay
-# cache-resident: 3.2 s vs 3.8 s for the case above with 2^19 (2^18 and 2^20-2^21 within noise).
+# cache-resident: for the case above 3.2 s vs 3.8 s unsplit (medians of 3 runs in one process;
+# 2^18, 2^20 and 2^21 within noise of 2^19).
 EXACT_CPU_CHUNK_ELEMENTS = 1 << 19
 # Largest (d, m, m) stack of diagonal Hessian blocks built for lmax, in bytes.
 LMAX_MAX_BYTES = 4 << 30
@@ -94,6 +96,11 @@ class _Accumulator:
             raise ValueError(f"lmax=True needs the {d} diagonal Hessian blocks of size {m}x{m} "
                              f"({d * m * m * weight.element_size() / 2**30:.1f} GiB); too large")
         self.diag_blocks = weight.new_zeros((d, m, m)) if lmax else None
+
+    @functools.cached_property
+    def gram(self) -> torch.Tensor:
+        """G = W W^T (d, d), once per call (the exact paths contract every batch with it)."""
+        return self.weight @ self.weight.T
 
     def add_diagonal(self, hdiag: torch.Tensor, features: torch.Tensor) -> None:
         """diag_blocks[s] += sum_i Hz_i[s, s] phi_i phi_i^T."""
@@ -208,8 +215,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
     default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples.
     method: "closed_form" (layer produces the model output, built-in loss), "exact" (per-sample
-    output Hessians: propagated by the chain rule through a Sequential tail of Linear and elementwise
-    modules; otherwise batched HVPs w.r.t. the layer output, d probes, or m probes with the columns
+    output Hessians: propagated by the chain rule through a tail that is a chain of Linear and
+    elementwise steps, in an nn.Sequential or a model torch.fx traces; otherwise batched HVPs w.r.t. the layer output, d probes, or m probes with the columns
     of W when m < d and neither ``block_trace`` nor ``lmax`` is asked; ``result.reason`` says
     which), "autograd" (the
     authors' full-Hessian baseline), or "auto" (closed form when possible, else exact).
@@ -295,10 +302,13 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
             else:
                 tail_plan = _exact_batch(acc, model, name, lin, x, y, loss, w, scale, tail_plan)
     result = acc.result(chosen, name, scale, start)
-    result.reason = f"{chosen}: " + (
-        "the layer produces the model output and the loss is built in" if chosen == "closed_form" else
-        "second derivatives propagated by the chain rule through the tail (Linear and elementwise steps"
-        + (", traced)" if tail_plan.traced else ", Sequential)") if tail_plan is not None else "Hessian-vector products through the model's tail")
+    if chosen == "closed_form":
+        result.reason = "closed_form: the layer produces the model output and the loss is built in"
+    elif tail_plan is not None:
+        result.reason = ("exact: second derivatives propagated by the chain rule through the tail "
+                         f"(Linear and elementwise steps, {'traced' if tail_plan.traced else 'Sequential'})")
+    else:
+        result.reason = "exact: Hessian-vector products through the model's tail"
     return result
 
 
@@ -362,7 +372,7 @@ def _exact_tail_batch(acc: _Accumulator, tail_plan: _tail.TailPlan, model, name:
     total, hdiag = _chain_rule.output_hessian_sums(tail_plan.tail, z, y, resolve_loss(loss), code,
                                                    phi.pow(2).sum(1), acc.diag_blocks is not None)
     acc.n += z.shape[0]
-    acc.kappa_sum = acc.kappa_sum + (w @ w.T * total).sum()
+    acc.kappa_sum = acc.kappa_sum + (acc.gram * total).sum()
     if acc.block is not None:
         acc.block += total
     if hdiag is not None:
@@ -390,7 +400,6 @@ def _exact_chunk(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: t
     acc.n += n_b
     if not grad_z.requires_grad:  # loss linear in z: Hz = 0, nothing to add
         return
-    gram = w @ w.T
     use_weight_probes = m < d and acc.block is None and acc.diag_blocks is None
     probe_dirs = w if use_weight_probes else torch.eye(d, dtype=w.dtype, device=w.device)
     num_probes = probe_dirs.shape[1]
@@ -401,7 +410,7 @@ def _exact_chunk(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: t
         dirs = probe_dirs[:, cols].T  # (k, d)
         probes = dirs[:, None, :].expand(-1, n_b, -1)
         hz = hessian_vector_products(grad_z, z, probes).permute(1, 2, 0)  # (n_b, d, k): Hz_i / n_b
-        gram_cols = w[:, cols] if use_weight_probes else gram[:, cols]
+        gram_cols = w[:, cols] if use_weight_probes else acc.gram[:, cols]
         per_sample, block = ops.contract_output_hessians(sq_norms, hz, gram_cols, acc.block is not None)
         acc.kappa_sum = acc.kappa_sum + per_sample.sum()
         if acc.block is not None:

@@ -27,7 +27,8 @@ def _deep(act, seed=0, k=4):
                          act, nn.Identity(), nn.Linear(8, k)).double()
 
 
-def _compare(model, layer, x, y, loss="cross_entropy", rtol=1e-8, how="Sequential"):
+def _compare(model, layer, x, y, loss="cross_entropy", rtol=1e-10, how="Sequential"):
+    """The chain rule against the baseline; rtol 1e-10 where 2e-14 is the largest error measured."""
     before = snapshot(model)
     fast = rf.relative_flatness(model, layer, x, y, loss=loss, method="exact", lmax=True)
     assert_unchanged(model, before)
@@ -106,7 +107,7 @@ def test_float32_agrees_with_float64():
     x, y = data(400, 5, 10, "cross_entropy", seed=8)
     want = rf.relative_flatness(model, "2", x, y).kappa
     got = rf.relative_flatness(model.float(), "2", x.float(), y).kappa
-    assert abs(got - want) <= 1e-5 * abs(want)
+    assert abs(got - want) <= 2e-6 * abs(want)  # measured 1.9e-7
 
 
 class _Subclass(nn.Sequential):
@@ -132,7 +133,7 @@ def test_other_models_use_hessian_vector_products(case):
     fast = rf.relative_flatness(model, layer, x, y, method="exact")
     assert "Hessian-vector products" in fast.reason
     base = rf.relative_flatness_autograd(model, layer, x, y, vectorize=True)
-    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)
+    assert abs(fast.kappa - base.kappa) <= 1e-10 * abs(base.kappa)
 
 
 class _Functional(nn.Module):
@@ -193,7 +194,7 @@ def test_traced_models_that_are_not_chains_use_hvps():
     fast = rf.relative_flatness(model, "fc1", x, y)
     assert "Hessian-vector products" in fast.reason
     base = rf.relative_flatness_autograd(model, "fc1", x, y, vectorize=True)
-    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)
+    assert abs(fast.kappa - base.kappa) <= 1e-10 * abs(base.kappa)
 
 
 def test_a_trace_that_does_not_reproduce_the_model_is_not_used():
@@ -204,4 +205,4 @@ def test_a_trace_that_does_not_reproduce_the_model_is_not_used():
         fast = rf.relative_flatness(model, "fc1", x, y)
     assert "Hessian-vector products" in fast.reason
     base = rf.relative_flatness_autograd(model, "fc1", x, y, vectorize=True)
-    assert abs(fast.kappa - base.kappa) <= 1e-8 * abs(base.kappa)
+    assert abs(fast.kappa - base.kappa) <= 1e-10 * abs(base.kappa)

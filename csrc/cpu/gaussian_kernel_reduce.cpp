@@ -181,13 +181,9 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cpu(
     const at::Tensor& queries, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const at::Tensor& bandwidths, const std::optional<at::Tensor>& key_scale,
     const std::optional<at::Tensor>& query_split, const std::optional<at::Tensor>& key_split) {
-  check_kde_args(queries, keys, values, bandwidths, key_scale, query_split, key_split);
-  const KdeInputs in = prepare_kde(queries, keys, values, bandwidths, key_scale, query_split, key_split);
-  const int64_t nq = queries.size(0), nk = keys.size(0), n_bw = bandwidths.size(0);
-  const int64_t c = values.has_value() ? values->size(1) : 0;
-  at::Tensor logdens = at::full({in.n_splits, n_bw, nq}, -std::numeric_limits<double>::infinity(), queries.options());
-  at::Tensor wval = at::zeros({in.n_splits, n_bw, nq, c}, queries.options());
-  if (nq == 0 || nk == 0) return {logdens, wval};
+  const KdeProblem in = prepare_kde(queries, keys, values, bandwidths, key_scale, query_split, key_split);
+  const int64_t nq = in.nq, nk = in.nk, n_bw = in.n_bw, c = in.c;
+  if (nq == 0 || nk == 0) return {in.logdens, in.wval};
   const at::Tensor keys_t = in.keys.t();  // (m, nk), a strided view BLAS reads directly
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "gaussian_kernel_reduce_cpu", [&] {
     using T = scalar_t;
@@ -200,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cpu(
                        in.query_split.defined() ? in.query_split.data_ptr<int64_t>() : nullptr,
                        in.key_split.defined() ? in.key_split.data_ptr<int64_t>() : nullptr,
                        nq, nk, c, n_bw, in.n_splits,
-                       logdens.data_ptr<T>(), wval.data_ptr<T>()};
+                       in.logdens.data_ptr<T>(), in.wval.data_ptr<T>()};
     const int64_t n_blocks = (nq + kQueryBlock - 1) / kQueryBlock;
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       at::Tensor dots = at::empty({kQueryBlock, kKeyTile}, queries.options());
@@ -220,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cpu(
       }
     });
   });
-  return {logdens, wval};
+  return {in.logdens, in.wval};
 }
 
 }  // namespace

@@ -115,20 +115,23 @@ class _Subclass(nn.Sequential):
         return super().forward(x) * 2
 
 
-def _not_plain():
-    torch.manual_seed(6)
-    hooked = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    hooked[1].register_forward_hook(lambda module, args, out: out * 1.5)
-    yield "subclass", _Subclass(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), "0"
-    yield "hook", hooked, "0"
-    yield "unsupported tail", nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double(), "0"
+def _hooked():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[1].register_forward_hook(lambda module, args, out: out * 1.5)
+    return model
 
 
-@pytest.mark.parametrize("case", list(_not_plain()), ids=lambda c: c[0])
+NOT_PLAIN = {"subclass": lambda: _Subclass(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+             "hook": _hooked,
+             "unsupported tail": lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))}
+
+
+@pytest.mark.parametrize("case", list(NOT_PLAIN))
 def test_other_models_use_hessian_vector_products(case):
-    _, model, layer = case
+    torch.manual_seed(6)
+    model, layer = NOT_PLAIN[case]().double(), "0"
     with torch.no_grad():
-        assert _tail.plan(model.eval(), layer, dict(model.named_modules())[layer]) is None
+        assert _tail.plan(model.eval(), layer, model[0]) is None
     x, y = data(15, 4, 3, "cross_entropy", seed=9)
     fast = rf.relative_flatness(model, layer, x, y, method="exact")
     assert "Hessian-vector products" in fast.reason

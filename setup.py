@@ -2,7 +2,7 @@
 build of torch are both present.
 
 Switches: FORCE_CUDA=1 builds the CUDA kernels even without a visible GPU (needs nvcc and a CUDA
-torch); RELFLAT_CPU_ONLY=1 never builds them; TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0").
+torch); RELFLAT_CPU_ONLY=1 never builds them; TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0+PTX": A100, H100/H200 code, and PTX that newer GPUs compile at load time).
 Install with `pip install --no-build-isolation -e .` so the build sees the torch you run.
 """
 import glob
@@ -18,7 +18,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "relflat_ext", "_ext.py")).read()).group(1)
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _flag(name):

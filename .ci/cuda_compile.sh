@@ -11,7 +11,7 @@ if [ ! -f "$VENV/.deps" ]; then
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
-export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-2}
+export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"} MAX_JOBS=${MAX_JOBS:-2}
 out=build/cuda-lib
 "$VENV/bin/python" setup.py build_ext --build-lib "$out" --build-temp build/cuda-tmp
 so=$(ls "$out"/relflat_ext/_C*.so)

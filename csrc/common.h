@@ -11,7 +11,7 @@ namespace relflat {
 // Must match relflat_ext/_losses.py.
 enum LossCode : int64_t { kCrossEntropy = 0, kMse = 1, kBceWithLogits = 2 };
 
-// Up to this many outputs the closed form evaluates p^T G p per row inline; above it a GEMM does.
+// Up to this many outputs the closed form evaluates p^T D p per row inline; above it a GEMM does.
 constexpr int64_t kInlineQuadraticMaxOutputs = 64;
 
 inline void check_float_matrix(const at::Tensor& t, const char* name, int64_t dim) {
@@ -63,13 +63,47 @@ inline void check_dense_args(const at::Tensor& hessian, const at::Tensor& weight
               dm, ") for weight of shape ", weight.sizes(), ", got ", hessian.sizes());
 }
 
+// Cross entropy without cancellation (docs/design.md, "numerics"). At a confident row 1 - p_k rounds
+// to 0, so nothing here subtracts from 1 or from p_k:
+//   <G, diag(p) - p p^T> = 1/2 p^T D p,  D[s, t] = ||w_s - w_t||^2 (all terms >= 0), or, with
+//   delta = p - e_k (k = argmax, delta_k = -sum_{t != k} p_t) and v = W^T delta:
+//   <G, diag(p) - p p^T> = delta . diag(G) - 2 w_k . v - ||v||^2  (n*d*m work when m < d).
+
+// D = ||w_s - w_t||^2 (d, d) from G: rounding relative to ||w||^2, not to the margin.
+inline at::Tensor squared_distances(const at::Tensor& gram) {
+  const at::Tensor sq = gram.diagonal();
+  at::Tensor dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram).clamp_min_(0);
+  dist.fill_diagonal_(0);
+  return dist;
+}
+
+// 1 - p for probability rows, with the row maximum's entry the sum of the other entries.
+inline at::Tensor softmax_complement(const at::Tensor& p) {
+  const at::Tensor k = p.argmax(1, /*keepdim=*/true);
+  const at::Tensor rest = p.scatter(1, k, 0.0).sum(1, /*keepdim=*/true);
+  return (1 - p).scatter(1, k, rest);
+}
+
+// <G, diag(p_i) - p_i p_i^T> per row by the argmax-centred form (one n x d x m GEMM).
+inline at::Tensor centred_cross_entropy_terms(const at::Tensor& p, const at::Tensor& weight,
+                                              const at::Tensor& gdiag) {
+  const at::Tensor k = p.argmax(1, /*keepdim=*/true);
+  const at::Tensor others = p.scatter(1, k, 0.0);
+  const at::Tensor delta = others.scatter(1, k, -others.sum(1, /*keepdim=*/true));
+  const at::Tensor v = at::mm(delta, weight);  // (n, m)
+  const at::Tensor wk = weight.index_select(0, k.squeeze(1));
+  return at::mv(delta, gdiag) - 2 * (wk * v).sum(1) - v.pow(2).sum(1);
+}
+
 // sum_i a_i Hz_i from the per-row h (n, d) of the closed form (softmax p for cross entropy,
-// sigma(1-sigma)/d for BCE): diag(sum_i a_i h_i), minus sum_i a_i p_i p_i^T for cross entropy.
-// Both backends use it (ATen ops run on the tensors' device and current stream).
+// sigma(z) sigma(-z)/d for BCE). Cross entropy: -sum_i a_i p_i p_i^T off the diagonal and
+// sum_i a_i p_is (1 - p_is) on it, with the accurate complement. Both backends use it (ATen ops
+// run on the tensors' device and current stream).
 inline at::Tensor block_sum_from_rows(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
   const at::Tensor weighted = h * sq_norms.unsqueeze(1);
-  at::Tensor block = at::diag(weighted.sum(0));
-  if (loss == kCrossEntropy) block -= at::mm(weighted.t(), h);
+  if (loss != kCrossEntropy) return at::diag(weighted.sum(0));
+  at::Tensor block = -at::mm(weighted.t(), h);
+  block.diagonal().copy_((weighted * softmax_complement(h)).sum(0));
   return block;
 }
 

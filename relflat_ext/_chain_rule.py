@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
+from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement
 from ._model import hessian_vector_products
 from ._tail import is_elementwise, is_linear
 
@@ -93,18 +93,37 @@ class _Sum:
             if self.diag is not None:
                 self.diag += s * p2
             return
-        p = jac.dense
+        self._dense_diagonal_source(jac.dense, s)
+
+    def _dense_diagonal_source(self, p: torch.Tensor, s: torch.Tensor) -> None:
+        """S_i = diag(s_i) through the dense Jacobian stack p (r, n, d)."""
         scaled = p * (self.weights[:, None] * s).T[:, :, None]
         self.total += scaled.flatten(0, 1).T @ p.flatten(0, 1)
         if self.diag is not None:
             self.diag += torch.einsum("nr,rnd->nd", s, p.pow(2))
 
-    def rank_one_source(self, jac: _Jacobian, b: torch.Tensor) -> None:
-        """S_i = -b_i b_i^T, b (n, r)."""
-        q = b * jac.diag if jac.diag is not None else torch.einsum("nr,rnd->nd", b, jac.dense)
-        self.total -= (q * self.weights[:, None]).T @ q
-        if self.diag is not None:
-            self.diag -= q.pow(2)
+    def softmax_source(self, jac: _Jacobian, p: torch.Tensor) -> None:
+        """S_i = diag(p_i) - p_i p_i^T, p (n, r) softmax rows, without cancellation at confident rows:
+        P^T S P = sum_s p_s c_s c_s^T with the centred rows ``c_s = (P_s - P_k) - P^T delta``,
+        ``delta = p - e_k`` (k the winning class, ``delta_k = -sum_{t != k} p_t``): every term >= 0
+        and ``c_k = -P^T delta`` exact (``J^T diag(p) J - (J^T p)(J^T p)^T`` loses every digit)."""
+        if jac.diag is not None:  # P_i = diag(j_i): the entries themselves, the diagonal from 1 - p done right
+            q = p * jac.diag
+            outer = (q * self.weights[:, None]).T @ q
+            outer.diagonal().zero_()
+            on_diag = jac.diag.pow(2) * p * softmax_complement(p)
+            self.total -= outer
+            self.total.diagonal().add_((self.weights[:, None] * on_diag).sum(0))
+            if self.diag is not None:
+                self.diag += on_diag
+            return
+        k = p.argmax(dim=1, keepdim=True)
+        others = p.scatter(1, k, 0.0)
+        delta = others.scatter(1, k, -others.sum(dim=1, keepdim=True))
+        dense = jac.dense  # (r, n, d)
+        winner = dense.gather(0, k.T[:, :, None].expand(1, -1, dense.shape[2]))  # (1, n, d): P_k
+        centred = (dense - winner) - torch.einsum("nr,rnd->nd", delta, dense)[None]
+        self._dense_diagonal_source(centred, p)
 
     def dense_source(self, jac: _Jacobian, s: torch.Tensor) -> None:
         """S_i = s[i] (n, r, r)."""
@@ -125,14 +144,11 @@ def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Calla
     """The loss' own Hessian in the output, per sample (l_i with E = mean_i l_i)."""
     k = out.shape[1]
     if code == CROSS_ENTROPY:  # diag(p) - p p^T
-        p = torch.softmax(out, dim=1)
-        acc.diagonal_source(jac, p)
-        acc.rank_one_source(jac, p)
+        acc.softmax_source(jac, torch.softmax(out, dim=1))
     elif code == MSE:  # (2/k) I
         acc.diagonal_source(jac, torch.full_like(out, 2.0 / k))
-    elif code == BCE_WITH_LOGITS:  # diag(sigma (1 - sigma)) / k
-        s = torch.sigmoid(out)
-        acc.diagonal_source(jac, s * (1 - s) / k)
+    elif code == BCE_WITH_LOGITS:  # diag(sigma(z) sigma(-z)) / k
+        acc.diagonal_source(jac, sigmoid_curvature(out) / k)
     else:  # a callable loss: its per-sample Hessian from k HVPs in the output (n, k, k)
         with torch.enable_grad():
             leaf = out.detach().requires_grad_(True)
@@ -147,7 +163,8 @@ def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Calla
 def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Callable, code: Optional[int],
                         weights: torch.Tensor, want_diag: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(sum_i weights_i Hz_i (d, d), diag(Hz_i) (n, d) or None)`` for the layer output z (n, d)
-    through ``tail``. ``loss_fn(output, y)`` averages over samples; ``code`` names a built-in loss
+    through ``tail``. ``loss_fn(output, y)`` averages over samples (its gradient feeds the
+    activations' terms: pass :func:`~relflat_ext._losses.loss_for_derivatives`); ``code`` names a built-in loss
     (its Hessian in closed form) or is None for a callable (k Hessian-vector products)."""
     n, d = z.shape
     heights = [m.out_features for m in tail if is_linear(m)]  # of the dense Jacobian stack

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Sequence, Tuple
 
 import torch
 
@@ -60,12 +61,44 @@ def fallback_only() -> Iterator[None]:
         _FORCE_FALLBACK = previous
 
 
+def runs_on(capability: Tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether code built for ``arch_list`` (TORCH_CUDA_ARCH_LIST entries: "8.0", "9.0+PTX", ...)
+    runs on a GPU of compute ``capability``: machine code for X.y runs on X.z with z >= y (same
+    major version); PTX for X.y is compiled at load time for any capability >= X.y."""
+    for entry in arch_list:
+        name, _, suffix = entry.partition("+")
+        try:
+            arch = tuple(int(v) for v in name.split(".")[:2])
+        except ValueError:
+            continue
+        if arch[0] == capability[0] and arch[1] <= capability[1]:
+            return True
+        if suffix.upper() == "PTX" and arch <= tuple(capability):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels_run_on(index: int) -> bool:
+    capability = torch.cuda.get_device_capability(index)
+    arch_list = _C.build_info()["cuda_arch_list"]
+    if runs_on(capability, arch_list):
+        return True
+    warnings.warn(f"relflat_ext: the CUDA kernels were built for {';'.join(arch_list)}, which cannot run on "
+                  f"cuda:{index} (compute capability {capability[0]}.{capability[1]}); its ops use the "
+                  "pure-PyTorch fallback (same results, slower). Rebuild with TORCH_CUDA_ARCH_LIST="
+                  f"\"{capability[0]}.{capability[1]}\" for the kernels.", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def kernel_available(device: torch.device) -> bool:
-    """Whether a compiled kernel exists for tensors on ``device`` (and is not switched off)."""
+    """Whether a compiled kernel exists for tensors on ``device``, can run on it (the GPU's
+    architecture is among those built, or PTX covers it) and is not switched off."""
     if _FORCE_FALLBACK:
         return False
     if device.type == "cpu":
         return HAS_EXTENSION
     if device.type == "cuda":
-        return HAS_CUDA_KERNELS
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return HAS_CUDA_KERNELS and _cuda_kernels_run_on(index)
     return False

@@ -9,6 +9,13 @@ respect to the logits ``z`` do not depend on the targets, which is why the kerne
 - BCE with logits (mean over all ``n*d`` entries): ``Hz_i = (1/d) diag(sigma(z_i)(1 - sigma(z_i)))``
 
 ``Hz_i`` is always normalized so that the empirical risk is ``E = (1/n) sum_i l_i``.
+
+At a confident minimum ``1 - p_k`` (k the winning class) and ``1 - sigma(z)`` round to 0 in float32
+from margins of about 17, and every formula that subtracts from 1 or from ``p_k`` loses all its
+digits. Everything here is written without that subtraction: complements are sums of the small
+entries (:func:`softmax_complement`), ``sigma(z)(1 - sigma(z)) = sigma(z) sigma(-z)``, and
+:func:`loss_for_derivatives` gives the losses with gradients and Hessian-vector products in the
+same form, for the paths that differentiate through autograd.
 """
 from __future__ import annotations
 
@@ -44,7 +51,22 @@ def resolve_loss(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch
     """The callable behind a loss spec (a built-in name or a user callable)."""
     if callable(loss):
         return loss
-    return LOSS_FUNCTIONS[[k for k, v in LOSS_CODES.items() if v == loss_code(loss)][0]]
+    loss_code(loss)
+    return LOSS_FUNCTIONS[loss]
+
+
+def softmax_complement(p: torch.Tensor) -> torch.Tensor:
+    """``1 - p`` for probability rows p (n, d), accurate in every entry: at each row's largest
+    entry k it is the sum of the other entries (``1 - p_k`` in floating point keeps no digit once
+    ``p_k`` rounds to 1); elsewhere ``p_s <= 1/2`` and ``1 - p_s`` is exact to rounding."""
+    k = p.argmax(dim=1, keepdim=True)
+    rest = p.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    return (1 - p).scatter(1, k, rest)
+
+
+def sigmoid_curvature(z: torch.Tensor) -> torch.Tensor:
+    """``sigma(z)(1 - sigma(z))`` as ``sigma(z) sigma(-z)``: no subtraction from 1."""
+    return torch.sigmoid(z) * torch.sigmoid(-z)
 
 
 def output_hessian_diagonal(logits: torch.Tensor, code: int) -> torch.Tensor:
@@ -52,8 +74,133 @@ def output_hessian_diagonal(logits: torch.Tensor, code: int) -> torch.Tensor:
     d = logits.shape[1]
     if code == CROSS_ENTROPY:
         p = torch.softmax(logits, dim=1)
-        return p * (1 - p)
+        return p * softmax_complement(p)
     if code == MSE:
-        return torch.full_like(logits, 2.0 / d)
-    s = torch.sigmoid(logits)
-    return s * (1 - s) / d
+        return torch.full_like(logits, 2.0 / d) if d else logits.new_empty(logits.shape)
+    return sigmoid_curvature(logits) / d
+
+
+def _probabilities(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Class-index targets as one-hot rows; probability targets as they are."""
+    if target.dim() == like.dim() and target.is_floating_point():
+        return target
+    return torch.zeros_like(like).scatter_(1, target.long().unsqueeze(1), 1.0)
+
+
+def cross_entropy_gradient(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``p - y`` per sample (n, d), with the winning class' entry ``(1 - y_k) - sum_{t != k} p_t``."""
+    p = torch.softmax(logits, dim=1)
+    y = _probabilities(target, logits)
+    k = p.argmax(dim=1, keepdim=True)
+    rest = p.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    return (p - y).scatter(1, k, (1 - y.gather(1, k)) - rest)
+
+
+def bce_gradient(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sigma(z) - y`` per entry as ``sigma(z)(1 - y) - y sigma(-z)`` (exact for 0/1 targets)."""
+    return torch.sigmoid(logits) * (1 - target) - target * torch.sigmoid(-logits)
+
+
+class _CrossEntropyGradient(torch.autograd.Function):
+    """(p - y) / n, whose derivative along v is ``p * (v - <p, v>) / n``, with
+    ``v_s - <p, v> = (v_s - v_k) - sum_t p_t (v_t - v_k)`` (k the winning class): no cancellation
+    at the winning class, the entry that carries the signal at a confident minimum."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return cross_entropy_gradient(logits, target) / logits.shape[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, _ = inputs
+        ctx.save_for_backward(torch.softmax(logits, dim=1))
+
+    @staticmethod
+    def backward(ctx, v):
+        (p,) = ctx.saved_tensors
+        k = p.argmax(dim=1, keepdim=True)
+        dv = v - v.gather(1, k)
+        centred = dv - (p * dv).sum(dim=1, keepdim=True)
+        return p * centred / p.shape[0], None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy`` (mean over samples, logits (n, d)) with the gradient of
+    :class:`_CrossEntropyGradient`, so Hessian-vector products through it stay accurate."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return F.cross_entropy(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        return grad * _CrossEntropyGradient.apply(logits, target), None
+
+
+class _BceGradient(torch.autograd.Function):
+    """(sigma(z) - y) / N, whose derivative is ``sigma(z) sigma(-z) / N`` elementwise."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return bce_gradient(logits, target) / logits.numel()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(sigmoid_curvature(inputs[0]) / inputs[0].numel())
+
+    @staticmethod
+    def backward(ctx, v):
+        (curvature,) = ctx.saved_tensors
+        return v * curvature, None
+
+
+class _Bce(torch.autograd.Function):
+    """``F.binary_cross_entropy_with_logits`` (mean over all entries) with the gradient of
+    :class:`_BceGradient`."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        return grad * _BceGradient.apply(logits, target), None
+
+
+def _stable_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if output.dim() != 2:  # other layouts (n, d, ...): autograd's own derivatives
+        return F.cross_entropy(output, target)
+    return _CrossEntropy.apply(output, target)
+
+
+def _stable_bce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not (output.is_floating_point() and target.is_floating_point() and output.shape == target.shape):
+        return F.binary_cross_entropy_with_logits(output, target)
+    return _Bce.apply(output, target)
+
+
+_FOR_DERIVATIVES = {"cross_entropy": _stable_cross_entropy, "mse": F.mse_loss, "bce_with_logits": _stable_bce}
+
+
+def loss_for_derivatives(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss to differentiate (gradients, Hessian-vector products): the same values as
+    :func:`resolve_loss`, with first and second derivatives of the built-in losses computed without
+    cancellation at confident predictions. A callable is returned as it is."""
+    if callable(loss):
+        return loss
+    loss_code(loss)
+    return _FOR_DERIVATIVES[loss]

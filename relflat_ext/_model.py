@@ -57,9 +57,11 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int]) -> Iterator[Batch]:
+def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
+                    check_values: bool = True) -> Iterator[Batch]:
     """Yields (x, y) batches from tensors (chunked by ``batch_size``) or from an iterable of pairs
-    (a DataLoader, with ``targets=None``). Checks shapes and finiteness on the way."""
+    (a DataLoader, with ``targets=None``). Checks shapes, and finiteness unless ``check_values`` is
+    False (for callers that check their result instead: a scan can cost more than the work)."""
     if isinstance(inputs, torch.Tensor):
         if targets is None or not isinstance(targets, torch.Tensor):
             raise TypeError("targets must be a tensor when inputs is a tensor "
@@ -70,8 +72,9 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
             raise ValueError(f"targets has {targets.shape[0]} samples but inputs has {inputs.shape[0]}")
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        check_finite("inputs", inputs)
-        check_finite("targets", targets)
+        if check_values:
+            check_finite("inputs", inputs)
+            check_finite("targets", targets)
         step = inputs.shape[0] if batch_size is None else batch_size
         for start in range(0, inputs.shape[0], step):
             yield inputs[start:start + step], targets[start:start + step]
@@ -87,8 +90,9 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
         x, y = batch[0], batch[1]
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"batch {k}: targets has {y.shape[0]} samples but inputs has {x.shape[0]}")
-        check_finite(f"inputs (batch {k})", x)
-        check_finite(f"targets (batch {k})", y)
+        if check_values:
+            check_finite(f"inputs (batch {k})", x)
+            check_finite(f"targets (batch {k})", y)
         seen += x.shape[0]
         if x.shape[0]:
             yield x, y

@@ -13,11 +13,29 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
+from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement
 
 
 def _empty_block(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty((0, 0))
+
+
+def squared_distances(weight: torch.Tensor) -> torch.Tensor:
+    """``D[s, t] = ||w_s - w_t||^2`` (d, d) from the Gram matrix, clamped at 0, zero diagonal.
+    Its rounding error is relative to ``||w||^2`` (how alike two rows are), not to the margin."""
+    gram = weight @ weight.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0)
+    return dist.fill_diagonal_(0)
+
+
+def cross_entropy_block(p: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """``sum_i a_i (diag(p_i) - p_i p_i^T)`` (d, d) with the diagonal ``sum_i a_i p_is (1 - p_is)``
+    from the accurate complement, not from the difference of the two terms."""
+    weighted = p * sq_norms[:, None]
+    block = -(weighted.T @ p)
+    block.diagonal().copy_((weighted * softmax_complement(p)).sum(0))
+    return block
 
 
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -27,6 +45,10 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
     features (n, m), weight (d, m), bias (d,) or None, loss a code from ``_losses``.
     Returns ``per_sample`` (n,) with ``per_sample[i] = a_i <G, Hz_i>_F`` and, when ``block_trace``,
     ``sum_i a_i Hz_i`` (d, d) (the block traces times n), else an empty (0, 0) tensor.
+
+    Cross entropy without cancellation: ``<G, diag(p) - p p^T> = 1/2 sum_{s,t} p_s p_t ||w_s - w_t||^2``,
+    a sum of non-negative terms (``sum_s p_s G_ss - p^T G p`` subtracts two nearly equal numbers
+    when p is nearly one-hot). BCE: ``sigma(z) sigma(-z)``.
     """
     d = weight.shape[0]
     sq_norms = features.pow(2).sum(1)
@@ -40,14 +62,12 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
     logits = F.linear(features, weight, bias)
     if loss == CROSS_ENTROPY:
         p = torch.softmax(logits, dim=1)
-        per_sample = sq_norms * ((p * gram.diagonal()).sum(1) - ((p @ gram) * p).sum(1))
+        per_sample = sq_norms * 0.5 * ((p @ squared_distances(weight)) * p).sum(1)
         if block_trace:
-            weighted = p * sq_norms[:, None]
-            block = torch.diag(weighted.sum(0)) - weighted.T @ p
+            block = cross_entropy_block(p, sq_norms)
         return per_sample, block
     if loss == BCE_WITH_LOGITS:
-        s = torch.sigmoid(logits)
-        h = s * (1 - s) / d
+        h = sigmoid_curvature(logits) / d
         per_sample = sq_norms * (h * gram.diagonal()).sum(1)
         if block_trace:
             block = torch.diag((h * sq_norms[:, None]).sum(0))

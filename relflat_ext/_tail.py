@@ -88,9 +88,10 @@ class TailPlan:
         return self.prefix is None
 
 
-def plan(model: nn.Module, name: str, layer: nn.Linear) -> Optional[TailPlan]:
-    """The tail of ``layer`` (named ``name`` in ``model``) when the chain rule applies, else None.
-    Call it with the model in the mode it is measured in (eval): a trace follows that mode."""
+def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True) -> Optional[TailPlan]:
+    """The tail of ``layer`` (named ``name`` in ``model``) when the chain rule applies, else None;
+    ``trace=False`` looks at plain Sequentials only. Call it with the model in the mode it is
+    measured in (eval): a trace follows that mode."""
     if not _enabled or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None
     flat = _flatten(model)
@@ -100,7 +101,7 @@ def plan(model: nn.Module, name: str, layer: nn.Linear) -> Optional[TailPlan]:
         at = next(i for i, m in enumerate(flat) if m is layer)
         tail = flat[at + 1:]
         return TailPlan(layer, tail, flat[:at]) if all(_supported(m) for m in tail) else None
-    tail = _traced_tail(model, name)
+    tail = _traced_tail(model, name) if trace else None
     return None if tail is None else TailPlan(layer, tail, None)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _chain_rule, _dist, _tail, ops
-from ._losses import CROSS_ENTROPY, LossSpec, loss_code, output_hessian_diagonal, resolve_loss
+from ._losses import CROSS_ENTROPY, LossSpec, loss_code, loss_for_derivatives, output_hessian_diagonal
 from ._model import (LayerSpec, NotVectorFeatures, check_finite, check_vector_features, hessian_vector_products,
                      inverse_scale, iterate_batches, preserved, resolve_layer, tapped)
 from .stochastic import WeightView, resolve_weight_layer, stochastic_estimate
@@ -70,7 +70,8 @@ def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
         raise ValueError(f"targets has {targets.shape[0]} samples but the features have {n}")
     if code == CROSS_ENTROPY:
         if targets.dim() == 1 and not targets.is_floating_point():
-            if n and (int(targets.min()) < 0 or int(targets.max()) >= d):
+            low, high = torch.aminmax(targets) if n else (0, 0)
+            if n and (int(low) < 0 or int(high) >= d):
                 raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy")
             return
         if targets.dim() == 2 and targets.is_floating_point() and targets.shape[1] == d:
@@ -82,6 +83,19 @@ def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
     if tuple(targets.shape) != (n, d) or not targets.is_floating_point():
         raise ValueError(f"targets must be a float tensor of shape ({n}, {d}) like the layer output, "
                          f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+
+class NotFinite(ValueError):
+    """A sum came out NaN or Inf; the caller says which input caused it."""
+
+
+def _explain_not_finite(exc: NotFinite, dtype: torch.dtype, **tensors) -> ValueError:
+    """The error for a non-finite result: the input holding NaN/Inf, or else "too large"."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            check_finite(name, t)
+    return ValueError(f"{exc}: the inputs are finite but too large for {dtype} (the squared feature norms or "
+                      "the logits overflow); rescale them or use float64")
 
 
 class _Accumulator:
@@ -113,6 +127,8 @@ class _Accumulator:
             _dist.all_reduce_sum([self.kappa_sum, count, self.block, self.diag_blocks])
             self.n = int(count.item())
         n = self.n
+        if not math.isfinite(float(self.kappa_sum)):
+            raise NotFinite(f"kappa is not finite ({float(self.kappa_sum)})")
         kappa_lmax = None
         if self.diag_blocks is not None:
             top = torch.linalg.eigvalsh(self.diag_blocks / n)[:, -1]
@@ -133,12 +149,13 @@ def _normalized(features: torch.Tensor, weight: torch.Tensor, scale: Optional[to
 def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                     loss: str = "cross_entropy", bias: Optional[torch.Tensor] = None,
                                     lmax: bool = False, normalize_features: bool = False,
-                                    block_trace: bool = True) -> FlatnessResult:
+                                    block_trace: bool = False) -> FlatnessResult:
     """Relative flatness of a last layer ``z = W phi + b`` from its features, in closed form.
 
     features (n, m), weight (d, m), targets as the loss takes them (class indices (n,) or
     probabilities (n, d) for cross entropy; (n, d) floats for MSE and BCE), bias (d,) or None.
     The targets are validated but do not enter: these losses' Hessians in z do not depend on them.
+    block_trace: also return ``T`` (d, d) (an extra n*d*d GEMM for cross entropy).
     """
     start = time.perf_counter()
     code = loss_code(loss)
@@ -152,15 +169,12 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
     phi, w = _normalized(features, weight, scale)
     acc = _Accumulator(w, block_trace, lmax)
     _closed_form_batch(acc, phi, w, bias, code)
-    result = acc.result("closed_form", "", scale, start)
-    if not math.isfinite(result.kappa):
+    try:
+        return acc.result("closed_form", "", scale, start)
+    except NotFinite as exc:
         # Any NaN/Inf in the inputs reaches kappa through ||phi_i||^2 or the softmax, so this check
         # after the fact costs nothing on good input (a scan up front cost more than the kernel).
-        for name, t in (("features", features), ("weight", weight), ("bias", bias)):
-            if t is not None:
-                check_finite(name, t)
-        raise ValueError(f"kappa is not finite ({result.kappa}): the inputs are too large for {features.dtype}")
-    return result
+        raise _explain_not_finite(exc, features.dtype, features=features, weight=weight, bias=bias) from None
 
 
 def _closed_form_batch(acc: _Accumulator, phi: torch.Tensor, w: torch.Tensor, bias, code: int) -> None:
@@ -205,7 +219,7 @@ def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets=None,
 def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
                       loss: LossSpec = "cross_entropy", method: str = "auto",
                       normalize_features: bool = False, lmax: bool = False,
-                      batch_size: Optional[int] = None, block_trace: bool = True,
+                      batch_size: Optional[int] = None, block_trace: bool = False,
                       rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
                       weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None) -> FlatnessResult:
     """Relative flatness kappa_Tr of ``layer`` (an ``nn.Linear`` in ``model``) on the data.
@@ -229,6 +243,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     a shard and the partial sums are all-reduced: every rank gets the result on all the data.
     The model is measured in eval mode (BatchNorm running statistics, no dropout) and is left
     exactly as it was: training flags, requires_grad, .grad and weights.
+    block_trace: also return ``T[s, t] = Tr(H_{s,t})`` (d, d); off by default, since it can cost as
+    much as kappa itself on wide layers (an n*d*d GEMM, and d instead of m probes on the HVP path).
     """
     distributed = _dist.active(distributed)
     if method not in METHODS:
@@ -275,33 +291,45 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
     scale = feature_scale(model, name, inputs, targets, batch_size, distributed) if normalize_features else None
     weight = lin.weight.detach()
     w = weight if scale is None else weight * scale
-    acc = None
-    chosen = method
+    bias = lin.bias.detach() if lin.bias is not None else None
+    acc = _Accumulator(w, block_trace, lmax, distributed)
     with preserved(model):
-        # In eval mode: a trace follows the mode.
-        tail_plan = None if method == "closed_form" else _tail.plan(model, name, lin)
-        if chosen is None and tail_plan is not None and tail_plan.tail:
-            chosen = "exact"  # the layer does not produce the output: no need to run the model to see
-        for x, y in iterate_batches(inputs, targets, batch_size):
-            if chosen in (None, "closed_form"):
-                with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
-                    out = model(x)
-                is_last = out is tap.raw_output
-                if chosen is None:
-                    chosen = "closed_form" if is_last and not callable(loss) else "exact"
-                elif not is_last:
-                    raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
-                                     "output; use method='exact'")
-            if acc is None:
-                acc = _Accumulator(w, block_trace, lmax, distributed)
-            if chosen == "closed_form":
-                code = loss_code(loss)
-                check_targets(code, y, x.shape[0], w.shape[0])
-                phi = tap.features if scale is None else tap.features * inverse_scale(scale)
-                _closed_form_batch(acc, phi, w, lin.bias.detach() if lin.bias is not None else None, code)
-            else:
-                tail_plan = _exact_batch(acc, model, name, lin, x, y, loss, w, scale, tail_plan)
-    result = acc.result(chosen, name, scale, start)
+        # In eval mode: a trace follows the mode. The closed form only looks for a plain Sequential.
+        tail_plan = _tail.plan(model, name, lin, trace=method != "closed_form")
+        chosen = method
+        ends_sequential = tail_plan is not None and not tail_plan.traced and not tail_plan.tail
+        if chosen is None and tail_plan is not None and (tail_plan.tail or callable(loss)):
+            chosen = "exact"  # no need to run the model to see
+        elif chosen is None and ends_sequential:
+            chosen = "closed_form"
+        # The layer ends a plain Sequential: its input is the prefix's output, and the model's own
+        # output (the logits the kernel computes again) is never needed. (A trace's view of the
+        # output is checked by running the model.)
+        prefix_only = chosen == "closed_form" and ends_sequential
+        try:
+            for x, y in iterate_batches(inputs, targets, batch_size, check_values=not prefix_only):
+                if prefix_only:
+                    phi = _prefix_features(tail_plan, name, x)
+                elif chosen in (None, "closed_form"):
+                    with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
+                        out = model(x)
+                    phi = tap.features
+                    is_last = out is tap.raw_output
+                    if chosen is None:
+                        chosen = "closed_form" if is_last and not callable(loss) else "exact"
+                    elif not is_last:
+                        raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
+                                         "output; use method='exact'")
+                if chosen == "closed_form":
+                    check_targets(loss_code(loss), y, x.shape[0], w.shape[0])
+                    _closed_form_batch(acc, phi if scale is None else phi * inverse_scale(scale), w, bias,
+                                       loss_code(loss))
+                else:
+                    tail_plan = _exact_batch(acc, model, name, lin, x, y, loss, w, scale, tail_plan)
+            result = acc.result(chosen, name, scale, start)
+        except NotFinite as exc:
+            data = {"inputs": inputs, "targets": targets} if isinstance(inputs, torch.Tensor) else {}
+            raise _explain_not_finite(exc, weight.dtype, **data, **dict(model.named_parameters())) from None
     if chosen == "closed_form":
         result.reason = "closed_form: the layer produces the model output and the loss is built in"
     elif tail_plan is not None:
@@ -310,6 +338,15 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
     else:
         result.reason = "exact: Hessian-vector products through the model's tail"
     return result
+
+
+def _prefix_features(plan: _tail.TailPlan, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input, from the modules before it in a plain Sequential."""
+    with torch.no_grad():
+        for module in plan.prefix:
+            x = module(x)
+    check_vector_features(name, x)
+    return x
 
 
 def _is_linear(model: nn.Module, layer: LayerSpec) -> bool:
@@ -360,16 +397,13 @@ def _exact_tail_batch(acc: _Accumulator, tail_plan: _tail.TailPlan, model, name:
             if not _tail.reproduces(_chain_rule.run_tail(tail_plan.tail, z), out):
                 return False
         else:
-            phi = x
-            for module in tail_plan.prefix:
-                phi = module(phi)
-            check_vector_features(name, phi)
+            phi = _prefix_features(tail_plan, name, x)
             z = lin(phi)
     code = None if callable(loss) else loss_code(loss)
     if code is not None:
         check_targets(code, y, z.shape[0], _chain_rule.out_features(tail_plan.tail, z.shape[1]))
     phi = phi if scale is None else phi * inverse_scale(scale)
-    total, hdiag = _chain_rule.output_hessian_sums(tail_plan.tail, z, y, resolve_loss(loss), code,
+    total, hdiag = _chain_rule.output_hessian_sums(tail_plan.tail, z, y, loss_for_derivatives(loss), code,
                                                    phi.pow(2).sum(1), acc.diag_blocks is not None)
     acc.n += z.shape[0]
     acc.kappa_sum = acc.kappa_sum + (acc.gram * total).sum()
@@ -382,7 +416,7 @@ def _exact_tail_batch(acc: _Accumulator, tail_plan: _tail.TailPlan, model, name:
 
 def _exact_chunk(acc: _Accumulator, model, name, lin, x, y, loss: LossSpec, w: torch.Tensor,
                  scale: Optional[torch.Tensor]) -> None:
-    loss_fn = resolve_loss(loss)
+    loss_fn = loss_for_derivatives(loss)
     with tapped(lin, name, replace_output=True) as tap, torch.enable_grad():
         out = model(x)
         if not callable(loss):

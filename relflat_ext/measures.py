@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._losses import LossSpec, loss_code, resolve_loss
+from ._losses import LossSpec, loss_code, loss_for_derivatives
 from ._model import LayerSpec, iterate_batches, preserved
 from .flatness import relative_flatness
 from .stochastic import CONV_TYPES, resolve_weight_layer, stochastic_estimate
@@ -64,7 +64,7 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, loss: LossSpec = "cr
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     if not callable(loss):
         loss_code(loss)
-    loss_fn = resolve_loss(loss)
+    loss_fn = loss_for_derivatives(loss)
     total, n = 0.0, 0
     with preserved(model):
         for x, y in iterate_batches(inputs, targets, batch_size):

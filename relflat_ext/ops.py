@@ -2,7 +2,9 @@
 (or the pure-PyTorch fallback in ``_reference`` where no kernel was compiled for the device).
 
 All ops take float32 or float64 tensors, contiguous or not, on one device; outputs are on the
-same device, in the same dtype, computed on the current stream.
+same device, in the same dtype, computed on the current stream. None of them has a derivative
+yet: asking for one (``backward`` through an output) raises :class:`NoGradientError` on every
+device, with the kernels and with the fallback alike.
 """
 from __future__ import annotations
 
@@ -14,6 +16,41 @@ from . import _reference
 from ._ext import HAS_EXTENSION, kernel_available
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+OPS = ("last_layer_flatness", "contract_output_hessians", "dense_block_trace", "gaussian_kernel_reduce")
+
+
+class NoGradientError(RuntimeError):
+    """A gradient was asked of an op that has no derivative."""
+
+
+def _no_gradient(op: str):
+    def backward(ctx, *grads):
+        raise NoGradientError(f"relflat_ext.ops.{op} is not differentiable: its inputs must not need a "
+                              "gradient (detach them, or call it under torch.no_grad())")
+    return backward
+
+
+class _Undifferentiable(torch.autograd.Function):
+    """Runs the fallback of an op so that its outputs have a backward that raises, as the
+    compiled op's does (otherwise gradients would flow on one device and not on another)."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        ctx.op = op
+        return getattr(_reference, op)(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_gradient(ctx.op)(ctx, *grads)
+
+
+def _run(op: str, device: torch.device, *args):
+    """The compiled op where a kernel runs on ``device``, else the fallback."""
+    if kernel_available(device):
+        return getattr(torch.ops.relflat, op)(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _Undifferentiable.apply(op, *args)
+    return getattr(_reference, op)(*args)
 
 
 def _check_tensor(name: str, t: torch.Tensor, dim: int, ref: Optional[torch.Tensor] = None) -> None:
@@ -50,9 +87,7 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if loss not in (0, 1, 2):
         raise ValueError(f"loss code must be 0, 1 or 2, got {loss}")
-    if kernel_available(features.device):
-        return torch.ops.relflat.last_layer_flatness(features, weight, bias, loss, block_trace)
-    return _reference.last_layer_flatness(features, weight, bias, loss, block_trace)
+    return _run("last_layer_flatness", features.device, features, weight, bias, loss, block_trace)
 
 
 def contract_output_hessians(sq_norms: torch.Tensor, hz: torch.Tensor, gram: torch.Tensor,
@@ -68,9 +103,7 @@ def contract_output_hessians(sq_norms: torch.Tensor, hz: torch.Tensor, gram: tor
     if hz.shape[0] != sq_norms.shape[0] or tuple(hz.shape[1:]) != tuple(gram.shape):
         raise ValueError(f"hz must be (n, d, k) = ({sq_norms.shape[0]}, {gram.shape[0]}, "
                          f"{gram.shape[1]}) to match sq_norms and gram, got {tuple(hz.shape)}")
-    if kernel_available(hz.device):
-        return torch.ops.relflat.contract_output_hessians(sq_norms, hz, gram, block_trace)
-    return _reference.contract_output_hessians(sq_norms, hz, gram, block_trace)
+    return _run("contract_output_hessians", hz.device, sq_norms, hz, gram, block_trace)
 
 
 def dense_block_trace(hessian: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +115,7 @@ def dense_block_trace(hessian: torch.Tensor, weight: torch.Tensor) -> Tuple[torc
     if tuple(hessian.shape) != (dm, dm):
         raise ValueError(f"hessian must be (d*m, d*m) = ({dm}, {dm}) for weight of shape "
                          f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
-    if kernel_available(hessian.device):
-        return torch.ops.relflat.dense_block_trace(hessian, weight)
-    return _reference.dense_block_trace(hessian, weight)
+    return _run("dense_block_trace", hessian.device, hessian, weight)
 
 
 def _check_positive(name: str, t: torch.Tensor) -> None:
@@ -141,13 +172,15 @@ def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Op
             raise ValueError(f"query_split and key_split must have the same number of splits R, got "
                              f"{query_split.shape[0]} and {key_split.shape[0]}")
         query_split, key_split = query_split.long(), key_split.long()
-    args = (queries, keys, values, bandwidths, key_scale, query_split, key_split)
-    if kernel_available(queries.device):
-        return torch.ops.relflat.gaussian_kernel_reduce(*args)
-    return _reference.gaussian_kernel_reduce(*args)
+    return _run("gaussian_kernel_reduce", queries.device, queries, keys, values, bandwidths, key_scale,
+                query_split, key_split)
 
 
 if HAS_EXTENSION:
+    for _op in OPS:  # a clear error instead of autograd's warning and no gradient
+        torch.library.register_autograd(f"relflat::{_op}", _no_gradient(_op),
+                                        setup_context=lambda ctx, inputs, output: None)
+
     # Shapes for tracing / torch.compile (FakeTensor): mirrors the kernels' outputs.
     @torch.library.register_fake("relflat::last_layer_flatness")
     def _(features, weight, bias, loss, block_trace):

@@ -110,7 +110,8 @@ def profile(model: nn.Module, inputs, targets=None, loss: LossSpec = "cross_entr
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         res = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size, rel_tol=rel_tol,
-                                max_probes=max_probes, seed=seed, distributed=distributed)
+                                max_probes=max_probes, seed=seed, distributed=distributed,
+                                block_trace=hessian_trace)  # Tr(H) = Tr(T) where the exact path runs
         normalized = trace = trace_se = None
         if res.method != "stochastic":
             normalized = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _dist
-from ._losses import LossSpec, loss_code, resolve_loss
+from ._losses import LossSpec, loss_code, loss_for_derivatives
 from ._model import LayerSpec, find_layer, hessian_vector_products, inverse_scale, iterate_batches, preserved
 
 QUANTITIES = ("kappa", "hessian_trace")
@@ -137,7 +137,7 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
         raise ValueError(f"probes_per_round must be an integer >= 2, got {probes_per_round!r}")
     if not callable(loss):
         loss_code(loss)
-    loss_fn = resolve_loss(loss)
+    loss_fn = loss_for_derivatives(loss)
     name, module = resolve_weight_layer(model, layer)
     view = matrix_view(module, name, weight_view)
     weight = module.weight

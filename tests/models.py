@@ -49,3 +49,33 @@ def assert_unchanged(model, before):
         assert torch.equal(after["state"][k], v), f"{k} changed"
     for a, b in zip(after["grad"], before["grad"]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), ".grad changed"
+
+
+def confident_head(d, m, loss, margin, n=200, seed=0):
+    """(x, w, b, y) in float64 for a head ``z = W x + b`` at a given logit margin: W = randn / 8;
+    cross entropy: bias[0] = margin (class 0 wins by about the margin, labels 0); BCE with
+    logits: every bias = margin (targets 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m, generator=g, dtype=torch.float64)
+    w = torch.randn(d, m, generator=g, dtype=torch.float64) / 8
+    b = torch.zeros(d, dtype=torch.float64)
+    if loss == "cross_entropy":
+        b[0] = margin
+        y = torch.zeros(n, dtype=torch.long)
+    else:
+        b[:] = margin
+        y = torch.ones(n, d, dtype=torch.float64)
+    return x, w, b, y
+
+
+def behind_a_layer(w, b, seed=1):
+    """Linear(m, m) (near the identity, so margins survive) -> Tanh -> the head (W, b), float64."""
+    d, m = w.shape
+    g = torch.Generator().manual_seed(seed)
+    first, head = nn.Linear(m, m).double(), nn.Linear(m, d).double()
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(m, dtype=torch.float64) + 0.01 * torch.randn(m, m, generator=g, dtype=torch.float64))
+        first.bias.zero_()
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return nn.Sequential(first, nn.Tanh(), head)

@@ -27,7 +27,7 @@ def _measure(model, x, y):
         "closed_form": rf.relative_flatness(model, "4", x, y, lmax=True).kappa,
         "closed_form_lmax": rf.relative_flatness(model, "4", x, y, lmax=True).kappa_lmax,
         "exact": rf.relative_flatness(model, "2", x, y, batch_size=16).kappa,
-        "exact_block": rf.relative_flatness(model, "2", x, y).block_trace.tolist(),
+        "exact_block": rf.relative_flatness(model, "2", x, y, block_trace=True).block_trace.tolist(),
         "normalized": rf.relative_flatness(model, "0", x, y, normalize_features=True).kappa,
         "stochastic": rf.relative_flatness(model, "2", x, y, method="stochastic", seed=7, max_probes=64).kappa,
         "stochastic_probes": rf.relative_flatness(model, "2", x, y, method="stochastic", seed=7, max_probes=64).probes,

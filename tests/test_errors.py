@@ -7,6 +7,15 @@ import relflat_ext as rf
 from models import assert_unchanged, data, mlp, snapshot
 
 
+def _poisoned(model):
+    """A copy of the model whose head weight holds a NaN (the original stays untouched)."""
+    import copy
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad[2].weight[0, 0] = float("nan")
+    return bad
+
+
 def _setup():
     model = mlp([5, 6, 4], "tanh", seed=0)
     model.train()
@@ -36,6 +45,10 @@ BAD_CALLS = [
      ValueError, "produce the model output"),
     ("Hessian too large", lambda m, x, y: rf.relative_flatness_autograd(m, "0", x, y, max_hessian_bytes=100),
      ValueError, "max_hessian_bytes"),
+    ("finite but too large", lambda m, x, y: rf.relative_flatness(m.float(), "0", x.float() * 1e20, y),
+     ValueError, "too large for torch.float32"),
+    ("NaN in the weights", lambda m, x, y: rf.relative_flatness(_poisoned(m), "2", x, y), ValueError,
+     r"2\.weight contains NaN"),
     ("wrong input width", lambda m, x, y: rf.relative_flatness(m, "2", x[:, :3], y), RuntimeError, "shapes cannot be multiplied"),
 ]
 

@@ -21,7 +21,7 @@ def test_every_layer_matches_baseline(widths, act, loss, exact_strategy):
     model = mlp(widths, act, seed=len(widths))
     x, y = data(40, widths[0], widths[-1], loss, seed=1)
     for name in linear_names(model):
-        fast = rf.relative_flatness(model, name, x, y, loss=loss, lmax=True)
+        fast = rf.relative_flatness(model, name, x, y, loss=loss, lmax=True, block_trace=True)
         base = rf.relative_flatness_autograd(model, name, x, y, loss=loss, lmax=True, vectorize=True)
         assert fast.method == ("closed_form" if name == linear_names(model)[-1] else "exact")
         assert fast.method == "closed_form" or exact_strategy in fast.reason
@@ -34,8 +34,8 @@ def test_every_layer_matches_baseline(widths, act, loss, exact_strategy):
 def test_exact_path_on_last_layer_matches_closed_form(exact_strategy):
     model = mlp([5, 6, 4], "tanh", seed=3)
     x, y = data(30, 5, 4, "cross_entropy")
-    closed = rf.relative_flatness(model, "2", x, y, method="closed_form", lmax=True)
-    exact = rf.relative_flatness(model, "2", x, y, method="exact", lmax=True)
+    closed = rf.relative_flatness(model, "2", x, y, method="closed_form", lmax=True, block_trace=True)
+    exact = rf.relative_flatness(model, "2", x, y, method="exact", lmax=True, block_trace=True)
     _close(exact.kappa, closed.kappa, 1e-10)
     _close(exact.kappa_lmax, closed.kappa_lmax, 1e-10)
 
@@ -47,7 +47,7 @@ def test_callable_loss_matches_baseline(exact_strategy):
     model = mlp([4, 6, 5, 3], "softplus", seed=5)
     x, y = data(25, 4, 3, "mse", seed=2)
     for name in linear_names(model):
-        fast = rf.relative_flatness(model, name, x, y, loss=smooth_l1)
+        fast = rf.relative_flatness(model, name, x, y, loss=smooth_l1, block_trace=True)
         base = rf.relative_flatness_autograd(model, name, x, y, loss=smooth_l1, vectorize=True)
         assert fast.method == "exact" and exact_strategy in fast.reason
         _close(fast.kappa, base.kappa)
@@ -78,7 +78,7 @@ def test_from_features_matches_model_level_call():
     x, y = data(30, 5, 4, "cross_entropy")
     feats = model[1](model[0](x)).detach()
     a = rf.relative_flatness_from_features(feats, model[2].weight.detach(), y, bias=model[2].bias.detach(), lmax=True)
-    b = rf.relative_flatness(model, "2", x, y, lmax=True)
+    b = rf.relative_flatness(model, "2", x, y, lmax=True, block_trace=True)
     _close(a.kappa, b.kappa, 1e-12)
     _close(a.kappa_lmax, b.kappa_lmax, 1e-12)
 

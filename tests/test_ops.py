@@ -1,4 +1,5 @@
 """Every kernel == its pure-PyTorch fallback (the specification), on every device built."""
+import contextlib
 import itertools
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 import relflat_ext as rf
 from relflat_ext import _reference as ref
 from relflat_ext import ops
-from relflat_ext._ext import HAS_EXTENSION
+from relflat_ext._ext import HAS_EXTENSION, fallback_only, runs_on
 from testing import DEVICES, DTYPES, assert_matches_reference
 
-SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 4), (40, 13, 1), (64, 17, 10), (33, 9, 32), (50, 20, 33), (30, 70, 120)]
+SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 4), (40, 13, 1), (64, 17, 10), (33, 9, 32), (50, 20, 33), (30, 70, 120),
+          (20, 130, 100)]  # every branch: d <= 32, d <= 64, d > 64 with m < d and with m >= d
 LOSSES = [0, 1, 2]
 
 
@@ -161,3 +163,38 @@ def test_fallback_only_switches_every_op_to_the_reference():
     assert kernel_available(cpu) == available
     want = ref.last_layer_flatness(f, w, b, 0, True)
     assert all(torch.equal(a, c) for a, c in zip(got, want))
+
+
+def _op_calls(device):
+    f, w, b = _inputs(9, 5, 3, torch.float64, device, seed=3)
+    sq, hz, gram = f.pow(2).sum(1), torch.randn(9, 3, 3, dtype=torch.float64, device=device), w @ w.T
+    h = torch.randn(15, 15, dtype=torch.float64, device=device)
+    return {"last_layer_flatness": (lambda t: ops.last_layer_flatness(t, w, b, 0, True), f),
+            "contract_output_hessians": (lambda t: ops.contract_output_hessians(t, hz, gram, True), sq),
+            "dense_block_trace": (lambda t: ops.dense_block_trace(h, t), w),
+            "gaussian_kernel_reduce": (lambda t: ops.gaussian_kernel_reduce(t, f, sq[:, None],
+                                                                            torch.ones(1, dtype=torch.float64,
+                                                                                       device=device)), f)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("op", ops.OPS)
+def test_asking_an_op_for_a_gradient_is_a_clear_error(device, fallback, op):
+    """The same on every backend: before, the kernels gave no gradient (a warning) and the fallback a real one."""
+    call, tensor = _op_calls(device)[op]
+    with fallback_only() if fallback else contextlib.nullcontext():
+        outputs = call(tensor.clone().requires_grad_(True))
+        with torch.no_grad():  # inputs that need no gradient: nothing to refuse
+            call(tensor.clone().requires_grad_(True))
+    with pytest.raises(ops.NoGradientError, match=f"{op} is not differentiable"):
+        outputs[0].sum().backward()
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((8, 0), ["8.0", "9.0+PTX"], True), ((8, 6), ["8.0", "9.0+PTX"], True),   # A100; RTX 30xx runs sm_80 code
+    ((9, 0), ["8.0", "9.0+PTX"], True), ((10, 0), ["8.0", "9.0+PTX"], True),  # H100; Blackwell through PTX
+    ((12, 0), ["8.0", "9.0+PTX"], True), ((7, 5), ["8.0", "9.0+PTX"], False),  # T4 has no kernel
+    ((10, 0), ["8.0", "9.0"], False), ((9, 0), ["8.0"], False), ((8, 9), ["8.6"], True)])
+def test_which_gpus_the_built_kernels_run_on(capability, arch_list, runs):
+    assert runs_on(capability, arch_list) is runs

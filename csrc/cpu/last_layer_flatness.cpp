@@ -3,7 +3,9 @@
 //    reads each feature row once (BLAS is slow for such skinny products: 4.3 ms vs about 1 ms
 //    here for n=50000, m=84, d=10 on 2 cores); many outputs: BLAS.
 // 2. softmax / sigmoid through ATen's vectorized kernels, in place.
-// 3. one pass per row for <G, Hz_i> (p^T G p inline for d <= 64, else from one more GEMM).
+// 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
+//    cancellation at confident rows; inline for d <= 64, else from the GEMM P D), or, when m < d,
+//    the argmax-centred form from the GEMM (P - e_k) W (common.h).
 // The row loops are compiled twice, for AVX2+FMA and for the baseline ISA, chosen at run time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,38 +60,46 @@ RELFLAT_INLINE void logits_rows_body(const T* x, int64_t m, const T* wt, const T
   for (; i < end; ++i) logits_tile<T, DP, 1>(x + i * m, m, wt, bias_pad, d, logits + i * d, sq_norms + i);
 }
 
-// <G, Hz_i> for rows already holding h_i (softmax p, or sigma(1-sigma)/d):
-// sum_s h_s G_ss, minus p^T G p for cross entropy. gram_pad is G zero-padded to (d, DP) and
-// gdiag_pad its diagonal padded to DP, so the inner loops have a fixed length (DP <= 32 only).
+// <G, Hz_i> for rows already holding h_i: 1/2 p^T D p for cross entropy (`quadratic`, mat = D),
+// h . diag(G) for BCE (mat = diag(G)). Padded: mat zero-padded to (d, DP) or (DP,), so the inner
+// loops have a fixed length (DP <= 32 only).
 template <typename T, int DP>
-RELFLAT_INLINE void padded_terms_rows_body(const T* h, const T* gram_pad, const T* gdiag_pad, const T* sq_norms,
-                                           int64_t d, bool quadratic, int64_t begin, int64_t end,
-                                           T* per_sample) {
+RELFLAT_INLINE void padded_terms_rows_body(const T* h, const T* mat_pad, const T* sq_norms, int64_t d,
+                                           bool quadratic, int64_t begin, int64_t end, T* per_sample) {
   for (int64_t i = begin; i < end; ++i) {
     T p[DP] = {};
     for (int64_t s = 0; s < d; ++s) p[s] = h[i * d + s];
-    T gp[DP] = {};  // G p
-    if (quadratic)
+    T term = 0;
+    if (quadratic) {
+      T dp[DP] = {};  // D p
       for (int64_t t = 0; t < d; ++t) {
 #pragma omp simd
-        for (int s = 0; s < DP; ++s) gp[s] += gram_pad[t * DP + s] * p[t];
+        for (int s = 0; s < DP; ++s) dp[s] += mat_pad[t * DP + s] * p[t];
       }
-    T term = 0;
 #pragma omp simd reduction(+ : term)
-    for (int s = 0; s < DP; ++s) term += p[s] * (gdiag_pad[s] - gp[s]);
+      for (int s = 0; s < DP; ++s) term += p[s] * dp[s];
+      term *= T(0.5);
+    } else {
+#pragma omp simd reduction(+ : term)
+      for (int s = 0; s < DP; ++s) term += p[s] * mat_pad[s];
+    }
     per_sample[i] = sq_norms[i] * term;
   }
 }
 
-// Same for any d, p^T G p inline only when `quadratic` (d <= kInlineQuadraticMaxOutputs).
+// Same for d <= kInlineQuadraticMaxOutputs without padding (and any d for BCE).
 template <typename T>
-RELFLAT_INLINE void terms_rows_body(const T* h, const T* gram, const T* gdiag, const T* sq_norms, int64_t d,
-                                    bool quadratic, int64_t begin, int64_t end, T* per_sample) {
+RELFLAT_INLINE void terms_rows_body(const T* h, const T* mat, const T* sq_norms, int64_t d, bool quadratic,
+                                    int64_t begin, int64_t end, T* per_sample) {
   for (int64_t i = begin; i < end; ++i) {
     const T* row = h + i * d;
-    T term = dot(row, gdiag, d);
-    if (quadratic)
-      for (int64_t s = 0; s < d; ++s) term -= row[s] * dot(gram + s * d, row, d);
+    T term = 0;
+    if (quadratic) {
+      for (int64_t s = 0; s < d; ++s) term += row[s] * dot(mat + s * d, row, d);
+      term *= T(0.5);
+    } else {
+      term = dot(row, mat, d);
+    }
     per_sample[i] = sq_norms[i] * term;
   }
 }
@@ -101,14 +111,14 @@ RELFLAT_TARGET_AVX2 void logits_rows_avx2(const T* x, int64_t m, const T* wt, co
   logits_rows_body<T, DP>(x, m, wt, bp, d, b, e, z, a);
 }
 template <typename T>
-RELFLAT_TARGET_AVX2 void terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
-                                                         int64_t d, bool iq, int64_t b, int64_t e, T* out) {
-  terms_rows_body<T>(h, g, gd, a, d, iq, b, e, out);
+RELFLAT_TARGET_AVX2 void terms_rows_avx2(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b,
+                                         int64_t e, T* out) {
+  terms_rows_body<T>(h, mat, a, d, q, b, e, out);
 }
 template <typename T, int DP>
-RELFLAT_TARGET_AVX2 void padded_terms_rows_avx2(const T* h, const T* g, const T* gd, const T* a,
-                                                                int64_t d, bool q, int64_t b, int64_t e, T* out) {
-  padded_terms_rows_body<T, DP>(h, g, gd, a, d, q, b, e, out);
+RELFLAT_TARGET_AVX2 void padded_terms_rows_avx2(const T* h, const T* mat, const T* a, int64_t d, bool q,
+                                                int64_t b, int64_t e, T* out) {
+  padded_terms_rows_body<T, DP>(h, mat, a, d, q, b, e, out);
 }
 #endif
 
@@ -121,21 +131,19 @@ void logits_rows(const T* x, int64_t m, const T* wt, const T* bp, int64_t d, int
 }
 
 template <typename T>
-void terms_rows(const T* h, const T* g, const T* gd, const T* a, int64_t d, bool iq, int64_t b, int64_t e,
-                T* out) {
+void terms_rows(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b, int64_t e, T* out) {
 #ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return terms_rows_avx2<T>(h, g, gd, a, d, iq, b, e, out);
+  if (cpu_has_avx2_fma()) return terms_rows_avx2<T>(h, mat, a, d, q, b, e, out);
 #endif
-  terms_rows_body<T>(h, g, gd, a, d, iq, b, e, out);
+  terms_rows_body<T>(h, mat, a, d, q, b, e, out);
 }
 
 template <typename T, int DP>
-void padded_terms_rows(const T* h, const T* g, const T* gd, const T* a, int64_t d, bool q, int64_t b, int64_t e,
-                       T* out) {
+void padded_terms_rows(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b, int64_t e, T* out) {
 #ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return padded_terms_rows_avx2<T, DP>(h, g, gd, a, d, q, b, e, out);
+  if (cpu_has_avx2_fma()) return padded_terms_rows_avx2<T, DP>(h, mat, a, d, q, b, e, out);
 #endif
-  padded_terms_rows_body<T, DP>(h, g, gd, a, d, q, b, e, out);
+  padded_terms_rows_body<T, DP>(h, mat, a, d, q, b, e, out);
 }
 
 int64_t padded_width(int64_t d) { return d <= 8 ? 8 : (d <= 16 ? 16 : 32); }
@@ -162,18 +170,17 @@ void register_blocked_logits(const at::Tensor& features, const at::Tensor& weigh
   });
 }
 
+// per_sample[i] = a_i * 1/2 <q_i, p_i> with q = P D (n, d).
 template <typename T>
-void subtract_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, bool q_is_pw,
-                                  const at::Tensor& sq_norms, at::Tensor& per_sample) {
-  // q = P W (n, m): p^T G p = ||q_i||^2;  q = P G (n, d): p^T G p = <q_i, p_i>.
-  const int64_t n = p.size(0), d = p.size(1), k = q.size(1);
+void half_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& sq_norms,
+                              at::Tensor& per_sample) {
+  const int64_t n = p.size(0), d = p.size(1);
   const T* pp = p.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
   const T* a = sq_norms.data_ptr<T>();
   T* out = per_sample.data_ptr<T>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] -= a[i] * (q_is_pw ? dot(qp + i * k, qp + i * k, k) : dot(qp + i * k, pp + i * d, d));
+    for (int64_t i = begin; i < end; ++i) out[i] = a[i] * T(0.5) * dot(qp + i * d, pp + i * d, d);
   });
 }
 
@@ -208,8 +215,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
     return {per_sample, block};
   }
 
-  const at::Tensor gram = at::mm(weight, weight.t());
-  const at::Tensor gdiag = gram.diagonal().contiguous();
+  const at::Tensor gdiag = weight.pow(2).sum(1);  // G = W W^T only where D needs it
   const std::optional<at::Tensor> bias =
       bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   // Step 1: logits and squared norms.
@@ -223,40 +229,44 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
     h = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
     squared_norms(features, sq_norms);
   }
-  // Step 2: h = softmax(z) for cross entropy, sigma(z)(1 - sigma(z))/d for BCE.
+  // Step 2: h = softmax(z) for cross entropy, sigma(z) sigma(-z)/d for BCE.
   if (loss == kCrossEntropy) {
     at::_softmax_out(h, h, 1, false);
   } else {
-    at::Tensor sig = at::sigmoid(h);
-    h = sig.mul_(1 - sig).div_(d);
+    h = at::sigmoid(h).mul_(at::sigmoid(-h)).div_(d);
   }
   // Step 3: per-sample terms.
-  const bool padded = d <= kRegisterBlockedMaxOutputs;
-  const bool inline_quadratic = loss == kCrossEntropy && d <= kInlineQuadraticMaxOutputs;
-  const int64_t dp = padded_width(d);
-  at::Tensor gram_pad = at::zeros({d, padded ? dp : 0}, opts), gdiag_pad = at::zeros({padded ? dp : 0}, opts);
-  if (padded) {
-    gram_pad.narrow(1, 0, d).copy_(gram);
-    gdiag_pad.narrow(0, 0, d).copy_(gdiag);
-  }
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t* a = sq_norms.data_ptr<scalar_t>();
-    scalar_t* out = per_sample.data_ptr<scalar_t>();
-    const scalar_t* g = padded ? gram_pad.data_ptr<scalar_t>() : gram.data_ptr<scalar_t>();
-    const scalar_t* gd = padded ? gdiag_pad.data_ptr<scalar_t>() : gdiag.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
-      if (!padded) terms_rows<scalar_t>(hp, g, gd, a, d, inline_quadratic, b, e, out);
-      else if (dp == 8) padded_terms_rows<scalar_t, 8>(hp, g, gd, a, d, inline_quadratic, b, e, out);
-      else if (dp == 16) padded_terms_rows<scalar_t, 16>(hp, g, gd, a, d, inline_quadratic, b, e, out);
-      else padded_terms_rows<scalar_t, 32>(hp, g, gd, a, d, inline_quadratic, b, e, out);
-    });
-    if (loss == kCrossEntropy && !inline_quadratic) {
-      const bool use_pw = m < d;  // the cheaper GEMM: n*d*m vs n*d*d multiply-adds
-      const at::Tensor q = use_pw ? at::mm(h, weight) : at::mm(h, gram);
-      subtract_quadratic_from_gemm<scalar_t>(h, q, use_pw, sq_norms, per_sample);
+  const bool quadratic = loss == kCrossEntropy;
+  if (quadratic && d > kInlineQuadraticMaxOutputs) {
+    if (m < d) {  // the cheaper GEMM: n*d*m multiply-adds instead of n*d*d
+      per_sample = centred_cross_entropy_terms(h, weight, gdiag).mul_(sq_norms);
+    } else {
+      const at::Tensor q = at::mm(h, squared_distances(at::mm(weight, weight.t())));
+      AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu",
+                                 [&] { half_quadratic_from_gemm<scalar_t>(h, q, sq_norms, per_sample); });
     }
-  });
+  } else {
+    const bool padded = d <= kRegisterBlockedMaxOutputs;
+    const int64_t dp = padded_width(d);
+    const at::Tensor mat = quadratic ? squared_distances(at::mm(weight, weight.t())) : gdiag;
+    at::Tensor mat_pad = mat;
+    if (padded) {
+      mat_pad = quadratic ? at::zeros({d, dp}, opts) : at::zeros({dp}, opts);
+      mat_pad.narrow(-1, 0, d).copy_(mat);
+    }
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      const scalar_t* a = sq_norms.data_ptr<scalar_t>();
+      const scalar_t* mp = mat_pad.data_ptr<scalar_t>();
+      scalar_t* out = per_sample.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+        if (!padded) terms_rows<scalar_t>(hp, mp, a, d, quadratic, b, e, out);
+        else if (dp == 8) padded_terms_rows<scalar_t, 8>(hp, mp, a, d, quadratic, b, e, out);
+        else if (dp == 16) padded_terms_rows<scalar_t, 16>(hp, mp, a, d, quadratic, b, e, out);
+        else padded_terms_rows<scalar_t, 32>(hp, mp, a, d, quadratic, b, e, out);
+      });
+    });
+  }
   if (block_trace) block = block_sum_from_rows(h, sq_norms, loss);
   return {per_sample, block};
 }

@@ -1,8 +1,10 @@
 // CUDA closed-form last-layer flatness.
 // Few outputs (d <= 32): one fused kernel, a warp per row: squared norm and the d logits from one
-// read of the feature row, then softmax/sigmoid and <G, Hz_i> in registers (G in shared memory).
-// Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid to ATen, then one
-// warp-per-row kernel for the terms (p^T G p from one more GEMM, P G or P W, whichever is cheaper).
+// read of the feature row, then softmax/sigmoid and <G, Hz_i> in registers: 1/2 p^T D p for cross
+// entropy (D[s,t] = ||w_s - w_t||^2 in shared memory; no cancellation at confident rows, common.h),
+// h . diag(G) for BCE. Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid
+// to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM) or,
+// when m < d, the argmax-centred form from the cheaper GEMM (P - e_k) W.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,19 +25,20 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 template <typename T>
-__device__ __forceinline__ T sigmoid_curvature(T z) {  // sigma(z)(1 - sigma(z)), stable for any z
+__device__ __forceinline__ T sigmoid_curvature(T z) {  // sigma(z) sigma(-z) without subtracting from 1
   const T e = exp(-fabs(z));
   return e / ((T(1) + e) * (T(1) + e));
 }
 
-// One warp per row; lane s < d owns output s after the reductions.
+// One warp per row; lane s < d owns output s after the reductions. mat (d, d): D for cross
+// entropy, G for BCE (only its diagonal is read).
 template <typename T, int D>
 __global__ void fused_small_kernel(const T* __restrict__ features, const T* __restrict__ weight,
-                                   const T* __restrict__ bias, const T* __restrict__ gram, int64_t n, int64_t m,
+                                   const T* __restrict__ bias, const T* __restrict__ mat, int64_t n, int64_t m,
                                    int d, int loss, T* __restrict__ sq_norms, T* __restrict__ per_sample,
                                    T* __restrict__ h_out) {
-  __shared__ T gram_s[D * D];
-  for (int e = threadIdx.x; e < d * d; e += blockDim.x) gram_s[(e / d) * D + e % d] = gram[e];
+  __shared__ T mat_s[D * D];
+  for (int e = threadIdx.x; e < d * d; e += blockDim.x) mat_s[(e / d) * D + e % d] = mat[e];
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -71,14 +74,16 @@ __global__ void fused_small_kernel(const T* __restrict__ features, const T* __re
   } else {
     h = active ? sigmoid_curvature(zs) / T(d) : T(0);
   }
-  T term = active ? h * gram_s[lane * D + lane] : T(0);
-  if (loss == kCrossEntropy) {  // - p_s (G p)_s
-    T gp = 0;
+  T term;
+  if (loss == kCrossEntropy) {  // 1/2 p_s (D p)_s; D is symmetric: [t][lane] reads consecutive banks
+    T dp = 0;
     for (int t = 0; t < d; ++t) {
       const T pt = __shfl_sync(0xffffffffu, h, t);
-      if (active) gp += gram_s[lane * D + t] * pt;
+      if (active) dp += mat_s[t * D + lane] * pt;
     }
-    term -= active ? h * gp : T(0);
+    term = active ? T(0.5) * h * dp : T(0);
+  } else {
+    term = active ? h * mat_s[lane * D + lane] : T(0);
   }
   term = warp_sum(term);
   if (lane == 0) {
@@ -93,7 +98,7 @@ struct FusedArgs {
   const T* features;
   const T* weight;
   const T* bias;
-  const T* gram;
+  const T* mat;
   int64_t n, m;
   int d, loss;
   T* sq_norms;
@@ -104,24 +109,24 @@ struct FusedArgs {
 template <typename T, int D>
 void launch_fused(const FusedArgs<T>& a, int64_t blocks, cudaStream_t stream) {
   fused_small_kernel<T, D><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-      a.features, a.weight, a.bias, a.gram, a.n, a.m, a.d, a.loss, a.sq_norms, a.per_sample, a.h_out);
+      a.features, a.weight, a.bias, a.mat, a.n, a.m, a.d, a.loss, a.sq_norms, a.per_sample, a.h_out);
 }
 
-// Many outputs: h (n, d) holds p or sigma(1-sigma)/d. q (n, k) from a GEMM or null:
-// q_is_pw: p^T G p = ||q_i||^2 (q = P W); else p^T G p = <q_i, p_i> (q = P G).
+// Many outputs: h (n, d) holds p or sigma(z)sigma(-z)/d. Cross entropy: q = P D (n, d) and the
+// term is 1/2 <q_i, p_i> (gdiag null); BCE: the term is <h_i, diag(G)> (q null).
 template <typename T>
 __global__ void terms_kernel(const T* __restrict__ features, const T* __restrict__ h, const T* __restrict__ gdiag,
-                             const T* __restrict__ q, int64_t n, int64_t m, int64_t d, int64_t k, bool q_is_pw,
-                             T* __restrict__ sq_norms, T* __restrict__ per_sample) {
+                             const T* __restrict__ q, int64_t n, int64_t m, int64_t d, T* __restrict__ sq_norms,
+                             T* __restrict__ per_sample) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= n) return;
   T norm = 0, term = 0;
   for (int64_t j = lane; j < m; j += 32) norm += features[row * m + j] * features[row * m + j];
-  for (int64_t s = lane; s < d; s += 32) term += h[row * d + s] * gdiag[s];
   if (q) {
-    for (int64_t s = lane; s < k; s += 32)
-      term -= q_is_pw ? q[row * k + s] * q[row * k + s] : q[row * k + s] * h[row * d + s];
+    for (int64_t s = lane; s < d; s += 32) term += T(0.5) * q[row * d + s] * h[row * d + s];
+  } else {
+    for (int64_t s = lane; s < d; s += 32) term += h[row * d + s] * gdiag[s];
   }
   norm = warp_sum(norm);
   term = warp_sum(term);
@@ -149,7 +154,6 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
   if (n == 0) return {per_sample, block_trace ? at::zeros({d, d}, opts) : block};
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const at::Tensor gram = at::mm(weight, weight.t());
 
   if (loss == kMse) {  // Hz = (2/d) I
     sq_norms = features.pow(2).sum(1);
@@ -160,12 +164,14 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
 
   at::Tensor h;
   if (d <= kMaxFusedOutputs) {
+    const at::Tensor gram = at::mm(weight, weight.t());
+    const at::Tensor mat = loss == kCrossEntropy ? squared_distances(gram) : gram;
     if (block_trace) h = at::empty({n, d}, opts);
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
       const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
       scalar_t* hp = block_trace ? h.data_ptr<scalar_t>() : nullptr;
       const FusedArgs<scalar_t> args{features.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b,
-                                     gram.data_ptr<scalar_t>(), n, m, static_cast<int>(d), static_cast<int>(loss),
+                                     mat.data_ptr<scalar_t>(), n, m, static_cast<int>(d), static_cast<int>(loss),
                                      sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>(), hp};
       if (d <= 8) launch_fused<scalar_t, 8>(args, blocks, stream);
       else if (d <= 16) launch_fused<scalar_t, 16>(args, blocks, stream);
@@ -174,23 +180,28 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
     });
   } else {
     const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
+    const at::Tensor gdiag = weight.pow(2).sum(1);
+    at::Tensor q;
     if (loss == kCrossEntropy) {
       h = at::softmax(logits, 1);
+      if (m < d) {  // the cheaper GEMM: n*d*m multiply-adds instead of n*d*d
+        sq_norms = features.pow(2).sum(1);
+        per_sample = centred_cross_entropy_terms(h, weight, gdiag).mul_(sq_norms);
+      } else {
+        q = at::mm(h, squared_distances(at::mm(weight, weight.t())));
+      }
     } else {
-      const at::Tensor sig = at::sigmoid(logits);
-      h = sig * (1 - sig) / static_cast<double>(d);
+      h = at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
     }
-    at::Tensor q;
-    const bool q_is_pw = m < d;
-    if (loss == kCrossEntropy) q = q_is_pw ? at::mm(h, weight) : at::mm(h, gram);
-    const at::Tensor gdiag = gram.diagonal().contiguous();
-    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
-      terms_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-          features.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), gdiag.data_ptr<scalar_t>(),
-          q.defined() ? q.data_ptr<scalar_t>() : nullptr, n, m, d, q.defined() ? q.size(1) : 0, q_is_pw,
-          sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    if (q.defined() || loss != kCrossEntropy) {
+      AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {
+        terms_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+            features.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+            q.defined() ? nullptr : gdiag.data_ptr<scalar_t>(), q.defined() ? q.data_ptr<scalar_t>() : nullptr,
+            n, m, d, sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
   if (block_trace) block = block_sum_from_rows(h, sq_norms, loss);
   return {per_sample, block};

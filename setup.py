@@ -2,7 +2,8 @@
 build of torch are both present.
 
 Switches: FORCE_CUDA=1 builds the CUDA kernels even without a visible GPU (needs nvcc and a CUDA
-torch); RELFLAT_CPU_ONLY=1 never builds them; TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0+PTX": A100, H100/H200 code, and PTX that newer GPUs compile at load time).
+torch); RELFLAT_CPU_ONLY=1 never builds them; TORCH_CUDA_ARCH_LIST is honoured (default
+"8.0;9.0+PTX": A100 and H100/H200 code, and PTX that newer GPUs compile at load time).
 Install with `pip install --no-build-isolation -e .` so the build sees the torch you run.
 """
 import glob

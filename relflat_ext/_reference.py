@@ -39,17 +39,20 @@ def cross_entropy_block(p: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor
 
 
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        loss: int, block_trace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                        loss: int, block_trace: bool, per_sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form relative flatness of the last layer.
 
     features (n, m), weight (d, m), bias (d,) or None, loss a code from ``_losses``.
     Returns ``per_sample`` (n,) with ``per_sample[i] = a_i <G, Hz_i>_F`` and, when ``block_trace``,
     ``sum_i a_i Hz_i`` (d, d) (the block traces times n), else an empty (0, 0) tensor.
+    ``per_sample=False``: an empty (0,) first output and the block always (kappa = <G, block> / n).
 
     Cross entropy without cancellation: ``<G, diag(p) - p p^T> = 1/2 sum_{s,t} p_s p_t ||w_s - w_t||^2``,
     a sum of non-negative terms (``sum_s p_s G_ss - p^T G p`` subtracts two nearly equal numbers
     when p is nearly one-hot). BCE: ``sigma(z) sigma(-z)``.
     """
+    if not per_sample:
+        return features.new_empty(0), last_layer_flatness(features, weight, bias, loss, True)[1]
     d = weight.shape[0]
     sq_norms = features.pow(2).sum(1)
     gram = weight @ weight.T

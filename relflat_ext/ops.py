@@ -68,13 +68,16 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int, ref: Optional[torch.Tens
 
 
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        loss: int, block_trace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                        loss: int, block_trace: bool = False, per_sample: bool = True
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form per-sample flatness terms of a last layer.
 
     features (n, m), weight (d, m), bias (d,) or None, loss: 0 cross entropy, 1 MSE, 2 BCE with
     logits. Returns per_sample (n,) ``= ||phi_i||^2 <W W^T, Hz_i>`` and, if ``block_trace``, the
     sum over samples ``sum_i ||phi_i||^2 Hz_i`` (d, d); otherwise an empty (0, 0) tensor.
-    kappa_Tr = per_sample.sum() / n and T = block / n.
+    kappa_Tr = per_sample.sum() / n and T = block / n. ``per_sample=False`` skips the per-sample
+    terms (first output (0,)) and always returns the block: ``kappa_Tr = <W W^T, block> / n`` then
+    costs a symmetric product, about half the per-sample terms' n*d*min(d, m) for wide heads.
     """
     _check_tensor("features", features, 2)
     _check_tensor("weight", weight, 2, features)
@@ -87,7 +90,7 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if loss not in (0, 1, 2):
         raise ValueError(f"loss code must be 0, 1 or 2, got {loss}")
-    return _run("last_layer_flatness", features.device, features, weight, bias, loss, block_trace)
+    return _run("last_layer_flatness", features.device, features, weight, bias, loss, block_trace, per_sample)
 
 
 def contract_output_hessians(sq_norms: torch.Tensor, hz: torch.Tensor, gram: torch.Tensor,
@@ -183,9 +186,9 @@ if HAS_EXTENSION:
 
     # Shapes for tracing / torch.compile (FakeTensor): mirrors the kernels' outputs.
     @torch.library.register_fake("relflat::last_layer_flatness")
-    def _(features, weight, bias, loss, block_trace):
-        d = weight.shape[0] if block_trace else 0
-        return features.new_empty(features.shape[0]), features.new_empty((d, d))
+    def _(features, weight, bias, loss, block_trace, per_sample=True):
+        d = weight.shape[0] if block_trace or not per_sample else 0
+        return features.new_empty(features.shape[0] if per_sample else 0), features.new_empty((d, d))
 
     @torch.library.register_fake("relflat::contract_output_hessians")
     def _(sq_norms, hz, gram, block_trace):

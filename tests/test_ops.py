@@ -54,6 +54,11 @@ def test_last_layer_flatness_matches_fallback(device, dtype, loss, shape, noncon
         no_block = ops.last_layer_flatness(f, w, bias, loss, False)
         assert no_block[1].shape == (0, 0)
         torch.testing.assert_close(no_block[0], got[0], rtol=0, atol=0)
+        sum_only = ops.last_layer_flatness(f, w, bias, loss, False, per_sample=False)  # kappa = <G, block>
+        assert sum_only[0].shape == (0,)
+        assert_matches_reference(sum_only[1], same[1], f64[1], f"block alone {shape} loss {loss}")
+        assert_matches_reference((w @ w.T * sum_only[1]).sum(), same[0].sum(), f64[0].sum(),
+                                 f"kappa from the block {shape} loss {loss}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,6 +125,7 @@ def test_opcheck(device):
     for loss, block in itertools.product(LOSSES, (True, False)):
         torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, b, loss, block))
     torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, None, 0, True))
+    torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, b, 0, False, False))
     hz = torch.randn(12, 5, 3, dtype=torch.float64, device=device)
     sq = torch.rand(12, dtype=torch.float64, device=device)
     gram = torch.randn(5, 3, dtype=torch.float64, device=device)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "../common.h"
 #include "simd.h"
@@ -184,6 +185,44 @@ void half_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, const at
   });
 }
 
+// Cross entropy's block sum sum_i a_i (diag(p_i) - p_i p_i^T) in one pass over the softmax rows:
+// q_i = sqrt(a_i) p_i for the symmetric product, and the diagonal sum_i a_i p_is (1 - p_is) with
+// 1 - p_k (k the row's largest entry) taken as the sum of the other entries (common.h).
+template <typename T>
+at::Tensor cross_entropy_block(const at::Tensor& p, const at::Tensor& sq_norms) {
+  const int64_t n = p.size(0), d = p.size(1);
+  at::Tensor q = at::empty({n, d}, p.options());
+  at::Tensor partial = at::zeros({at::get_num_threads(), d}, p.options());
+  const T* pp = p.data_ptr<T>();
+  const T* a = sq_norms.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  T* part = partial.data_ptr<T>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    T* diag = part + at::get_thread_num() * d;
+    for (int64_t i = begin; i < end; ++i) {
+      const T* row = pp + i * d;
+      const int64_t k = std::max_element(row, row + d) - row;
+      T rest = 0;  // the entries other than k, summed (never 1 - p_k)
+#pragma omp simd reduction(+ : rest)
+      for (int64_t t = 0; t < k; ++t) rest += row[t];
+#pragma omp simd reduction(+ : rest)
+      for (int64_t t = k + 1; t < d; ++t) rest += row[t];
+      const T ai = a[i], root = std::sqrt(ai);
+      T* qrow = qp + i * d;
+#pragma omp simd
+      for (int64_t s = 0; s < d; ++s) qrow[s] = root * row[s];
+#pragma omp simd
+      for (int64_t s = 0; s < k; ++s) diag[s] += ai * row[s] * (T(1) - row[s]);
+      diag[k] += ai * row[k] * rest;
+#pragma omp simd
+      for (int64_t s = k + 1; s < d; ++s) diag[s] += ai * row[s] * (T(1) - row[s]);
+    }
+  });
+  at::Tensor block = symmetric_gram(q).neg_();
+  block.diagonal().copy_(partial.sum(0));
+  return block;
+}
+
 void squared_norms(const at::Tensor& features, at::Tensor& sq_norms) {
   const int64_t n = features.size(0), m = features.size(1);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "squared_norms", [&] {
@@ -195,10 +234,19 @@ void squared_norms(const at::Tensor& features, at::Tensor& sq_norms) {
   });
 }
 
+at::Tensor block_sum(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+  if (loss != kCrossEntropy) return block_sum_from_rows(h, sq_norms, loss);
+  at::Tensor block;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cross_entropy_block", [&] {
+    block = cross_entropy_block<scalar_t>(h, sq_norms);
+  });
+  return block;
+}
+
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& features_in,
                                                            const at::Tensor& weight_in,
                                                            const std::optional<at::Tensor>& bias_in,
-                                                           int64_t loss, bool block_trace) {
+                                                           int64_t loss, bool block_trace, bool want_per_sample) {
   check_last_layer_args(features_in, weight_in, bias_in, loss);
   const at::Tensor features = features_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
@@ -210,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
 
   if (loss == kMse) {  // Hz = (2/d) I: per_sample = a_i (2/d) ||W||_F^2, no logits needed.
     squared_norms(features, sq_norms);
-    per_sample = sq_norms * (weight.pow(2).sum() * (2.0 / d));
-    if (block_trace) block = at::eye(d, opts) * (sq_norms.sum() * (2.0 / d));
+    per_sample = want_per_sample ? sq_norms * (weight.pow(2).sum() * (2.0 / d)) : at::empty({0}, opts);
+    if (block_trace || !want_per_sample) block = at::eye(d, opts) * (sq_norms.sum() * (2.0 / d));
     return {per_sample, block};
   }
 
@@ -235,9 +283,11 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
   } else {
     h = at::sigmoid(h).mul_(at::sigmoid(-h)).div_(d);
   }
-  // Step 3: per-sample terms.
+  // Step 3: per-sample terms (only the block sum, when the caller contracts it with G itself).
   const bool quadratic = loss == kCrossEntropy;
-  if (quadratic && d > kInlineQuadraticMaxOutputs) {
+  if (!want_per_sample) {
+    return {at::empty({0}, opts), block_sum(h, sq_norms, loss)};
+  } else if (quadratic && d > kInlineQuadraticMaxOutputs) {
     if (m < d) {  // the cheaper GEMM: n*d*m multiply-adds instead of n*d*d
       per_sample = centred_cross_entropy_terms(h, weight, gdiag).mul_(sq_norms);
     } else {
@@ -267,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
       });
     });
   }
-  if (block_trace) block = block_sum_from_rows(h, sq_norms, loss);
+  if (block_trace) block = block_sum(h, sq_norms, loss);
   return {per_sample, block};
 }
 

@@ -139,7 +139,8 @@ __global__ void terms_kernel(const T* __restrict__ features, const T* __restrict
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& features_in,
                                                             const at::Tensor& weight_in,
                                                             const std::optional<at::Tensor>& bias_in,
-                                                            int64_t loss, bool block_trace) {
+                                                            int64_t loss, bool block_trace,
+                                                            bool want_per_sample) {
   check_last_layer_args(features_in, weight_in, bias_in, loss);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
@@ -151,18 +152,26 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
   at::Tensor sq_norms = at::empty({n}, opts);
   at::Tensor per_sample = at::empty({n}, opts);
   at::Tensor block = at::empty({0, 0}, opts);
+  block_trace = block_trace || !want_per_sample;  // only the sum: it comes from the block
+  if (!want_per_sample) per_sample = at::empty({0}, opts);
   if (n == 0) return {per_sample, block_trace ? at::zeros({d, d}, opts) : block};
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
 
   if (loss == kMse) {  // Hz = (2/d) I
     sq_norms = features.pow(2).sum(1);
-    per_sample = sq_norms * (weight.pow(2).sum() * (2.0 / d));
+    if (want_per_sample) per_sample = sq_norms * (weight.pow(2).sum() * (2.0 / d));
     if (block_trace) block = at::eye(d, opts) * (sq_norms.sum() * (2.0 / d));
     return {per_sample, block};
   }
 
   at::Tensor h;
+  if (!want_per_sample) {  // the block sum alone: logits, softmax/sigmoid, one symmetric product
+    const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
+    h = loss == kCrossEntropy ? at::softmax(logits, 1)
+                              : at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
+    return {per_sample, block_sum_from_rows(h, features.pow(2).sum(1), loss)};
+  }
   if (d <= kMaxFusedOutputs) {
     const at::Tensor gram = at::mm(weight, weight.t());
     const at::Tensor mat = loss == kCrossEntropy ? squared_distances(gram) : gram;

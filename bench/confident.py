@@ -38,13 +38,13 @@ def _run(path: str, x, w, b, y, loss: str, dtype):
     if path in ("closed_form", "fallback"):
         if path == "fallback":
             with fallback_only():
-                return rf.relative_flatness_from_features(x, w, y, loss=loss, bias=b, lmax=True)
-        return rf.relative_flatness_from_features(x, w, y, loss=loss, bias=b, lmax=True)
+                return rf.relative_flatness_from_features(x, w, y, loss=loss, bias=b, lmax=True, block_trace=True)
+        return rf.relative_flatness_from_features(x, w, y, loss=loss, bias=b, lmax=True, block_trace=True)
     model = behind_a_layer(w.double(), b.double()).to(dtype)
     if path == "hvp":
         with hvp_only():
-            return rf.relative_flatness(model, "0", x, y, loss=loss, method="exact", lmax=True)
-    return rf.relative_flatness(model, "0", x, y, loss=loss, method="exact", lmax=True)
+            return rf.relative_flatness(model, "0", x, y, loss=loss, method="exact", lmax=True, block_trace=True)
+    return rf.relative_flatness(model, "0", x, y, loss=loss, method="exact", lmax=True, block_trace=True)
 
 
 def _rel(a, b) -> float:

@@ -1,7 +1,7 @@
 """Where the drop-in call ``relative_flatness(model, layer, x, y)`` spends its time on a last layer,
 against its parts and its baselines, measured side by side in one process (medians of repeats):
 the model-level call, the features-given call, the eager closed form in PyTorch, the logits GEMM
-alone, and a profile of the model-level call (forward, kernel, checks).
+alone, the authors' method (LeNet head, one run), and a profile of the model-level call.
 
     python -m bench.dropin [--repeats 7] [--imagenet]
 """
@@ -35,7 +35,7 @@ def eager_closed_form(phi, w, b):
     return (phi.pow(2).sum(1) * ((p * g.diagonal()).sum(1) - ((p @ g) * p).sum(1))).mean()
 
 
-def case(n: int, m: int, d: int, repeats: int, profile: bool):
+def case(n: int, m: int, d: int, repeats: int, profile: bool, authors: bool = False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(m, d))
     x = torch.randn(n, m)
@@ -48,6 +48,10 @@ def case(n: int, m: int, d: int, repeats: int, profile: bool):
         "eager closed form (PyTorch)": _median_ms(lambda: eager_closed_form(x, w, b), repeats),
         "logits GEMM alone": _median_ms(lambda: F.linear(x, w, b), repeats),
     }
+    if authors:  # one run: the authors' per-entry double backward takes seconds
+        start = time.perf_counter()
+        rf.relative_flatness_autograd(model, "0", x, y)
+        timings["authors' method (per-entry double backward)"] = 1e3 * (time.perf_counter() - start)
     print(f"\n## n={n}, m={m}, d={d}, float32, {torch.get_num_threads()} threads\n")
     call = timings["relative_flatness(model, ...)"]
     print("| what | ms | model-level call / this |")
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--imagenet", action="store_true", help="also the 50000 x 2048 x 1000 head")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    case(50000, 84, 10, args.repeats, args.profile)
+    case(50000, 84, 10, args.repeats, args.profile, authors=True)
     if args.imagenet:
         case(50000, 2048, 1000, max(3, args.repeats // 2), args.profile)
     return 0

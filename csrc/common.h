@@ -64,7 +64,7 @@ inline void check_dense_args(const at::Tensor& hessian, const at::Tensor& weight
               dm, ") for weight of shape ", weight.sizes(), ", got ", hessian.sizes());
 }
 
-// Cross entropy without cancellation (docs/design.md, "numerics"). At a confident row 1 - p_k rounds
+// Cross entropy without cancellation. At a confident row 1 - p_k rounds
 // to 0, so nothing here subtracts from 1 or from p_k:
 //   <G, diag(p) - p p^T> = 1/2 p^T D p,  D[s, t] = ||w_s - w_t||^2 (all terms >= 0), or, with
 //   delta = p - e_k (k = argmax, delta_k = -sum_{t != k} p_t) and v = W^T delta:

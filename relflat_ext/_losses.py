@@ -125,25 +125,6 @@ class _CrossEntropyGradient(torch.autograd.Function):
         return p * centred / p.shape[0], None
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy`` (mean over samples, logits (n, d)) with the gradient of
-    :class:`_CrossEntropyGradient`, so Hessian-vector products through it stay accurate."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, target):
-        return F.cross_entropy(logits, target)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, target = ctx.saved_tensors
-        return grad * _CrossEntropyGradient.apply(logits, target), None
-
-
 class _BceGradient(torch.autograd.Function):
     """(sigma(z) - y) / N, whose derivative is ``sigma(z) sigma(-z) / N`` elementwise."""
     generate_vmap_rule = True
@@ -162,27 +143,36 @@ class _BceGradient(torch.autograd.Function):
         return v * curvature, None
 
 
-class _Bce(torch.autograd.Function):
-    """``F.binary_cross_entropy_with_logits`` (mean over all entries) with the gradient of
-    :class:`_BceGradient`."""
-    generate_vmap_rule = True
+def _with_gradient(loss_fn, gradient):
+    """``loss_fn`` (logits, target) -> mean loss, whose gradient is the Function ``gradient``: so
+    Hessian-vector products through it use that Function's backward."""
 
-    @staticmethod
-    def forward(logits, target):
-        return F.binary_cross_entropy_with_logits(logits, target)
+    class _Loss(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        @staticmethod
+        def forward(logits, target):
+            return loss_fn(logits, target)
 
-    @staticmethod
-    def backward(ctx, grad):
-        logits, target = ctx.saved_tensors
-        return grad * _BceGradient.apply(logits, target), None
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, target = ctx.saved_tensors
+            return grad * gradient.apply(logits, target), None
+
+    return _Loss
+
+
+_CrossEntropy = _with_gradient(F.cross_entropy, _CrossEntropyGradient)
+_Bce = _with_gradient(F.binary_cross_entropy_with_logits, _BceGradient)
 
 
 def _stable_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if output.dim() != 2:  # other layouts (n, d, ...): autograd's own derivatives
+    # Other layouts (n, d, ...) and ignored labels (-100): autograd's own derivatives.
+    if output.dim() != 2 or (not target.is_floating_point() and bool((target < 0).any())):
         return F.cross_entropy(output, target)
     return _CrossEntropy.apply(output, target)
 

@@ -1,7 +1,7 @@
 // CUDA closed-form last-layer flatness.
 // Few outputs (d <= 32): one fused kernel, a warp per row: squared norm and the d logits from one
 // read of the feature row, then softmax/sigmoid and <G, Hz_i> in registers: 1/2 p^T D p for cross
-// entropy (D[s,t] = ||w_s - w_t||^2 in shared memory; no cancellation at confident rows, common.h),
+// entropy (D[s,t] = ||w_s - w_t||^2 in shared memory; no cancellation at confident rows),
 // h . diag(G) for BCE. Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid
 // to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM) or,
 // when m < d, the argmax-centred form from the cheaper GEMM (P - e_k) W.

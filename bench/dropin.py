@@ -54,10 +54,10 @@ def case(n: int, m: int, d: int, repeats: int, profile: bool, authors: bool = Fa
         timings["authors' method (per-entry double backward)"] = 1e3 * (time.perf_counter() - start)
     print(f"\n## n={n}, m={m}, d={d}, float32, {torch.get_num_threads()} threads\n")
     call = timings["relative_flatness(model, ...)"]
-    print("| what | ms | model-level call / this |")
+    print("| what | ms | this / model-level call |")
     print("|---|---|---|")
     for k, v in timings.items():
-        print(f"| {k} | {v:.2f} | {call / v:.2f} |")
+        print(f"| {k} | {v:.2f} | {v / call:.2f} |")
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(3):

@@ -91,8 +91,8 @@ class NotFinite(ValueError):
     """A sum came out NaN or Inf; the caller says which input caused it."""
 
 
-def _explain_not_finite(exc: NotFinite, dtype: torch.dtype, **tensors) -> ValueError:
-    """The error for a non-finite result: the input holding NaN/Inf, or else "too large"."""
+def _explain_not_finite(exc: NotFinite, dtype: torch.dtype, tensors: dict) -> ValueError:
+    """The error for a non-finite result: the input (name -> tensor) holding NaN/Inf, or else "too large"."""
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
             check_finite(name, t)
@@ -176,7 +176,7 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
     except NotFinite as exc:
         # Any NaN/Inf in the inputs reaches kappa through ||phi_i||^2 or the softmax, so this check
         # after the fact costs nothing on good input (a scan up front cost more than the kernel).
-        raise _explain_not_finite(exc, features.dtype, features=features, weight=weight, bias=bias) from None
+        raise _explain_not_finite(exc, features.dtype, {"features": features, "weight": weight, "bias": bias}) from None
 
 
 def _closed_form_batch(acc: _Accumulator, phi: torch.Tensor, w: torch.Tensor, bias, code: int) -> None:
@@ -335,7 +335,7 @@ def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], no
             result = acc.result(chosen, name, scale, start)
         except NotFinite as exc:
             data = {"inputs": inputs, "targets": targets} if isinstance(inputs, torch.Tensor) else {}
-            raise _explain_not_finite(exc, weight.dtype, **data, **dict(model.named_parameters())) from None
+            raise _explain_not_finite(exc, weight.dtype, {**data, **dict(model.named_parameters())}) from None
     if chosen == "closed_form":
         result.reason = "closed_form: the layer produces the model output and the loss is built in"
     elif tail_plan is not None:

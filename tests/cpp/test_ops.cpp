@@ -21,12 +21,13 @@ void expect_close(double got, double want, double rtol, const char* what) {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 
-Pair call_last_layer(const at::Tensor& f, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t loss) {
+Pair call_last_layer(const at::Tensor& f, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t loss,
+                     bool per_sample = true) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relflat::last_layer_flatness", "")
                        .typed<Pair(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   int64_t, bool)>();
-  return op.call(f, w, b, loss, true);
+                                   int64_t, bool, bool)>();
+  return op.call(f, w, b, loss, true, per_sample);
 }
 
 // Naive per-sample Hessians Hz_i (d x d) for the three closed-form losses.
@@ -67,6 +68,15 @@ void test_last_layer() {
           for (int64_t i = 0; i < n; ++i) want += f[i].pow(2).sum().item<double>() * naive_hz(z, i, s, t, loss);
           if (std::fabs(want) > 1e-12) expect_close(block[s][t].item<double>(), want, 1e-10, "last_layer block");
         }
+      // Only the sum: the same block, and kappa = <G, block> equals the per-sample terms' sum.
+      auto [none, block_alone] = call_last_layer(f, w, b, loss, false);
+      if (none.numel() != 0) {
+        std::printf("FAIL last_layer_flatness per_sample=false returned %lld per-sample terms\n",
+                    static_cast<long long>(none.numel()));
+        ++failures;
+      }
+      expect_close((g * block_alone).sum().item<double>(), per_sample.sum().item<double>(), 1e-10,
+                   "last_layer kappa from the block alone");
     }
   }
 }

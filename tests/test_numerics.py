@@ -39,6 +39,14 @@ def _measure(path, x, w, b, y, loss, dtype):
     if path in ("kernel", "fallback"):
         with fallback_only() if path == "fallback" else contextlib.nullcontext():
             return rf.relative_flatness_from_features(x, w, y, loss=loss, bias=b, lmax=True, block_trace=True)
+    if path == "model_level":  # the drop-in call on a head that ends a Sequential: the closed form
+        head = torch.nn.Linear(w.shape[1], w.shape[0]).to(dtype)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        res = rf.relative_flatness(torch.nn.Sequential(head), "0", x, y, loss=loss, lmax=True, block_trace=True)
+        assert res.method == "closed_form"
+        return res
     model = behind_a_layer(w.double(), b.double()).to(dtype)
     with hvp_only() if path == "hvp" else contextlib.nullcontext():
         return rf.relative_flatness(model, "0", x, y, loss=loss, method="exact", lmax=True, block_trace=True)
@@ -46,7 +54,7 @@ def _measure(path, x, w, b, y, loss, dtype):
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("path", ["kernel", "fallback", "chain_rule", "hvp"])
+@pytest.mark.parametrize("path", ["kernel", "fallback", "model_level", "chain_rule", "hvp"])
 def test_float32_keeps_its_digits_at_every_margin(loss, shape, path):
     d, m = shape
     if path in ("chain_rule", "hvp") and m > 64:

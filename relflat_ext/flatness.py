@@ -243,8 +243,9 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     "stochastic": the multiplicative-probe estimator (:mod:`relflat_ext.stochastic`) for any layer
     whose weight acts linearly on features (Linear on any input shape, Conv1d/2d/3d, or a module
     with ``weight_view``), stopping at ``rel_tol`` relative standard error or ``max_probes``;
-    "auto" uses it where the exact path cannot run (convolutions, sequence inputs) and says why in
-    ``result.reason``. normalize_features: Theorem 4's rescaling by the features' standard deviations.
+    "auto" uses it where the exact path cannot run (convolutions, sequence inputs), or would need more
+    than ``max_probes`` Hessian-vector products (never where the closed form or the chain rule
+    applies: they cost GEMMs), and says why in ``result.reason``. normalize_features: Theorem 4's rescaling by the features' standard deviations.
     distributed: with torch.distributed initialized (None: auto; True: required), each rank's data is
     a shard and the partial sums are all-reduced: every rank gets the result on all the data.
     The model is measured in eval mode (BatchNorm running statistics, no dropout) and is left
@@ -269,7 +270,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         name, lin = resolve_layer(model, layer)
         d, m = lin.weight.shape
         exact_probes = m if (m < d and not block_trace and not lmax) else d
-        if exact_probes > max_probes and not lmax:
+        if exact_probes > max_probes and not lmax and not _exact_without_hvps(model, name, lin):
             return _stochastic(model, layer, inputs, targets, loss, normalize_features, batch_size, rel_tol,
                                max_probes, seed, weight_view, f"stochastic: cheaper than the exact path's "
                                f"{exact_probes} Hessian-vector products per batch (max_probes={max_probes})",
@@ -284,6 +285,14 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         return res
     return _linear_layer(model, layer, inputs, targets, loss, method, normalize_features, lmax, batch_size,
                          block_trace, distributed)
+
+
+def _exact_without_hvps(model: nn.Module, name: str, lin: nn.Linear) -> bool:
+    """Whether the exact path runs without Hessian-vector products (closed form or chain rule:
+    its cost is a few GEMMs, whatever d), so "auto" must not trade it for an estimate. Models
+    neither a Sequential nor traceable are not run to find out: they keep the probe count rule."""
+    with preserved(model):
+        return _tail.plan(model, name, lin) is not None
 
 
 def _linear_layer(model, layer, inputs, targets, loss, method: Optional[str], normalize_features, lmax,

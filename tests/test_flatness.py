@@ -98,3 +98,15 @@ def test_float32_model_agrees_with_float64():
     k32 = [rf.relative_flatness(model32, n, x.float(), y).kappa for n in ("0", "2")]
     for a, b in zip(k32, k64):
         _close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("widths, layer, method", [([150, 300], "0", "closed_form"), ([150, 300, 3], "0", "exact")])
+def test_auto_computes_exactly_where_no_hvps_are_needed(widths, layer, method):
+    """A wide layer (d > max_probes) whose exact path is the closed form or the chain rule: "auto"
+    computes it exactly (before: a stochastic estimate, with a reason claiming it was cheaper)."""
+    model = mlp(widths, "tanh", seed=3)
+    x, y = data(40, widths[0], widths[-1], "cross_entropy")
+    res = rf.relative_flatness(model, layer, x, y, max_probes=100)
+    assert res.method == method and res.kappa_stderr is None, res.reason
+    base = rf.relative_flatness(model, layer, x, y, method="exact")
+    _close(res.kappa, base.kappa, 1e-12)

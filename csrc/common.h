@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <utility>
 #include <tuple>
 
 namespace relflat {
@@ -78,19 +79,23 @@ inline at::Tensor squared_distances(const at::Tensor& gram) {
   return dist;
 }
 
+// Each probability row's largest entry k (n, 1) and the sum of its other entries (n, 1).
+inline std::pair<at::Tensor, at::Tensor> winner_and_rest(const at::Tensor& p) {
+  const at::Tensor k = p.argmax(1, /*keepdim=*/true);
+  return {k, p.scatter(1, k, 0.0).sum(1, /*keepdim=*/true)};
+}
+
 // 1 - p for probability rows, with the row maximum's entry the sum of the other entries.
 inline at::Tensor softmax_complement(const at::Tensor& p) {
-  const at::Tensor k = p.argmax(1, /*keepdim=*/true);
-  const at::Tensor rest = p.scatter(1, k, 0.0).sum(1, /*keepdim=*/true);
+  const auto [k, rest] = winner_and_rest(p);
   return (1 - p).scatter(1, k, rest);
 }
 
 // <G, diag(p_i) - p_i p_i^T> per row by the argmax-centred form (one n x d x m GEMM).
 inline at::Tensor centred_cross_entropy_terms(const at::Tensor& p, const at::Tensor& weight,
                                               const at::Tensor& gdiag) {
-  const at::Tensor k = p.argmax(1, /*keepdim=*/true);
-  const at::Tensor others = p.scatter(1, k, 0.0);
-  const at::Tensor delta = others.scatter(1, k, -others.sum(1, /*keepdim=*/true));
+  const auto [k, rest] = winner_and_rest(p);
+  const at::Tensor delta = p.scatter(1, k, -rest);
   const at::Tensor v = at::mm(delta, weight);  // (n, m)
   const at::Tensor wk = weight.index_select(0, k.squeeze(1));
   return at::mv(delta, gdiag) - 2 * (wk * v).sum(1) - v.pow(2).sum(1);

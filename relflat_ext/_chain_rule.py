@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement
+from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement, winner_and_rest
 from ._model import hessian_vector_products
 from ._tail import is_elementwise, is_linear
 
@@ -117,9 +117,8 @@ class _Sum:
             if self.diag is not None:
                 self.diag += on_diag
             return
-        k = p.argmax(dim=1, keepdim=True)
-        others = p.scatter(1, k, 0.0)
-        delta = others.scatter(1, k, -others.sum(dim=1, keepdim=True))
+        k, rest = winner_and_rest(p)
+        delta = p.scatter(1, k, -rest)
         dense = jac.dense  # (r, n, d)
         winner = dense.gather(0, k.T[:, :, None].expand(1, -1, dense.shape[2]))  # (1, n, d): P_k
         centred = (dense - winner) - torch.einsum("nr,rnd->nd", delta, dense)[None]

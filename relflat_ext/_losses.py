@@ -55,12 +55,18 @@ def resolve_loss(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch
     return LOSS_FUNCTIONS[loss]
 
 
-def softmax_complement(p: torch.Tensor) -> torch.Tensor:
-    """``1 - p`` for probability rows p (n, d), accurate in every entry: at each row's largest
-    entry k it is the sum of the other entries (``1 - p_k`` in floating point keeps no digit once
-    ``p_k`` rounds to 1); elsewhere ``p_s <= 1/2`` and ``1 - p_s`` is exact to rounding."""
+def winner_and_rest(p: torch.Tensor):
+    """For probability rows p (n, d): ``k`` (n, 1), each row's largest entry, and ``rest`` (n, 1),
+    the sum of the other entries: ``1 - p_k`` without the subtraction that keeps no digit once
+    ``p_k`` rounds to 1."""
     k = p.argmax(dim=1, keepdim=True)
-    rest = p.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    return k, p.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+
+
+def softmax_complement(p: torch.Tensor) -> torch.Tensor:
+    """``1 - p`` for probability rows p (n, d), accurate in every entry: ``rest`` at each row's
+    largest entry; elsewhere ``p_s <= 1/2`` and ``1 - p_s`` is exact to rounding."""
+    k, rest = winner_and_rest(p)
     return (1 - p).scatter(1, k, rest)
 
 
@@ -91,8 +97,7 @@ def cross_entropy_gradient(logits: torch.Tensor, target: torch.Tensor) -> torch.
     """``p - y`` per sample (n, d), with the winning class' entry ``(1 - y_k) - sum_{t != k} p_t``."""
     p = torch.softmax(logits, dim=1)
     y = _probabilities(target, logits)
-    k = p.argmax(dim=1, keepdim=True)
-    rest = p.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+    k, rest = winner_and_rest(p)
     return (p - y).scatter(1, k, (1 - y.gather(1, k)) - rest)
 
 

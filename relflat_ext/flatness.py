@@ -72,8 +72,8 @@ def check_targets(code: int, targets: torch.Tensor, n: int, d: int) -> None:
         raise ValueError(f"targets has {targets.shape[0]} samples but the features have {n}")
     if code == CROSS_ENTROPY:
         if targets.dim() == 1 and not targets.is_floating_point():
-            low, high = torch.aminmax(targets) if n else (0, 0)
-            if n and (int(low) < 0 or int(high) >= d):
+            low, high = torch.aminmax(targets) if n else (0, 0)  # one pass, not min and max
+            if int(low) < 0 or int(high) >= d:
                 raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy")
             return
         if targets.dim() == 2 and targets.is_floating_point() and targets.shape[1] == d:

@@ -166,13 +166,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
   }
 
   at::Tensor h;
-  if (!want_per_sample) {  // the block sum alone: logits, softmax/sigmoid, one symmetric product
-    const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
-    h = loss == kCrossEntropy ? at::softmax(logits, 1)
-                              : at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
-    return {per_sample, block_sum_from_rows(h, features.pow(2).sum(1), loss)};
-  }
-  if (d <= kMaxFusedOutputs) {
+  if (d <= kMaxFusedOutputs && want_per_sample) {
     const at::Tensor gram = at::mm(weight, weight.t());
     const at::Tensor mat = loss == kCrossEntropy ? squared_distances(gram) : gram;
     if (block_trace) h = at::empty({n, d}, opts);
@@ -189,18 +183,18 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
     });
   } else {
     const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
+    h = loss == kCrossEntropy ? at::softmax(logits, 1)
+                              : at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
+    if (!want_per_sample) return {per_sample, block_sum_from_rows(h, features.pow(2).sum(1), loss)};
     const at::Tensor gdiag = weight.pow(2).sum(1);
     at::Tensor q;
     if (loss == kCrossEntropy) {
-      h = at::softmax(logits, 1);
       if (m < d) {  // the cheaper GEMM: n*d*m multiply-adds instead of n*d*d
         sq_norms = features.pow(2).sum(1);
         per_sample = centred_cross_entropy_terms(h, weight, gdiag).mul_(sq_norms);
       } else {
         q = at::mm(h, squared_distances(at::mm(weight, weight.t())));
       }
-    } else {
-      h = at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
     }
     if (q.defined() || loss != kCrossEntropy) {
       AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cuda", [&] {

@@ -18,7 +18,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "relflat_ext", "_ext.py")).read()).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "relflat_ext", "ops", "_extension.py")).read()).group(1)
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
@@ -85,5 +85,5 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
                     "report": ["scikit-learn", "matplotlib"]},
-    entry_points={"console_scripts": ["relflat=relflat_ext.cli:main"]},
+    entry_points={"console_scripts": ["relflat=relflat_ext.apps.cli:main"]},
 )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext._tail import hvp_only
+from relflat_ext import hvp_only
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
 from models import data, mlp  # noqa: E402  the test suite's random networks and data
@@ -66,8 +66,7 @@ def measure(n: int = 64):
 
 def confident_network(target_loss: float = 1e-5, max_steps: int = 20000):
     """64-32-10 tanh MLP trained (Adam, full batch, float64) on 70% of the digits to train CE < target_loss."""
-    from relflat_ext.report import load_digits_split
-    x, y, _, _ = load_digits_split(seed=0, test_fraction=0.3)
+    x, y, _, _ = rf.datasets.digits_split(seed=0, test_fraction=0.3)
     x = x.double()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()

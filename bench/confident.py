@@ -20,8 +20,8 @@ import sys
 import torch
 
 import relflat_ext as rf
-from relflat_ext._ext import fallback_only
-from relflat_ext._tail import hvp_only
+from relflat_ext import fallback_only
+from relflat_ext import hvp_only
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
 from models import behind_a_layer, confident_head  # noqa: E402  the test suite's problems

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext.zoo import lenet5
+from relflat_ext.apps.zoo import lenet5
 
 
 def _exact_conv_kappa(model, name, x, y):

@@ -32,7 +32,7 @@ def torch_kde(train, test, h, chunk=1024):
 
 def torch_kfold_many(x, hs, folds):
     """The torch version of k-fold x B bandwidths: one loop over folds and bandwidths."""
-    ids = rf.kde.kfold_ids(x.shape[0], folds, x.device)
+    ids = rf.generalization.kfold_ids(x.shape[0], folds, x.device)
     out = torch.empty(len(hs), x.shape[0], dtype=x.dtype, device=x.device)
     for f in range(folds):
         held = ids == f
@@ -77,7 +77,7 @@ def test_kde_folds_and_bandwidths(benchmark, contender, full, device):
     x, _ = _data(n, device=device)
     bws = BANDWIDTHS.to(device)
     exact = torch_kfold_many(x.double(), bws.double(), FOLDS)
-    ids = rf.kde.kfold_ids(n, FOLDS, device)
+    ids = rf.generalization.kfold_ids(n, FOLDS, device)
     fns = {"relflat-one-call": lambda: rf.ops.gaussian_kernel_reduce(x, x, None, bws, None, ids[None],
                                                                    ids[None])[0][0],
            "torch-loop": lambda: torch_kfold_many(x, bws, FOLDS)}

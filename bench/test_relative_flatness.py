@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext._ext import fallback_only
-from relflat_ext._tail import hvp_only
+from relflat_ext import fallback_only
+from relflat_ext import hvp_only
 
 from bench.common import record, run
 

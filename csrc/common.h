@@ -1,7 +1,8 @@
-// Shared declarations: loss codes, input checks and the per-backend entry points.
+// Shared declarations: the built-in losses, input checks and the per-backend entry points.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 #include <algorithm>
 #include <optional>
@@ -10,8 +11,15 @@
 
 namespace relflat {
 
-// Must match relflat_ext/_losses.py.
+// The op schemas take the loss by name (relflat_ext/core/losses.py); kernels parse it once.
 enum LossCode : int64_t { kCrossEntropy = 0, kMse = 1, kBceWithLogits = 2 };
+
+inline LossCode parse_loss(c10::string_view name) {
+  if (name == "cross_entropy") return kCrossEntropy;
+  if (name == "mse") return kMse;
+  TORCH_CHECK(name == "bce_with_logits", "loss must be \"cross_entropy\", \"mse\" or \"bce_with_logits\", got \"", std::string(name), "\"");
+  return kBceWithLogits;
+}
 
 // Up to this many outputs the closed form evaluates p^T D p per row inline; above it a GEMM does.
 constexpr int64_t kInlineQuadraticMaxOutputs = 64;
@@ -31,7 +39,7 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* n
 
 // Argument checks shared by every backend (the Python wrappers check too; these guard direct calls).
 inline void check_last_layer_args(const at::Tensor& features, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, int64_t loss) {
+                                  const std::optional<at::Tensor>& bias) {
   check_float_matrix(features, "features", 2);
   check_float_matrix(weight, "weight", 2);
   check_same(weight, features, "weight");
@@ -42,7 +50,6 @@ inline void check_last_layer_args(const at::Tensor& features, const at::Tensor& 
     check_same(*bias, features, "bias");
     TORCH_CHECK(bias->size(0) == weight.size(0), "bias must be (", weight.size(0), "), got ", bias->sizes());
   }
-  TORCH_CHECK(loss >= kCrossEntropy && loss <= kBceWithLogits, "loss code must be 0, 1 or 2, got ", loss);
 }
 
 inline void check_contract_args(const at::Tensor& sq_norms, const at::Tensor& hz, const at::Tensor& gram) {

@@ -4,10 +4,10 @@
 
 TORCH_LIBRARY(relflat, m) {
   // Closed-form last-layer flatness: per_sample[i] = ||phi_i||^2 <W W^T, Hz_i> (unless per_sample is
-  // false: then (0,)), and (on request) sum_i ||phi_i||^2 Hz_i (d, d); loss: 0 cross entropy, 1 MSE,
-  // 2 BCE with logits. kappa = <W W^T, block_sum> / n when only the sum is needed: a symmetric
+  // false: then (0,)), and (on request) sum_i ||phi_i||^2 Hz_i (d, d); loss: "cross_entropy", "mse"
+  // or "bce_with_logits". kappa = <W W^T, block_sum> / n when only the sum is needed: a symmetric
   // product, half the work of the per-sample terms for wide heads.
-  m.def("last_layer_flatness(Tensor features, Tensor weight, Tensor? bias, int loss, bool block_trace,"
+  m.def("last_layer_flatness(Tensor features, Tensor weight, Tensor? bias, str loss, bool block_trace,"
         " bool per_sample=True) -> (Tensor per_sample, Tensor block_sum)");
   // per_sample[i] = sq_norms[i] <gram, hz[i]>_F, and (on request) sum_i sq_norms[i] hz[i] (d, k).
   m.def("contract_output_hessians(Tensor sq_norms, Tensor hz, Tensor gram, bool block_trace)"

@@ -1,29 +1,32 @@
 """relflat_ext: fast, exact relative flatness (Petzka et al., NeurIPS 2021) for PyTorch models.
 
-Main entry points: :func:`relative_flatness` (any ``nn.Linear`` layer of a model),
-:func:`relative_flatness_from_features` (a last layer given its features) and
-:func:`relative_flatness_autograd` (the authors' full-Hessian baseline); feature robustness
-(:func:`feature_robustness`), representativeness through a fused Gaussian-KDE kernel
-(:func:`representativeness`, :func:`kde_log_density`, :func:`select_bandwidth`) and the paper's
-generalization-gap estimate (:func:`generalization_bound`); the multiplicative-probe estimator
-(:func:`stochastic_estimate`, ``relative_flatness(method="stochastic")``) for convolutions,
-sequence inputs and any layer whose weight multiplies features. ``build_info()`` says what was
-compiled; ``ops`` holds the thin wrappers of the custom kernels.
+Layers, each importing only from those above it in this list (docs/design.md, "Architecture"):
+``ops`` (custom kernels, their wrappers and the pure-PyTorch reference), ``core`` (losses,
+layers, data, hooks, HVPs), ``flatness`` (the front door and its paths), ``generalization``
+(feature robustness, KDE, representativeness, the bound, comparison measures), ``datasets``,
+and ``apps`` (report, reproduction, command line).
 """
-from ._ext import __version__, build_info
-from . import datasets, measures, ops
-from .baseline import layer_hessian, relative_flatness_autograd
-from .flatness import FlatnessResult, feature_scale, relative_flatness, relative_flatness_from_features
-from .kde import BandwidthSelection, kde_log_density, select_bandwidth
-from .bound import (BoundResult, RepresentativenessResult, generalization_bound,
-                                 representativeness)
-from .robustness import FeatureRobustnessResult, feature_robustness
-from .stochastic import StochasticEstimate, WeightView, stochastic_estimate
-from .profiling import ProfileTable, profile
+from . import ops
+from .ops import build_info, fallback_only
+from .ops._extension import __version__
 
-__all__ = ["__version__", "build_info", "ops", "datasets", "measures", "FlatnessResult", "relative_flatness",
-           "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian", "feature_scale",
-           "kde_log_density", "select_bandwidth", "BandwidthSelection", "feature_robustness",
-           "FeatureRobustnessResult", "representativeness", "RepresentativenessResult",
-           "generalization_bound", "BoundResult", "stochastic_estimate", "StochasticEstimate", "WeightView",
-           "profile", "ProfileTable"]
+# Relative flatness
+from .flatness import (FlatnessResult, ProfileTable, StochasticEstimate, hvp_only, layer_hessian, profile,
+                       relative_flatness, relative_flatness_autograd, relative_flatness_from_features,
+                       stochastic_estimate)
+from .core.layers import WeightView
+
+# Generalization: feature robustness, representativeness (KDE), the bound, comparison measures
+from .generalization import (BandwidthSelection, BoundResult, FeatureRobustnessResult, RepresentativenessResult,
+                             feature_robustness, generalization_bound, kde_log_density, measures, representativeness,
+                             select_bandwidth)
+from . import datasets
+
+__all__ = [
+    "__version__", "build_info", "ops", "fallback_only", "hvp_only",
+    "relative_flatness", "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian",
+    "FlatnessResult", "stochastic_estimate", "StochasticEstimate", "WeightView", "profile", "ProfileTable",
+    "feature_robustness", "FeatureRobustnessResult", "kde_log_density", "select_bandwidth", "BandwidthSelection",
+    "representativeness", "RepresentativenessResult", "generalization_bound", "BoundResult", "measures",
+    "datasets",
+]

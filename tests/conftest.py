@@ -7,7 +7,7 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from relflat_ext import _tail  # noqa: E402
+from relflat_ext.flatness import tail as _tail  # noqa: E402
 
 
 @pytest.fixture(params=["tail", "hvp"])

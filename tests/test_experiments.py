@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from relflat_ext import experiments
-from relflat_ext.cli import main as cli_main
+from relflat_ext.apps import reproduce as experiments
+from relflat_ext.apps.zoo import lenet5
+from relflat_ext.apps.cli import main as cli_main
 
 
 def test_fig3_and_fig4_outputs(tmp_path, monkeypatch, capsys):
@@ -48,7 +49,7 @@ def test_reparameterization_keeps_the_function_and_relative_flatness():
     import torch
     import relflat_ext as rf
     torch.manual_seed(0)
-    model = experiments.lenet5_relu().double().eval()
+    model = lenet5(activation="relu").double().eval()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(60, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (60,), generator=g)
     other = experiments.reparameterize(model, seed=3)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import relflat_ext as rf
-from relflat_ext import _tail
+from relflat_ext.flatness import tail as _tail
 from models import data, linear_names, mlp
 
 LOSSES = ["cross_entropy", "mse", "bce_with_logits"]

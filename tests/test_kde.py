@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import relflat_ext as rf
-from relflat_ext import _reference as ref
+from relflat_ext.ops import reference as ref
 from relflat_ext import ops
-from relflat_ext._ext import HAS_EXTENSION
+from relflat_ext.ops import HAS_EXTENSION
 from testing import DEVICES, DTYPES, assert_matches_reference
 
 CASES = [  # nq, nk, m, c, B, R, key_scale, splits
@@ -170,7 +170,7 @@ def test_select_bandwidth_picks_what_gridsearchcv_picks(folds):
 def test_all_folds_in_one_pass_equal_each_fold_alone():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(97, 4, generator=g, dtype=torch.float64)
-    ids = rf.kde.kfold_ids(97, 5)
+    ids = rf.generalization.kfold_ids(97, 5)
     ld, _ = ops.gaussian_kernel_reduce(x, x, None, torch.tensor([0.7], dtype=torch.float64), None, ids[None], ids[None])
     for f in range(5):
         held = ids == f

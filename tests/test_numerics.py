@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import relflat_ext as rf
-from relflat_ext._ext import fallback_only
-from relflat_ext._losses import loss_for_derivatives, softmax_complement
-from relflat_ext._model import hessian_vector_products
-from relflat_ext._tail import hvp_only
+from relflat_ext import fallback_only
+from relflat_ext.core.losses import LOSSES
+from relflat_ext.ops.stable_math import softmax_complement
+from relflat_ext.core.hvp import hessian_vector_products
+from relflat_ext import hvp_only
 from models import behind_a_layer, confident_head
 
 TOL = 1e-5
@@ -72,7 +73,7 @@ def test_float32_keeps_its_digits_at_every_margin(loss, shape, path):
 
 @pytest.mark.parametrize("margin", [0.0, 30.0])
 def test_derivative_losses_equal_autograd_and_stay_accurate(margin):
-    """loss_for_derivatives: the same gradient and Hessian-vector products as F.* in float64, and
+    """Loss.for_derivatives: the same gradient and Hessian-vector products as F.* in float64, and
     float32 agreeing with float64 at a margin where F.*'s float32 derivatives have no digit left."""
     g = torch.Generator().manual_seed(0)
     z64 = torch.randn(6, 5, generator=g, dtype=torch.float64)
@@ -88,8 +89,8 @@ def test_derivative_losses_equal_autograd_and_stay_accurate(margin):
         for y in ys:
             results = {}
             for label, fn, dtype in (("plain64", plain[name], torch.float64),
-                                     ("stable64", loss_for_derivatives(name), torch.float64),
-                                     ("stable32", loss_for_derivatives(name), torch.float32)):
+                                     ("stable64", LOSSES[name].for_derivatives, torch.float64),
+                                     ("stable32", LOSSES[name].for_derivatives, torch.float32)):
                 z = z64.to(dtype).requires_grad_(True)
                 yy = y.to(dtype) if y.is_floating_point() else y
                 grad = torch.autograd.grad(fn(z, yy), z, create_graph=True)[0]

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import relflat_ext as rf
-from relflat_ext import _reference as ref
+from relflat_ext.ops import reference as ref
 from relflat_ext import ops
-from relflat_ext._ext import HAS_EXTENSION, fallback_only, runs_on
+from relflat_ext.ops._extension import HAS_EXTENSION, fallback_only, runs_on
 from testing import DEVICES, DTYPES, assert_matches_reference
 
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 4), (40, 13, 1), (64, 17, 10), (33, 9, 32), (50, 20, 33), (30, 70, 120),
           (20, 130, 100)]  # every branch: d <= 32, d <= 64, d > 64 with m < d and with m >= d
-LOSSES = [0, 1, 2]
+LOSSES = ["cross_entropy", "mse", "bce_with_logits"]
 
 
 def _inputs(n, m, d, dtype, device, seed, noncontig=False):
@@ -108,7 +108,7 @@ def test_dense_block_trace_matches_fallback(device, dtype, shape, transposed):
 def test_cross_entropy_closed_form_matches_explicit_hessians():
     """The fallback itself against Hz = diag(p) - p p^T built entry by entry."""
     f, w, b = _inputs(6, 5, 4, torch.float64, "cpu", seed=3)
-    per_sample, block = ref.last_layer_flatness(f, w, b, 0, True)
+    per_sample, block = ref.last_layer_flatness(f, w, b, "cross_entropy", True)
     p = torch.softmax(f @ w.T + b, 1)
     gram = w @ w.T
     for i in range(6):
@@ -124,8 +124,8 @@ def test_opcheck(device):
     f, w, b = _inputs(12, 7, 5, torch.float64, device, seed=1)
     for loss, block in itertools.product(LOSSES, (True, False)):
         torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, b, loss, block))
-    torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, None, 0, True))
-    torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, b, 0, False, False))
+    torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, None, "cross_entropy", True))
+    torch.library.opcheck(torch.ops.relflat.last_layer_flatness.default, (f, w, b, "cross_entropy", False, False))
     hz = torch.randn(12, 5, 3, dtype=torch.float64, device=device)
     sq = torch.rand(12, dtype=torch.float64, device=device)
     gram = torch.randn(5, 3, dtype=torch.float64, device=device)
@@ -136,12 +136,12 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, 0), "weight must be"),
-    (lambda: ops.last_layer_flatness(torch.randn(3), torch.randn(2, 3), None, 0), "features must be 2-D"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64), None, 0), "dtype"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4).int(), torch.randn(2, 4), None, 0), "float32 or float64"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), 0), "bias must be"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), None, 7), "loss code"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, "cross_entropy"), "weight must be"),
+    (lambda: ops.last_layer_flatness(torch.randn(3), torch.randn(2, 3), None, "cross_entropy"), "features must be 2-D"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64), None, "cross_entropy"), "dtype"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4).int(), torch.randn(2, 4), None, "cross_entropy"), "float32 or float64"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), "cross_entropy"), "bias must be"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), None, "hinge"), "loss must be one of"),
     (lambda: ops.contract_output_hessians(torch.rand(3), torch.randn(3, 2, 2), torch.randn(2, 3)), "hz must be"),
     (lambda: ops.dense_block_trace(torch.randn(6, 5), torch.randn(2, 3)), "hessian must be"),
 ])
@@ -153,21 +153,21 @@ def test_ops_reject_bad_arguments(call, match):
 @pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not built")
 def test_kernels_check_arguments_when_called_directly():
     with pytest.raises(RuntimeError, match="weight must be"):
-        torch.ops.relflat.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, 0, False)
+        torch.ops.relflat.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, "cross_entropy", False)
     with pytest.raises(RuntimeError, match="hessian must be"):
         torch.ops.relflat.dense_block_trace(torch.randn(6, 5), torch.randn(2, 3))
 
 
 def test_fallback_only_switches_every_op_to_the_reference():
-    from relflat_ext._ext import fallback_only, kernel_available
+    from relflat_ext.ops import fallback_only, kernel_available
     cpu = torch.device("cpu")
     available = kernel_available(cpu)
     with fallback_only():
         assert not kernel_available(cpu)
         f, w, b = _inputs(20, 5, 3, torch.float64, "cpu", 0)
-        got = ops.last_layer_flatness(f, w, b, 0, True)
+        got = ops.last_layer_flatness(f, w, b, "cross_entropy", True)
     assert kernel_available(cpu) == available
-    want = ref.last_layer_flatness(f, w, b, 0, True)
+    want = ref.last_layer_flatness(f, w, b, "cross_entropy", True)
     assert all(torch.equal(a, c) for a, c in zip(got, want))
 
 
@@ -175,7 +175,7 @@ def _op_calls(device):
     f, w, b = _inputs(9, 5, 3, torch.float64, device, seed=3)
     sq, hz, gram = f.pow(2).sum(1), torch.randn(9, 3, 3, dtype=torch.float64, device=device), w @ w.T
     h = torch.randn(15, 15, dtype=torch.float64, device=device)
-    return {"last_layer_flatness": (lambda t: ops.last_layer_flatness(t, w, b, 0, True), f),
+    return {"last_layer_flatness": (lambda t: ops.last_layer_flatness(t, w, b, "cross_entropy", True), f),
             "contract_output_hessians": (lambda t: ops.contract_output_hessians(t, hz, gram, True), sq),
             "dense_block_trace": (lambda t: ops.dense_block_trace(h, t), w),
             "gaussian_kernel_reduce": (lambda t: ops.gaussian_kernel_reduce(t, f, sq[:, None],

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext.cli import main as cli_main
-from relflat_ext.zoo import lenet5
+from relflat_ext.apps.cli import main as cli_main
+from relflat_ext.apps.zoo import lenet5
 from models import assert_unchanged, snapshot
 
 

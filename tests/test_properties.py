@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import relflat_ext as rf
 from models import data, mlp
-from relflat_ext import _chain_rule, _tail
+from relflat_ext.flatness import chain_rule as _chain_rule, tail as _tail
 
 
 def _relu_net(seed=0):
@@ -106,13 +106,13 @@ def test_dataloader_and_chunking_do_not_change_the_result():
 
 
 def test_hvp_block_size_does_not_change_the_result(monkeypatch):
-    from relflat_ext import flatness
+    from relflat_ext.flatness import exact
     model = mlp([5, 9, 6, 3], "softplus", seed=9)
     x, y = data(20, 5, 3, "cross_entropy")
     with _tail.hvp_only():
         big = rf.relative_flatness(model, "2", x, y)
-        monkeypatch.setattr(flatness, "HVP_BLOCK_ELEMENTS", 20 * 6 * 2)  # 2 probes at a time
-        monkeypatch.setattr(flatness, "EXACT_CPU_CHUNK_ELEMENTS", 7 * 6)  # sub-batches of 7 samples
+        monkeypatch.setattr(exact, "HVP_BLOCK_ELEMENTS", 20 * 6 * 2)  # 2 probes at a time
+        monkeypatch.setattr(exact, "EXACT_CPU_CHUNK_ELEMENTS", 7 * 6)  # sub-batches of 7 samples
         small = rf.relative_flatness(model, "2", x, y)
     assert "Hessian-vector products" in small.reason
     assert abs(small.kappa - big.kappa) <= 1e-12 * abs(big.kappa)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import relflat_ext as rf
+from relflat_ext.generalization.representativeness import CV_GRID, _random_folds
 from models import assert_unchanged, data, mlp, snapshot
 
 LOSS_FNS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce_with_logits": F.binary_cross_entropy_with_logits}
@@ -66,7 +67,7 @@ def test_matches_brute_force_weights_and_losses(loss, bandwidth, labels):
 def test_all_folds_from_one_pass_equal_each_fold_held_out_explicitly():
     model, x, y = _setup(n=60)
     rep = rf.representativeness(model, "0", x, y, delta=0.2, folds=4, repeats=2, seed=3)
-    ids = rf.bound._random_folds(60, 4, 2, 3, "cpu")
+    ids = _random_folds(60, 4, 2, 3, "cpu")
     for r in range(2):
         for f in range(4):
             held = ids[r] == f
@@ -83,7 +84,7 @@ def test_cv_bandwidth_is_chosen_by_held_out_likelihood():
     assert isinstance(rep.bandwidth, float) and rep.bandwidth > 0
     with torch.no_grad():
         phi = model[:2](x)
-    grid = rf.bound.CV_GRID * float(phi.var(0, unbiased=False).mean().sqrt()) * 80 ** (-1 / 12)  # m = 8
+    grid = CV_GRID * float(phi.var(0, unbiased=False).mean().sqrt()) * 80 ** (-1 / 12)  # m = 8
     assert rep.bandwidth == pytest.approx(rf.select_bandwidth(phi, grid, folds=5).bandwidth)
 
 

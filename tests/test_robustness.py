@@ -64,9 +64,9 @@ def test_streaming_batches_and_seed_reproduce_the_same_value():
 
 def test_haar_draws_are_orthogonal_and_gaussian_draws_have_variance_one_over_m():
     g = torch.Generator().manual_seed(0)
-    u = rf.robustness.random_perturbations(50, 7, "orthogonal", g, torch.float64, "cpu")
+    u = rf.generalization.random_perturbations(50, 7, "orthogonal", g, torch.float64, "cpu")
     torch.testing.assert_close(u @ u.transpose(1, 2), torch.eye(7, dtype=torch.float64).expand(50, 7, 7))
-    gauss = rf.robustness.random_perturbations(400, 7, "gaussian", g, torch.float64, "cpu")
+    gauss = rf.generalization.random_perturbations(400, 7, "gaussian", g, torch.float64, "cpu")
     assert gauss.var().item() == pytest.approx(1 / 7, rel=0.05)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext.stochastic import stochastic_estimate
+from relflat_ext import stochastic_estimate
 from models import assert_unchanged, data, mlp, snapshot
 
 
@@ -130,7 +130,7 @@ def test_auto_goes_stochastic_when_the_exact_path_needs_more_hvps_than_max_probe
 def test_custom_weight_view():
     model = mlp([6, 8, 7, 4], "tanh", seed=0)
     x, y = data(60, 6, 4, "cross_entropy")
-    view = rf.stochastic.WeightView(lambda w: w, lambda mat: mat)  # what Linear uses, passed explicitly
+    view = rf.WeightView(lambda w: w, lambda mat: mat)  # what Linear uses, passed explicitly
     a = stochastic_estimate(model, "2", x, y, seed=3, max_probes=64, weight_view=view)
     b = stochastic_estimate(model, "2", x, y, seed=3, max_probes=64)
     assert a.value == pytest.approx(b.value, rel=1e-12)

@@ -8,7 +8,7 @@ from torch import nn
 
 import relflat_ext as rf
 from models import assert_unchanged, data, snapshot
-from relflat_ext import _tail
+from relflat_ext.flatness import tail as _tail
 
 ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.2),
                nn.ELU(0.7), nn.SELU(), nn.CELU(1.3), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Mish(),

@@ -1,7 +1,7 @@
 """Shared test helpers: devices and dtypes to sweep, float32 error judged against the fallback's."""
 import torch
 
-from relflat_ext._ext import HAS_CUDA_KERNELS
+from relflat_ext.ops import HAS_CUDA_KERNELS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and HAS_CUDA_KERNELS else [])
 DTYPES = [torch.float64, torch.float32]

@@ -2,8 +2,8 @@
 // BLAS gives the tile of dot products (kept in L2, never the nq x nk matrix), from which one tile of
 // squared distances serves every split and bandwidth; each (split, bandwidth, query) row keeps an
 // online log-sum-exp (running max, rescaled sum) and the running kernel-weighted sum of values.
-// The row loops are compiled for AVX2+FMA (with an inlined vector exp) and for the baseline ISA,
-// chosen at run time.
+// The tile fold is a kernel for run_best_isa (simd.h): AVX2+FMA (with an inlined vector exp) or the
+// baseline ISA at run time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -128,43 +128,38 @@ RELFLAT_INLINE void update_row(const T* dots, T query_sq_norm, const T* key_sq_n
 
 // Fold one key tile [k0, k0 + kt) into the rows of queries [i0, i0 + qb). dots (qb, ld) holds the
 // queries' dot products with the tile's keys.
-template <typename T, bool kAvx2>
-RELFLAT_INLINE void fold_tile_body(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt,
-                                   const T* dots, int64_t ld, T* buf, T* sums) {
-  const T* kn = p.key_sq_norms + k0;
-  for (int64_t r = 0; r < p.n_splits; ++r) {
-    const int64_t* key_ids = p.key_split != nullptr ? p.key_split + r * p.nk + k0 : nullptr;
-    for (int64_t b = 0; b < p.n_bw; ++b) {
-      const T* coef = p.coef + b * p.nk + k0;
-      const T* lognorm = p.lognorm + b * p.nk + k0;
-      const int64_t row0 = (r * p.n_bw + b) * p.nq + i0;
-      for (int64_t i = 0; i < qb; ++i) {
-        const int64_t query_id = p.query_split != nullptr ? p.query_split[r * p.nq + i0 + i] : 0;
-        T* acc = p.wval + (row0 + i) * p.c;
-        update_row<T, kAvx2>(dots + i * ld, p.query_sq_norms[i0 + i], kn, coef, lognorm, key_ids, query_id,
-                             p.values + k0 * p.c, p.c, kt, buf, p.logdens[row0 + i],
-                             sums[(r * p.n_bw + b) * kQueryBlock + i], acc);
+// Fold one key tile [k0, k0 + kt) into the rows of queries [i0, i0 + qb). dots (qb, ld) holds the
+// queries' dot products with the tile's keys; buf (kt) is scratch; sums the rows' running sums.
+template <typename T>
+struct FoldTile {
+  const KdeView<T>& view;
+  int64_t i0, qb, k0, kt;
+  const T* dots;
+  int64_t ld;
+  T* buf;
+  T* sums;
+
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
+    const KdeView<T>& p = view;
+    const T* kn = p.key_sq_norms + k0;
+    for (int64_t r = 0; r < p.n_splits; ++r) {
+      const int64_t* key_ids = p.key_split != nullptr ? p.key_split + r * p.nk + k0 : nullptr;
+      for (int64_t b = 0; b < p.n_bw; ++b) {
+        const T* coef = p.coef + b * p.nk + k0;
+        const T* lognorm = p.lognorm + b * p.nk + k0;
+        const int64_t row0 = (r * p.n_bw + b) * p.nq + i0;
+        for (int64_t i = 0; i < qb; ++i) {
+          const int64_t query_id = p.query_split != nullptr ? p.query_split[r * p.nq + i0 + i] : 0;
+          T* acc = p.wval + (row0 + i) * p.c;
+          update_row<T, kAvx2>(dots + i * ld, p.query_sq_norms[i0 + i], kn, coef, lognorm, key_ids, query_id,
+                               p.values + k0 * p.c, p.c, kt, buf, p.logdens[row0 + i],
+                               sums[(r * p.n_bw + b) * kQueryBlock + i], acc);
+        }
       }
     }
   }
-}
-
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-template <typename T>
-RELFLAT_TARGET_AVX2 void fold_tile_avx2(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt,
-                                        const T* dots, int64_t ld, T* buf, T* sums) {
-  fold_tile_body<T, true>(p, i0, qb, k0, kt, dots, ld, buf, sums);
-}
-#endif
-
-template <typename T>
-void fold_tile(const KdeView<T>& p, int64_t i0, int64_t qb, int64_t k0, int64_t kt, const T* dots, int64_t ld,
-               T* buf, T* sums) {
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return fold_tile_avx2<T>(p, i0, qb, k0, kt, dots, ld, buf, sums);
-#endif
-  fold_tile_body<T, false>(p, i0, qb, k0, kt, dots, ld, buf, sums);
-}
+};
 
 template <typename T>
 void finish_rows(const KdeView<T>& p, int64_t i0, int64_t qb, const T* sums) {
@@ -210,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cpu(
           const int64_t kt = std::min(kKeyTile, nk - k0);
           at::Tensor tile = dots.narrow(0, 0, qb).narrow(1, 0, kt);
           at::mm_out(tile, query_rows, keys_t.narrow(1, k0, kt));
-          fold_tile<T>(p, i0, qb, k0, kt, tile.data_ptr<T>(), tile.stride(0), buf.data(), sums.data());
+          run_best_isa(FoldTile<T>{p, i0, qb, k0, kt, tile.data_ptr<T>(), tile.stride(0), buf.data(), sums.data()});
         }
         finish_rows<T>(p, i0, qb, sums.data());
       }

@@ -1,12 +1,11 @@
 // CPU closed-form last-layer flatness, in three steps that never form anything of size n*d*d:
 // 1. logits (n, d) and squared feature norms. Few outputs (d <= 32): a register-blocked loop that
-//    reads each feature row once (BLAS is slow for such skinny products: 4.3 ms vs about 1 ms
-//    here for n=50000, m=84, d=10 on 2 cores); many outputs: BLAS.
+//    reads each feature row once (BLAS is slow for such skinny products); many outputs: BLAS.
 // 2. softmax / sigmoid through ATen's vectorized kernels, in place.
 // 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
 //    cancellation at confident rows; inline for d <= 64, else from the GEMM P D), or, when m < d,
 //    the argmax-centred form from the GEMM (P - e_k) W (common.h).
-// The row loops are compiled twice, for AVX2+FMA and for the baseline ISA, chosen at run time.
+// The row loops are kernels for run_best_isa (simd.h): AVX2+FMA or the baseline ISA at run time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -52,100 +51,90 @@ RELFLAT_INLINE void logits_tile(const T* x, int64_t m, const T* wt, const T* bia
   }
 }
 
+// logits[i] = bias + x_i W^T and sq_norms[i] = ||x_i||^2 for rows [begin, end), W^T zero-padded
+// to (m, DP) (DP <= 32).
 template <typename T, int DP>
-RELFLAT_INLINE void logits_rows_body(const T* x, int64_t m, const T* wt, const T* bias_pad, int64_t d,
-                                     int64_t begin, int64_t end, T* logits, T* sq_norms) {
-  int64_t i = begin;
-  for (; i + kRowsPerTile <= end; i += kRowsPerTile)
-    logits_tile<T, DP, kRowsPerTile>(x + i * m, m, wt, bias_pad, d, logits + i * d, sq_norms + i);
-  for (; i < end; ++i) logits_tile<T, DP, 1>(x + i * m, m, wt, bias_pad, d, logits + i * d, sq_norms + i);
-}
+struct LogitsRows {
+  const T* features;
+  int64_t m;
+  const T* weight_t_pad;
+  const T* bias_pad;
+  int64_t d, begin, end;
+  T* logits;
+  T* sq_norms;
 
-// <G, Hz_i> for rows already holding h_i: 1/2 p^T D p for cross entropy (`quadratic`, mat = D),
-// h . diag(G) for BCE (mat = diag(G)). Padded: mat zero-padded to (d, DP) or (DP,), so the inner
-// loops have a fixed length (DP <= 32 only).
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
+    int64_t i = begin;
+    for (; i + kRowsPerTile <= end; i += kRowsPerTile)
+      logits_tile<T, DP, kRowsPerTile>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, sq_norms + i);
+    for (; i < end; ++i) logits_tile<T, DP, 1>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, sq_norms + i);
+  }
+};
+
+// per_sample[i] = sq_norms[i] <G, Hz_i> for rows [begin, end) of h already holding p_i (cross
+// entropy, `quadratic`: 1/2 p^T D p with mat = D) or the BCE curvatures (h . diag(G), mat = diag(G)).
+// Padded: mat zero-padded to (d, DP) or (DP,), so the inner loops have a fixed length (DP <= 32).
 template <typename T, int DP>
-RELFLAT_INLINE void padded_terms_rows_body(const T* h, const T* mat_pad, const T* sq_norms, int64_t d,
-                                           bool quadratic, int64_t begin, int64_t end, T* per_sample) {
-  for (int64_t i = begin; i < end; ++i) {
-    T p[DP] = {};
-    for (int64_t s = 0; s < d; ++s) p[s] = h[i * d + s];
-    T term = 0;
-    if (quadratic) {
-      T dp[DP] = {};  // D p
-      for (int64_t t = 0; t < d; ++t) {
+struct PaddedTermsRows {
+  const T* h;
+  const T* mat_pad;
+  const T* sq_norms;
+  int64_t d;
+  bool quadratic;
+  int64_t begin, end;
+  T* per_sample;
+
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
+    for (int64_t i = begin; i < end; ++i) {
+      T p[DP] = {};
+      for (int64_t s = 0; s < d; ++s) p[s] = h[i * d + s];
+      T term = 0;
+      if (quadratic) {
+        T dp[DP] = {};  // D p
+        for (int64_t t = 0; t < d; ++t) {
 #pragma omp simd
-        for (int s = 0; s < DP; ++s) dp[s] += mat_pad[t * DP + s] * p[t];
+          for (int s = 0; s < DP; ++s) dp[s] += mat_pad[t * DP + s] * p[t];
+        }
+#pragma omp simd reduction(+ : term)
+        for (int s = 0; s < DP; ++s) term += p[s] * dp[s];
+        term *= T(0.5);
+      } else {
+#pragma omp simd reduction(+ : term)
+        for (int s = 0; s < DP; ++s) term += p[s] * mat_pad[s];
       }
-#pragma omp simd reduction(+ : term)
-      for (int s = 0; s < DP; ++s) term += p[s] * dp[s];
-      term *= T(0.5);
-    } else {
-#pragma omp simd reduction(+ : term)
-      for (int s = 0; s < DP; ++s) term += p[s] * mat_pad[s];
+      per_sample[i] = sq_norms[i] * term;
     }
-    per_sample[i] = sq_norms[i] * term;
   }
-}
+};
 
-// Same for d <= kInlineQuadraticMaxOutputs without padding (and any d for BCE).
+// The same without padding, for d <= kInlineQuadraticMaxOutputs (and any d for BCE).
 template <typename T>
-RELFLAT_INLINE void terms_rows_body(const T* h, const T* mat, const T* sq_norms, int64_t d, bool quadratic,
-                                    int64_t begin, int64_t end, T* per_sample) {
-  for (int64_t i = begin; i < end; ++i) {
-    const T* row = h + i * d;
-    T term = 0;
-    if (quadratic) {
-      for (int64_t s = 0; s < d; ++s) term += row[s] * dot(mat + s * d, row, d);
-      term *= T(0.5);
-    } else {
-      term = dot(row, mat, d);
+struct TermsRows {
+  const T* h;
+  const T* mat;
+  const T* sq_norms;
+  int64_t d;
+  bool quadratic;
+  int64_t begin, end;
+  T* per_sample;
+
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* row = h + i * d;
+      T term = 0;
+      if (quadratic) {
+        for (int64_t s = 0; s < d; ++s) term += row[s] * dot(mat + s * d, row, d);
+        term *= T(0.5);
+      } else {
+        term = dot(row, mat, d);
+      }
+      per_sample[i] = sq_norms[i] * term;
     }
-    per_sample[i] = sq_norms[i] * term;
   }
-}
-
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-template <typename T, int DP>
-RELFLAT_TARGET_AVX2 void logits_rows_avx2(const T* x, int64_t m, const T* wt, const T* bp,
-                                                          int64_t d, int64_t b, int64_t e, T* z, T* a) {
-  logits_rows_body<T, DP>(x, m, wt, bp, d, b, e, z, a);
-}
-template <typename T>
-RELFLAT_TARGET_AVX2 void terms_rows_avx2(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b,
-                                         int64_t e, T* out) {
-  terms_rows_body<T>(h, mat, a, d, q, b, e, out);
-}
-template <typename T, int DP>
-RELFLAT_TARGET_AVX2 void padded_terms_rows_avx2(const T* h, const T* mat, const T* a, int64_t d, bool q,
-                                                int64_t b, int64_t e, T* out) {
-  padded_terms_rows_body<T, DP>(h, mat, a, d, q, b, e, out);
-}
-#endif
-
-template <typename T, int DP>
-void logits_rows(const T* x, int64_t m, const T* wt, const T* bp, int64_t d, int64_t b, int64_t e, T* z, T* a) {
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return logits_rows_avx2<T, DP>(x, m, wt, bp, d, b, e, z, a);
-#endif
-  logits_rows_body<T, DP>(x, m, wt, bp, d, b, e, z, a);
-}
-
-template <typename T>
-void terms_rows(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b, int64_t e, T* out) {
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return terms_rows_avx2<T>(h, mat, a, d, q, b, e, out);
-#endif
-  terms_rows_body<T>(h, mat, a, d, q, b, e, out);
-}
-
-template <typename T, int DP>
-void padded_terms_rows(const T* h, const T* mat, const T* a, int64_t d, bool q, int64_t b, int64_t e, T* out) {
-#ifdef RELFLAT_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) return padded_terms_rows_avx2<T, DP>(h, mat, a, d, q, b, e, out);
-#endif
-  padded_terms_rows_body<T, DP>(h, mat, a, d, q, b, e, out);
-}
+};
 
 int64_t padded_width(int64_t d) { return d <= 8 ? 8 : (d <= 16 ? 16 : 32); }
 
@@ -160,14 +149,14 @@ void register_blocked_logits(const at::Tensor& features, const at::Tensor& weigh
   at::Tensor bp = at::zeros({dp}, weight.options());
   if (bias.has_value()) bp.narrow(0, 0, d).copy_(*bias);
   const T* x = features.data_ptr<T>();
-  const T* w = wt.data_ptr<T>();
-  const T* b = bp.data_ptr<T>();
-  T* z = logits.data_ptr<T>();
-  T* a = sq_norms.data_ptr<T>();
+  const T* weight_t_pad = wt.data_ptr<T>();
+  const T* bias_pad = bp.data_ptr<T>();
+  T* out = logits.data_ptr<T>();
+  T* norms = sq_norms.data_ptr<T>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    if (dp == 8) logits_rows<T, 8>(x, m, w, b, d, begin, end, z, a);
-    else if (dp == 16) logits_rows<T, 16>(x, m, w, b, d, begin, end, z, a);
-    else logits_rows<T, 32>(x, m, w, b, d, begin, end, z, a);
+    if (dp == 8) run_best_isa(LogitsRows<T, 8>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
+    else if (dp == 16) run_best_isa(LogitsRows<T, 16>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
+    else run_best_isa(LogitsRows<T, 32>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
   });
 }
 
@@ -188,8 +177,8 @@ void half_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, const at
 // Cross entropy's block sum sum_i a_i (diag(p_i) - p_i p_i^T) in one pass over the softmax rows:
 // q_i = sqrt(a_i) p_i for the symmetric product, and the diagonal sum_i a_i p_is (1 - p_is) with
 // 1 - p_k (k the row's largest entry) taken as the sum of the other entries. The same as
-// block_sum_from_rows (common.h, which CUDA uses), fused for the CPU: its eight elementwise passes
-// over P took 0.8 s at n = 50000, d = 1000 on 2 cores, this one 0.17 s.
+// block_sum_from_rows (common.h, which CUDA uses), fused into one pass for the CPU, where the
+// eight elementwise passes of the generic form cost more than the GEMM (bench/RESULTS.md).
 template <typename T>
 at::Tensor cross_entropy_block(const at::Tensor& p, const at::Tensor& sq_norms) {
   const int64_t n = p.size(0), d = p.size(1);
@@ -248,8 +237,9 @@ at::Tensor block_sum(const at::Tensor& h, const at::Tensor& sq_norms, int64_t lo
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& features_in,
                                                            const at::Tensor& weight_in,
                                                            const std::optional<at::Tensor>& bias_in,
-                                                           int64_t loss, bool block_trace, bool want_per_sample) {
-  check_last_layer_args(features_in, weight_in, bias_in, loss);
+                                                           c10::string_view loss_name, bool block_trace, bool want_per_sample) {
+  check_last_layer_args(features_in, weight_in, bias_in);
+  const LossCode loss = parse_loss(loss_name);
   const at::Tensor features = features_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const int64_t n = features.size(0), m = features.size(1), d = weight.size(0);
@@ -307,15 +297,16 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
       mat_pad.narrow(-1, 0, d).copy_(mat);
     }
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
-      const scalar_t* hp = h.data_ptr<scalar_t>();
-      const scalar_t* a = sq_norms.data_ptr<scalar_t>();
-      const scalar_t* mp = mat_pad.data_ptr<scalar_t>();
-      scalar_t* out = per_sample.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
-        if (!padded) terms_rows<scalar_t>(hp, mp, a, d, quadratic, b, e, out);
-        else if (dp == 8) padded_terms_rows<scalar_t, 8>(hp, mp, a, d, quadratic, b, e, out);
-        else if (dp == 16) padded_terms_rows<scalar_t, 16>(hp, mp, a, d, quadratic, b, e, out);
-        else padded_terms_rows<scalar_t, 32>(hp, mp, a, d, quadratic, b, e, out);
+      using T = scalar_t;
+      const T* rows = h.data_ptr<T>();
+      const T* norms = sq_norms.data_ptr<T>();
+      const T* mat_data = mat_pad.data_ptr<T>();
+      T* out = per_sample.data_ptr<T>();
+      at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+        if (!padded) run_best_isa(TermsRows<T>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else if (dp == 8) run_best_isa(PaddedTermsRows<T, 8>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else if (dp == 16) run_best_isa(PaddedTermsRows<T, 16>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else run_best_isa(PaddedTermsRows<T, 32>{rows, mat_data, norms, d, quadratic, begin, end, out});
       });
     });
   }

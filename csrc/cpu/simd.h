@@ -1,4 +1,7 @@
-// Helpers for loops compiled twice, for AVX2+FMA and for the baseline ISA, and chosen at run time.
+// One way to compile a CPU loop for each instruction set: a kernel is a struct holding its
+// arguments, with `template <bool kAvx2> RELFLAT_INLINE void run() const`; run_best_isa(kernel)
+// runs the AVX2+FMA instantiation where the CPU has both, else the baseline one (the idea of
+// ATen's CPU_CAPABILITY builds, as one function). kAvx2 lets a body use intrinsics explicitly.
 #pragma once
 
 #if defined(__GNUC__)
@@ -16,8 +19,23 @@ inline bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+
+template <typename Kernel>
+RELFLAT_TARGET_AVX2 void run_avx2(const Kernel& kernel) {
+  kernel.template run<true>();
+}
 }  // namespace relflat
 #endif
+
+namespace relflat {
+template <typename Kernel>
+void run_best_isa(const Kernel& kernel) {
+#ifdef RELFLAT_HAVE_AVX2_CLONE
+  if (cpu_has_avx2_fma()) return run_avx2(kernel);
+#endif
+  kernel.template run<false>();
+}
+}  // namespace relflat
 
 #ifdef RELFLAT_HAVE_AVX2_CLONE
 #include <immintrin.h>

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "warp.cuh"
 
 namespace relflat {
 namespace {
@@ -44,8 +45,7 @@ __global__ void contract_kernel(const T* __restrict__ sq_norms, const T* __restr
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    T v = dots[r];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const T v = warp_sum(dots[r]);
     if (lane == 0) partial[r][warp] = v;
   }
   __syncthreads();

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "warp.cuh"
 
 namespace relflat {
 namespace {
@@ -22,7 +23,7 @@ __global__ void block_trace_kernel(const T* __restrict__ h, int64_t row_stride, 
   const T* base = h + s * m * row_stride + t * m * col_stride;
   T acc = 0;
   for (int64_t j = lane; j < m; j += 32) acc += base[j * (row_stride + col_stride)];
-  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  acc = warp_sum(acc);
   if (lane == 0) out[st] = acc;
 }
 

@@ -11,18 +11,13 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "warp.cuh"
 
 namespace relflat {
 namespace {
 
 constexpr int kMaxFusedOutputs = 32;
 constexpr int kWarpsPerBlock = 8;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ T sigmoid_curvature(T z) {  // sigma(z) sigma(-z) without subtracting from 1
@@ -67,8 +62,7 @@ __global__ void fused_small_kernel(const T* __restrict__ features, const T* __re
   const bool active = lane < d;
   T h;
   if (loss == kCrossEntropy) {
-    T mx = active ? zs : -INFINITY;
-    for (int offset = 16; offset > 0; offset >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    const T mx = warp_max(active ? zs : T(-INFINITY));
     const T e = active ? exp(zs - mx) : T(0);
     h = e / warp_sum(e);
   } else {
@@ -78,7 +72,7 @@ __global__ void fused_small_kernel(const T* __restrict__ features, const T* __re
   if (loss == kCrossEntropy) {  // 1/2 p_s (D p)_s; D is symmetric: [t][lane] reads consecutive banks
     T dp = 0;
     for (int t = 0; t < d; ++t) {
-      const T pt = __shfl_sync(0xffffffffu, h, t);
+      const T pt = __shfl_sync(kFullWarp, h, t);
       if (active) dp += mat_s[t * D + lane] * pt;
     }
     term = active ? T(0.5) * h * dp : T(0);
@@ -139,9 +133,10 @@ __global__ void terms_kernel(const T* __restrict__ features, const T* __restrict
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& features_in,
                                                             const at::Tensor& weight_in,
                                                             const std::optional<at::Tensor>& bias_in,
-                                                            int64_t loss, bool block_trace,
+                                                            c10::string_view loss_name, bool block_trace,
                                                             bool want_per_sample) {
-  check_last_layer_args(features_in, weight_in, bias_in, loss);
+  check_last_layer_args(features_in, weight_in, bias_in);
+  const LossCode loss = parse_loss(loss_name);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();

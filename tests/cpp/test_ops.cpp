@@ -21,13 +21,15 @@ void expect_close(double got, double want, double rtol, const char* what) {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 
+const char* const kLossNames[] = {"cross_entropy", "mse", "bce_with_logits"};
+
 Pair call_last_layer(const at::Tensor& f, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t loss,
                      bool per_sample = true) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relflat::last_layer_flatness", "")
                        .typed<Pair(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   int64_t, bool, bool)>();
-  return op.call(f, w, b, loss, true, per_sample);
+                                   c10::string_view, bool, bool)>();
+  return op.call(f, w, b, kLossNames[loss], true, per_sample);
 }
 
 // Naive per-sample Hessians Hz_i (d x d) for the three closed-form losses.

@@ -10,43 +10,48 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from . import ops
-from ._losses import LossSpec, loss_code, resolve_loss
-from ._model import LayerSpec, inverse_scale, iterate_batches, preserved, resolve_layer
-from .flatness import FlatnessResult, check_targets, feature_scale
+from .. import ops
+from ..core.hooks import preserved
+from ..core.layers import LayerSpec, resolve_linear
+from ..core.losses import LossSpec
+from .normalization import feature_scale, inverse_scale
+from .problem import Options, Problem
+from .result import FlatnessResult
 
 DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 
 
-def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                   loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
                   vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
                   ) -> Tuple[torch.Tensor, int]:
     """(hessian, n): the dense Hessian (d*m, d*m) of the mean loss over all n samples w.r.t. the
-    layer weight (d, m), indexed by the row-major flattening of the weight. ``vectorize=False`` is the authors' loop
-    (one ``autograd.grad`` per entry); ``vectorize=True`` batches the rows with vmap."""
-    name, lin = resolve_layer(model, layer)
-    if not callable(loss):
-        loss_code(loss)
-    loss_fn = resolve_loss(loss)
+    layer weight (d, m), indexed by the row-major flattening of the weight. ``vectorize=False`` is
+    the authors' loop (one ``autograd.grad`` per entry); ``vectorize=True`` batches the rows with vmap."""
+    problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
+    return _hessian(problem, vectorize, max_hessian_bytes)
+
+
+def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple[torch.Tensor, int]:
+    name, lin = resolve_linear(problem.model, problem.name)
     dm = lin.weight.numel()
     need = dm * dm * lin.weight.element_size()
     if need > max_hessian_bytes:
         raise ValueError(f"the full Hessian of layer {name!r} ({dm} x {dm} entries, {need / 2**30:.1f} GiB) "
                          f"exceeds max_hessian_bytes={max_hessian_bytes}; use relative_flatness(method='exact'), "
                          "which never forms it")
+    loss = problem.loss
     hessian = lin.weight.new_zeros((dm, dm))
     n = 0
-    with preserved(model):
+    with preserved(problem.model):
         weight = lin.weight
         weight.requires_grad_(True)
-        for x, y in iterate_batches(inputs, targets, batch_size):
+        for x, y in problem.batches():
             with torch.enable_grad():
-                out = model(x)
-                if not callable(loss):
-                    check_targets(loss_code(loss), y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
-                batch_loss = loss_fn(out, y)
-                grad = torch.autograd.grad(batch_loss, weight, create_graph=True)[0].reshape(-1)
+                out = problem.model(x)
+                if loss.builtin:
+                    loss.check_targets(y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
+                grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)
             n += x.shape[0]
             if not grad.requires_grad:  # loss linear in the weight
                 continue
@@ -65,7 +70,7 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
 
 
 def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
-                               loss: LossSpec = "cross_entropy", lmax: bool = False,
+                               *, loss: LossSpec = "cross_entropy", lmax: bool = False,
                                normalize_features: bool = False, batch_size: Optional[int] = None,
                                vectorize: bool = False,
                                max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
@@ -75,21 +80,27 @@ def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targe
     (``W' = W V``, so ``H'[(s,j),(t,k)] = H[(s,j),(t,k)] / (v_j v_k)``), which gives an independent
     check of the normalized fast paths.
     """
+    problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
+    return run(problem, Options(normalize_features=normalize_features, lmax=lmax), vectorize=vectorize,
+               max_hessian_bytes=max_hessian_bytes)
+
+
+def run(problem: Problem, options: Options, reason: str = "autograd: the full Hessian, as the authors compute it",
+        vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
     start = time.perf_counter()
-    name, lin = resolve_layer(model, layer)
-    hessian, n = layer_hessian(model, name, inputs, targets, loss, batch_size, vectorize, max_hessian_bytes)
-    weight = lin.weight.detach()
+    hessian, n = _hessian(problem, vectorize, max_hessian_bytes)
+    weight = problem.weight.detach()
     scale = None
-    if normalize_features:
-        scale = feature_scale(model, name, inputs, targets, batch_size)
+    if options.normalize_features:
+        scale = feature_scale(problem)
         inv = inverse_scale(scale).repeat(weight.shape[0])
         hessian = hessian * inv[:, None] * inv[None, :]
         weight = weight * scale
     kappa, block_trace = ops.dense_block_trace(hessian, weight)
     kappa_lmax = None
-    if lmax:
+    if options.lmax:
         d, m = weight.shape
         blocks = torch.stack([hessian[s * m:(s + 1) * m, s * m:(s + 1) * m] for s in range(d)])
         kappa_lmax = float((weight.pow(2).sum(1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
-    return FlatnessResult(float(kappa), kappa_lmax, block_trace, "autograd", n, name, scale,
-                          time.perf_counter() - start)
+    return FlatnessResult(float(kappa), kappa_lmax, block_trace, "autograd", n, problem.name, scale,
+                          time.perf_counter() - start, reason=reason)

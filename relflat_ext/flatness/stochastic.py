@@ -1,4 +1,4 @@
-"""The multiplicative-probe estimator (DESIGN.md, "Feature robustness and Theorem 5") for any layer
+"""The multiplicative-probe estimator (docs/design.md, "The stochastic estimator") for any layer
 whose weight acts linearly on features: ``nn.Linear`` on inputs of any shape (tokens included),
 ``nn.Conv1d/2d/3d`` (weight viewed as (out, in/groups * prod(kernel)) acting on patches), or any
 module through a user-supplied view.
@@ -21,46 +21,17 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _dist
-from ._losses import LossSpec, loss_code, loss_for_derivatives
-from ._model import LayerSpec, find_layer, hessian_vector_products, inverse_scale, iterate_batches, preserved
+from ..core import dist
+from ..core.hooks import preserved
+from ..core.hvp import hessian_vector_products
+from ..core.layers import LayerSpec, WeightView, matrix_view
+from ..core.losses import LossSpec
+from .normalization import feature_scale as _feature_scale, inverse_scale
+from .problem import Options, Problem
+from .result import FlatnessResult
 
 QUANTITIES = ("kappa", "hessian_trace")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclasses.dataclass
-class WeightView:
-    """How a layer's weight is seen as the (d, m) matrix W that multiplies feature vectors:
-    ``to_matrix(weight) -> (d, m)`` and ``from_matrix(matrix) -> weight.shape``."""
-    to_matrix: Callable[[torch.Tensor], torch.Tensor]
-    from_matrix: Callable[[torch.Tensor], torch.Tensor]
-
-
-def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None) -> WeightView:
-    """The (d, m) view of a layer's weight: given, or known for Linear and Conv layers."""
-    if view is not None:
-        return view
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        return WeightView(lambda w: w, lambda mat: mat)
-    if isinstance(module, CONV_TYPES):
-        shape = tuple(weight.shape)
-        return WeightView(lambda w: w.reshape(shape[0], -1), lambda mat: mat.reshape(shape))
-    raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
-                    "from_matrix) saying how its weight multiplies feature vectors")
-
-
-def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
-    """(name, module) of a layer with a ``weight`` parameter inside ``model``."""
-    name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
-                              "layers with weights")
-    if not isinstance(getattr(module, "weight", None), nn.Parameter):
-        raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
-                        "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
-                        "any module with a weight_view)")
-    return name, module
 
 
 @dataclasses.dataclass
@@ -111,19 +82,43 @@ def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int
     return torch.stack([view.from_matrix(mat) for mat in mats])
 
 
-def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None, loss: LossSpec = "cross_entropy",
-                        quantity: str = "kappa", rel_tol: float = 0.05, max_probes: int = 1000,
-                        probes_per_round: int = 32, seed: Optional[int] = None, batch_size: Optional[int] = None,
-                        feature_scale: Optional[torch.Tensor] = None, weight_view: Optional[WeightView] = None,
-                        progress: bool = False, distributed: Optional[bool] = None,
-                        probe_distribution: str = "gaussian") -> StochasticEstimate:
+def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None, *,
+                        loss: LossSpec = "cross_entropy", quantity: str = "kappa", rel_tol: float = 0.05,
+                        max_probes: int = 1000, probes_per_round: int = 32, seed: Optional[int] = None,
+                        batch_size: Optional[int] = None, feature_scale: Optional[torch.Tensor] = None,
+                        weight_view: Optional[WeightView] = None, progress: bool = False,
+                        distributed: Optional[bool] = None, probe_distribution: str = "gaussian"
+                        ) -> StochasticEstimate:
     """Unbiased estimate of kappa_Tr (``quantity="kappa"``) or of the layer's Hessian trace
     (``"hessian_trace"``), by rounds of ``probes_per_round`` Hessian-vector products over the whole
     data, until ``stderr <= rel_tol * |value|`` or ``max_probes``. ``feature_scale`` (m,) gives
     Theorem 4's normalized kappa (directions ``W diag(s) A diag(1/s)``). Same seed, same probes
     (under torch.distributed every rank draws the same probes, from rank 0's seed if none is given,
     and the per-probe sums over the shards are all-reduced). The model is left exactly as it was."""
-    distributed = _dist.active(distributed)
+    problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
+    return estimate(problem, quantity=quantity, rel_tol=rel_tol, max_probes=max_probes,
+                    probes_per_round=probes_per_round, seed=seed, feature_scale=feature_scale,
+                    weight_view=weight_view, progress=progress, probe_distribution=probe_distribution)
+
+
+def run(problem: Problem, options: Options, reason: str) -> FlatnessResult:
+    """kappa_Tr by the estimator, as a :class:`FlatnessResult` (the front door's stochastic path)."""
+    scale = None
+    if options.normalize_features:
+        if not isinstance(problem.module, nn.Linear):
+            raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers")
+        scale = _feature_scale(problem)
+    est = estimate(problem, rel_tol=options.rel_tol, max_probes=options.max_probes, seed=options.seed,
+                   feature_scale=scale, weight_view=options.weight_view)
+    return FlatnessResult(est.value, None, None, "stochastic", est.n, problem.name, scale, est.seconds,
+                          kappa_stderr=est.stderr, probes=est.probes, reason=reason)
+
+
+def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, max_probes: int = 1000,
+             probes_per_round: int = 32, seed: Optional[int] = None, feature_scale: Optional[torch.Tensor] = None,
+             weight_view: Optional[WeightView] = None, progress: bool = False,
+             probe_distribution: str = "gaussian") -> StochasticEstimate:
+    """:func:`stochastic_estimate` on a built problem."""
     start = time.perf_counter()
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
@@ -135,18 +130,15 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
         raise ValueError(f"max_probes must be an integer >= 2, got {max_probes!r}")
     if not isinstance(probes_per_round, int) or probes_per_round < 2:
         raise ValueError(f"probes_per_round must be an integer >= 2, got {probes_per_round!r}")
-    if not callable(loss):
-        loss_code(loss)
-    loss_fn = loss_for_derivatives(loss)
-    name, module = resolve_weight_layer(model, layer)
+    model, name, module, loss_fn = problem.model, problem.name, problem.module, problem.loss.for_derivatives
     view = matrix_view(module, name, weight_view)
     weight = module.weight
     w_mat = view.to_matrix(weight.detach())
     if feature_scale is not None and tuple(feature_scale.shape) != (w_mat.shape[1],):
         raise ValueError(f"feature_scale must be ({w_mat.shape[1]},), got {tuple(feature_scale.shape)}")
-    if distributed:
-        _dist.check_same_shapes("the layer's weight shape", tuple(w_mat.shape), w_mat.device)
-        base_seed = _dist.shared_seed(seed, w_mat.device)
+    if problem.distributed:
+        dist.check_same_shapes("the layer's weight shape", tuple(w_mat.shape), w_mat.device)
+        base_seed = dist.shared_seed(seed, w_mat.device)
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
     samples: List[torch.Tensor] = []
@@ -160,12 +152,12 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
             gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
             dirs = _directions(quantity, w_mat, view, count, gen, feature_scale, probe_distribution)
             total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
-            for x, y in iterate_batches(inputs, targets, batch_size):
+            for x, y in problem.batches():
                 total += _quadratic_forms(model, weight, x, y, loss_fn, dirs).double()
                 n += x.shape[0]
-            if distributed:
+            if problem.distributed:
                 count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
-                _dist.all_reduce_sum([total, count])
+                dist.all_reduce_sum([total, count])
                 n = int(count.item())
             samples.append(total / n)
             allq = torch.cat(samples)

@@ -1,6 +1,6 @@
 """Pure-PyTorch fallback of every custom op: the specification the kernels are tested against.
 
-Conventions shared by all ops (see DESIGN.md section 1):
+Conventions shared by all ops (docs/design.md, "Conventions"):
 ``a_i = ||phi_i||^2`` are the squared feature norms, ``Hz_i`` the Hessian of sample i's loss with
 respect to the layer output (normalized so that ``E = (1/n) sum_i l_i``), ``G = W W^T``.
 Ops return *sums over samples*, not means, so that chunks and batches add up; callers divide by n.
@@ -13,20 +13,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement
+from .stable_math import sigmoid_curvature, softmax_complement, squared_distances
+
+LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 
 
 def _empty_block(ref: torch.Tensor) -> torch.Tensor:
     return ref.new_empty((0, 0))
-
-
-def squared_distances(weight: torch.Tensor) -> torch.Tensor:
-    """``D[s, t] = ||w_s - w_t||^2`` (d, d) from the Gram matrix, clamped at 0, zero diagonal.
-    Its rounding error is relative to ``||w||^2`` (how alike two rows are), not to the margin."""
-    gram = weight @ weight.T
-    sq = gram.diagonal()
-    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0)
-    return dist.fill_diagonal_(0)
 
 
 def cross_entropy_block(p: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -38,44 +31,47 @@ def cross_entropy_block(p: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor
     return block
 
 
+def _cross_entropy_terms(features, weight, bias, sq_norms, block_trace):
+    """``<G, diag(p) - p p^T> = 1/2 sum_{s,t} p_s p_t ||w_s - w_t||^2``: non-negative terms only
+    (``sum_s p_s G_ss - p^T G p`` subtracts two nearly equal numbers when p is nearly one-hot)."""
+    p = torch.softmax(F.linear(features, weight, bias), dim=1)
+    per_sample = sq_norms * 0.5 * ((p @ squared_distances(weight)) * p).sum(1)
+    return per_sample, cross_entropy_block(p, sq_norms) if block_trace else _empty_block(features)
+
+
+def _mse_terms(features, weight, bias, sq_norms, block_trace):
+    """``Hz = (2/d) I``: no logits needed."""
+    d = weight.shape[0]
+    per_sample = sq_norms * (2.0 / d) * weight.pow(2).sum()
+    if not block_trace:
+        return per_sample, _empty_block(features)
+    return per_sample, torch.eye(d, dtype=features.dtype, device=features.device) * (2.0 / d * sq_norms.sum())
+
+
+def _bce_terms(features, weight, bias, sq_norms, block_trace):
+    """``Hz = diag(sigma(z) sigma(-z)) / d``."""
+    h = sigmoid_curvature(F.linear(features, weight, bias)) / weight.shape[0]
+    per_sample = sq_norms * (h @ weight.pow(2).sum(1))
+    return per_sample, torch.diag((h * sq_norms[:, None]).sum(0)) if block_trace else _empty_block(features)
+
+
+_LAST_LAYER_TERMS = {"cross_entropy": _cross_entropy_terms, "mse": _mse_terms, "bce_with_logits": _bce_terms}
+
+
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        loss: int, block_trace: bool, per_sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                        loss: str, block_trace: bool, per_sample: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form relative flatness of the last layer.
 
-    features (n, m), weight (d, m), bias (d,) or None, loss a code from ``_losses``.
+    features (n, m), weight (d, m), bias (d,) or None, loss one of :data:`LOSSES`.
     Returns ``per_sample`` (n,) with ``per_sample[i] = a_i <G, Hz_i>_F`` and, when ``block_trace``,
     ``sum_i a_i Hz_i`` (d, d) (the block traces times n), else an empty (0, 0) tensor.
     ``per_sample=False``: an empty (0,) first output and the block always (kappa = <G, block> / n).
-
-    Cross entropy without cancellation: ``<G, diag(p) - p p^T> = 1/2 sum_{s,t} p_s p_t ||w_s - w_t||^2``,
-    a sum of non-negative terms (``sum_s p_s G_ss - p^T G p`` subtracts two nearly equal numbers
-    when p is nearly one-hot). BCE: ``sigma(z) sigma(-z)``.
     """
+    if loss not in _LAST_LAYER_TERMS:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if not per_sample:
         return features.new_empty(0), last_layer_flatness(features, weight, bias, loss, True)[1]
-    d = weight.shape[0]
-    sq_norms = features.pow(2).sum(1)
-    gram = weight @ weight.T
-    block = _empty_block(features)
-    if loss == MSE:
-        per_sample = sq_norms * (2.0 / d) * gram.diagonal().sum()
-        if block_trace:
-            block = torch.eye(d, dtype=features.dtype, device=features.device) * (2.0 / d * sq_norms.sum())
-        return per_sample, block
-    logits = F.linear(features, weight, bias)
-    if loss == CROSS_ENTROPY:
-        p = torch.softmax(logits, dim=1)
-        per_sample = sq_norms * 0.5 * ((p @ squared_distances(weight)) * p).sum(1)
-        if block_trace:
-            block = cross_entropy_block(p, sq_norms)
-        return per_sample, block
-    if loss == BCE_WITH_LOGITS:
-        h = sigmoid_curvature(logits) / d
-        per_sample = sq_norms * (h * gram.diagonal()).sum(1)
-        if block_trace:
-            block = torch.diag((h * sq_norms[:, None]).sum(0))
-        return per_sample, block
-    raise ValueError(f"unknown loss code {loss}")
+    return _LAST_LAYER_TERMS[loss](features, weight, bias, features.pow(2).sum(1), block_trace)
 
 
 def contract_output_hessians(sq_norms: torch.Tensor, hz: torch.Tensor, gram: torch.Tensor,

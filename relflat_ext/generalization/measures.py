@@ -11,10 +11,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._losses import LossSpec, loss_code, loss_for_derivatives
-from ._model import LayerSpec, iterate_batches, preserved
-from .flatness import relative_flatness
-from .stochastic import CONV_TYPES, resolve_weight_layer, stochastic_estimate
+from ..core.data import iterate_batches
+from ..core.hooks import preserved
+from ..core.layers import CONV_TYPES, LayerSpec, resolve_weight_layer
+from ..core.losses import LossSpec, get_loss
+from ..flatness import relative_flatness, stochastic_estimate
 
 
 def weight_norm(layer: nn.Module) -> float:
@@ -25,7 +26,7 @@ def weight_norm(layer: nn.Module) -> float:
     return float(weight.detach().double().pow(2).sum())
 
 
-def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, loss: LossSpec = "cross_entropy",
+def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
                   batch_size: Optional[int] = None, rel_tol: float = 0.05, max_probes: int = 1000,
                   seed: Optional[int] = 0) -> float:
     """Tr of the Hessian of the mean loss w.r.t. the layer's weight. Exact for nn.Linear on (n, m)
@@ -50,7 +51,7 @@ class FisherRao:
     depth: int
 
 
-def fisher_rao_norm(model: nn.Module, inputs, targets=None, loss: LossSpec = "cross_entropy",
+def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
                     depth: Optional[int] = None, batch_size: Optional[int] = None) -> FisherRao:
     """Liang et al.'s Fisher-Rao norm ``(L+1)^2 mean_i <dl/df(x_i), f(x_i)>^2``, with ``L+1`` the
     number of weight layers (Linear and Conv) unless ``depth`` is given. For bias-free ReLU networks
@@ -62,9 +63,7 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, loss: LossSpec = "cr
             raise ValueError("the model has no Linear or Conv layers: pass depth explicitly")
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
-    if not callable(loss):
-        loss_code(loss)
-    loss_fn = loss_for_derivatives(loss)
+    loss_fn = get_loss(loss).for_derivatives
     total, n = 0.0, 0
     with preserved(model):
         for x, y in iterate_batches(inputs, targets, batch_size):
@@ -107,7 +106,7 @@ def _accuracy(model, inputs, targets, batch_size) -> (float, int):
     return correct / n, n
 
 
-def pacbayes_flatness(model: nn.Module, inputs, targets=None, target_drop: float = 0.1, draws: int = 10,
+def pacbayes_flatness(model: nn.Module, inputs, targets=None, *, target_drop: float = 0.1, draws: int = 10,
                       sigma_max: float = 2.0, iterations: int = 15, seed: int = 0,
                       batch_size: Optional[int] = None) -> PacBayes:
     """PAC-Bayes flatness (Jiang et al. 2020): the largest sigma such that Gaussian noise

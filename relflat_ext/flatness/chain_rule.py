@@ -12,18 +12,19 @@ forward from z, as a per-sample diagonal until the first Linear and as a dense (
 after it, and each source is contracted where it is met: a few GEMMs per chunk of samples instead
 of d Hessian-vector products through the tail, every one a string of memory-bound passes.
 Activation derivatives come from autograd on the model's own module or function (exact for GELU's
-tanh form, Softplus' threshold, LeakyReLU's slope...). Which tails qualify: :mod:`relflat_ext._tail`.
+tanh form, Softplus' threshold, LeakyReLU's slope...). Which tails qualify: :mod:`.tail`.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._losses import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE, sigmoid_curvature, softmax_complement, winner_and_rest
-from ._model import hessian_vector_products
-from ._tail import is_elementwise, is_linear
+from ..core.hvp import hessian_vector_products
+from ..core.losses import DiagonalHessian, Loss, SoftmaxHessian
+from ..ops.stable_math import softmax_complement, winner_and_rest
+from .tail import is_elementwise, is_linear
 
 # Elements of the largest (r, samples, d) Jacobian stack or (samples, k, k) loss Hessian per chunk.
 CHUNK_ELEMENTS = 1 << 22
@@ -139,19 +140,19 @@ class _Sum:
             self.diag += (sp * p).sum(0)
 
 
-def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Callable, code: Optional[int]):
-    """The loss' own Hessian in the output, per sample (l_i with E = mean_i l_i)."""
-    k = out.shape[1]
-    if code == CROSS_ENTROPY:  # diag(p) - p p^T
-        acc.softmax_source(jac, torch.softmax(out, dim=1))
-    elif code == MSE:  # (2/k) I
-        acc.diagonal_source(jac, torch.full_like(out, 2.0 / k))
-    elif code == BCE_WITH_LOGITS:  # diag(sigma(z) sigma(-z)) / k
-        acc.diagonal_source(jac, sigmoid_curvature(out) / k)
-    else:  # a callable loss: its per-sample Hessian from k HVPs in the output (n, k, k)
+def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss: Loss):
+    """The loss' own Hessian in the output, per sample (l_i with E = mean_i l_i): in the loss
+    record's structured form, or from k Hessian-vector products in the output (n, k, k)."""
+    hessian = loss.output_hessian(out)
+    if isinstance(hessian, SoftmaxHessian):
+        acc.softmax_source(jac, hessian.p)
+    elif isinstance(hessian, DiagonalHessian):
+        acc.diagonal_source(jac, hessian.values)
+    else:
+        k = out.shape[1]
         with torch.enable_grad():
             leaf = out.detach().requires_grad_(True)
-            grad = torch.autograd.grad(loss_fn(leaf, y), leaf, create_graph=True)[0]
+            grad = torch.autograd.grad(loss.for_derivatives(leaf, y), leaf, create_graph=True)[0]
         if not grad.requires_grad:  # linear in the output
             return
         probes = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(-1, out.shape[0], -1)
@@ -159,28 +160,28 @@ def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss_fn: Calla
         acc.dense_source(jac, hess.permute(1, 2, 0))
 
 
-def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss_fn: Callable, code: Optional[int],
-                        weights: torch.Tensor, want_diag: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def output_hessian_sums(tail: List[nn.Module], z: torch.Tensor, y, loss: Loss, weights: torch.Tensor,
+                        want_diag: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(sum_i weights_i Hz_i (d, d), diag(Hz_i) (n, d) or None)`` for the layer output z (n, d)
-    through ``tail``. ``loss_fn(output, y)`` averages over samples (its gradient feeds the
-    activations' terms: pass :func:`~relflat_ext._losses.loss_for_derivatives`); ``code`` names a built-in loss
-    (its Hessian in closed form) or is None for a callable (k Hessian-vector products)."""
+    through ``tail``. The loss' gradient (:meth:`Loss.for_derivatives`) feeds the activations'
+    terms; its Hessian in the output is the record's structured form, or k Hessian-vector
+    products for a callable."""
     n, d = z.shape
     heights = [m.out_features for m in tail if is_linear(m)]  # of the dense Jacobian stack
     k = heights[-1] if heights else d
-    per_sample = max([d] + [r * d for r in heights] + [k * k if code is None else 0])
+    per_sample = max([d] + [r * d for r in heights] + [0 if loss.builtin else k * k])
     step = max(1, CHUNK_ELEMENTS // per_sample)
     total = z.new_zeros((d, d))
     diags = []
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        part, diag = _chunk(tail, z[rows], y[rows], loss_fn, code, weights[rows], want_diag)
+        part, diag = _chunk(tail, z[rows], y[rows], loss, weights[rows], want_diag)
         total += part
         diags.append(diag)
     return total, (torch.cat(diags) if want_diag else None)
 
 
-def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
+def _chunk(tail, z, y, loss: Loss, weights, want_diag):
     n, d = z.shape
     # Forward: the output, and sigma', sigma'' at every activation.
     u, slopes, curvatures = z, [], []
@@ -196,7 +197,7 @@ def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
     # Backward: dl_i/dv at each activation output, for the activations' sources.
     with torch.enable_grad():
         leaf = out.detach().requires_grad_(True)
-        grad = torch.autograd.grad(loss_fn(leaf, y), leaf, allow_unused=True)[0]
+        grad = torch.autograd.grad(loss.for_derivatives(leaf, y), leaf, allow_unused=True)[0]
     grad = torch.zeros_like(out) if grad is None else grad * n  # mean -> per-sample losses
     sources = []
     a = len(slopes)
@@ -219,5 +220,5 @@ def _chunk(tail, z, y, loss_fn, code, weights, want_diag):
             acc.diagonal_source(jac, sources[a])
             jac.elementwise(slopes[a])
             a += 1
-    _loss_source(acc, jac, out, y, loss_fn, code)
+    _loss_source(acc, jac, out, y, loss)
     return acc.total, acc.diag

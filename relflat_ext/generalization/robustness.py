@@ -16,9 +16,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import _dist
-from ._losses import LossSpec, loss_code, resolve_loss
-from ._model import LayerSpec, iterate_batches, preserved, resolve_layer
+from ..core import dist
+from ..core.hooks import preserved
+from ..core.layers import LayerSpec, resolve_linear
+from ..core.losses import Loss, LossSpec
+from ..flatness import Problem, relative_flatness
 
 DISTRIBUTIONS = ("orthogonal", "gaussian")
 # Rows (perturbed copies x samples) pushed through the model in one forward pass.
@@ -84,15 +86,12 @@ class _Draws:
         return mats[start - offset:stop - offset]
 
 
-def _per_sample_losses(loss: LossSpec, out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
+def _per_sample_losses(loss: Loss, out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
     """Per-sample losses (copies, n) of ``out`` (copies * n, ...) against y (n, ...) repeated."""
     n = y.shape[0]
-    if callable(loss):  # a callable gives only the batch mean: one call per copy, spread evenly
-        return torch.stack([loss(o, y).expand(n) for o in out.reshape(copies, n, *out.shape[1:])])
-    y_rep = y.repeat(copies, *([1] * (y.dim() - 1)))
-    fn = resolve_loss(loss)
-    per = fn(out, y_rep, reduction="none")
-    return per.reshape(copies, n, -1).mean(-1)
+    if not loss.builtin:  # a callable gives only the batch mean: one call per copy
+        return torch.stack([loss.per_sample(o, y) for o in out.reshape(copies, n, *out.shape[1:])])
+    return loss.per_sample(out, y.repeat(copies, *([1] * (y.dim() - 1)))).reshape(copies, n)
 
 
 def _check_deltas(delta) -> List[float]:
@@ -102,7 +101,7 @@ def _check_deltas(delta) -> List[float]:
     return [float(d) for d in deltas]
 
 
-def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
+def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                        delta: Union[float, Sequence[float]] = 0.01, loss: LossSpec = "cross_entropy",
                        distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
@@ -120,24 +119,20 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     ``predicted = delta^2/(2m) kappa``. Under torch.distributed every rank draws the same matrices
     and the sums over the shards are all-reduced. The model is left exactly as it was.
     """
-    distributed = _dist.active(distributed)
-    from .flatness import relative_flatness
-
+    problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     deltas = _check_deltas(delta)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (a standard error needs two), got {n_samples!r}")
-    if not callable(loss):
-        loss_code(loss)
-    name, lin = resolve_layer(model, layer)
+    name, lin = resolve_linear(model, problem.name)
     m = lin.in_features
     dtype, device = lin.weight.dtype, lin.weight.device
     signs = [1.0, -1.0] if antithetic else [1.0]
     scales = torch.tensor([d * s for d in deltas for s in signs], dtype=dtype, device=device)  # (S,)
     n_scales = scales.numel()
-    if distributed:
-        base_seed = _dist.shared_seed(seed, device)
+    if problem.distributed:
+        base_seed = dist.shared_seed(seed, device)
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
@@ -145,9 +140,9 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0
     with preserved(model), torch.no_grad():
-        for x, y in iterate_batches(inputs, targets, batch_size):
+        for x, y in problem.batches():
             n_b = x.shape[0]
-            base = _per_sample_losses(loss, model(x), y, 1)[0]  # (n_b,)
+            base = _per_sample_losses(problem.loss, model(x), y, 1)[0]  # (n_b,)
             per_forward = max(1, MAX_ROWS_PER_FORWARD // (n_b * n_scales))
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
@@ -164,19 +159,19 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 handle = lin.register_forward_pre_hook(perturb)
                 try:
                     x_rep = x.repeat(copies, *([1] * (x.dim() - 1)))
-                    pert = _per_sample_losses(loss, model(x_rep), y, copies)  # (copies, n_b)
+                    pert = _per_sample_losses(problem.loss, model(x_rep), y, copies)  # (copies, n_b)
                 finally:
                     handle.remove()
                 diff = (pert - base).sum(1).double().reshape(n_scales, k)
                 sums[:, d0:d0 + k] += diff
             n += n_b
-    if distributed:
+    if problem.distributed:
         count = torch.tensor(float(n), dtype=torch.float64, device=device)
-        _dist.all_reduce_sum([sums, count])
+        dist.all_reduce_sum([sums, count])
         n = int(count.item())
     if kappa is None:
         kappa = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,
-                                  block_trace=False, distributed=distributed).kappa
+                                  block_trace=False, distributed=problem.distributed).kappa
     per_draw = (sums / n).reshape(len(deltas), len(signs), n_samples).mean(1)  # pair averages
     results = []
     for j, d in enumerate(deltas):

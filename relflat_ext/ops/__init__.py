@@ -1,5 +1,6 @@
 """Thin typed wrappers of the custom ops: validate, then call ``torch.ops.relflat.<op>``
-(or the pure-PyTorch fallback in ``_reference`` where no kernel was compiled for the device).
+(or the pure-PyTorch fallback in :mod:`.reference`, the specification, where no kernel runs on the
+device). Fake (meta) kernels for tracing live in ``_fake``, the extension loader in ``_extension``.
 
 All ops take float32 or float64 tensors, contiguous or not, on one device; outputs are on the
 same device, in the same dtype, computed on the current stream. None of them has a derivative
@@ -12,8 +13,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _reference
-from ._ext import HAS_EXTENSION, kernel_available
+from . import reference as _reference
+from ._extension import HAS_EXTENSION, HAS_CUDA_KERNELS, build_info, fallback_only, kernel_available
+from .reference import LOSSES
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 OPS = ("last_layer_flatness", "contract_output_hessians", "dense_block_trace", "gaussian_kernel_reduce")
@@ -68,12 +70,12 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int, ref: Optional[torch.Tens
 
 
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        loss: int, block_trace: bool = False, per_sample: bool = True
+                        loss: str, block_trace: bool = False, per_sample: bool = True
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form per-sample flatness terms of a last layer.
 
-    features (n, m), weight (d, m), bias (d,) or None, loss: 0 cross entropy, 1 MSE, 2 BCE with
-    logits. Returns per_sample (n,) ``= ||phi_i||^2 <W W^T, Hz_i>`` and, if ``block_trace``, the
+    features (n, m), weight (d, m), bias (d,) or None, loss: "cross_entropy", "mse" or
+    "bce_with_logits". Returns per_sample (n,) ``= ||phi_i||^2 <W W^T, Hz_i>`` and, if ``block_trace``, the
     sum over samples ``sum_i ||phi_i||^2 Hz_i`` (d, d); otherwise an empty (0, 0) tensor.
     kappa_Tr = per_sample.sum() / n and T = block / n. ``per_sample=False`` skips the per-sample
     terms (first output (0,)) and always returns the block: ``kappa_Tr = <W W^T, block> / n`` then
@@ -88,8 +90,8 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
         _check_tensor("bias", bias, 1, features)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if loss not in (0, 1, 2):
-        raise ValueError(f"loss code must be 0, 1 or 2, got {loss}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     return _run("last_layer_flatness", features.device, features, weight, bias, loss, block_trace, per_sample)
 
 
@@ -179,30 +181,4 @@ def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Op
                 query_split, key_split)
 
 
-if HAS_EXTENSION:
-    for _op in OPS:  # a clear error instead of autograd's warning and no gradient
-        torch.library.register_autograd(f"relflat::{_op}", _no_gradient(_op),
-                                        setup_context=lambda ctx, inputs, output: None)
-
-    # Shapes for tracing / torch.compile (FakeTensor): mirrors the kernels' outputs.
-    @torch.library.register_fake("relflat::last_layer_flatness")
-    def _(features, weight, bias, loss, block_trace, per_sample=True):
-        d = weight.shape[0] if block_trace or not per_sample else 0
-        return features.new_empty(features.shape[0] if per_sample else 0), features.new_empty((d, d))
-
-    @torch.library.register_fake("relflat::contract_output_hessians")
-    def _(sq_norms, hz, gram, block_trace):
-        shape = tuple(gram.shape) if block_trace else (0, 0)
-        return sq_norms.new_empty(hz.shape[0]), hz.new_empty(shape)
-
-    @torch.library.register_fake("relflat::dense_block_trace")
-    def _(hessian, weight):
-        d = weight.shape[0]
-        return weight.new_empty(()), weight.new_empty((d, d))
-
-    @torch.library.register_fake("relflat::gaussian_kernel_reduce")
-    def _(queries, keys, values, bandwidths, key_scale, query_split, key_split):
-        n_splits = 1 if query_split is None else query_split.shape[0]
-        c = 0 if values is None else values.shape[1]
-        shape = (n_splits, bandwidths.shape[0], queries.shape[0])
-        return queries.new_empty(shape), queries.new_empty(shape + (c,))
+from . import _fake  # noqa: E402,F401  (registers the fake kernels and the raising backward)

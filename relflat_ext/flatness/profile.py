@@ -15,9 +15,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._losses import LossSpec
-from .flatness import relative_flatness
-from .stochastic import CONV_TYPES, stochastic_estimate
+from ..core.layers import weight_layers
+from ..core.losses import LossSpec
+from .api import relative_flatness
+from .stochastic import stochastic_estimate
 
 COLUMNS = ("layer", "type", "shape", "kappa", "kappa_stderr", "kappa_normalized", "hessian_trace",
            "hessian_trace_stderr", "weight_norm_sq", "method", "samples", "probes", "seconds", "peak_memory_mib")
@@ -75,18 +76,13 @@ class ProfileTable:
         plt.close(fig)
 
 
-def weight_layers(model: nn.Module) -> List[str]:
-    """Names of the layers the profile measures by default: Linear and Conv1d/2d/3d."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))]
-
-
 def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (KiB on Linux)
 
 
-def profile(model: nn.Module, inputs, targets=None, loss: LossSpec = "cross_entropy",
+def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
             layers: Union[str, Sequence[str]] = "auto", rel_tol: float = 0.05, max_probes: int = 1000,
             seed: Optional[int] = 0, batch_size: Optional[int] = None, hessian_trace: bool = True,
             progress: bool = True, distributed: Optional[bool] = None) -> ProfileTable:

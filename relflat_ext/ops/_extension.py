@@ -11,7 +11,7 @@ import torch
 __version__ = "0.1.0"
 
 try:
-    from . import _C  # registers torch.ops.relflat.* as a side effect
+    from .. import _C  # registers torch.ops.relflat.* as a side effect
     _LOAD_ERROR = None
 except ImportError as exc:  # not built, or built against another torch
     _C = None

@@ -1,5 +1,6 @@
-"""Command line: `relflat report` runs the main job (see relflat_ext.report); `relflat profile`
-measures every weight layer of a model on a data set (see relflat_ext.profiling)."""
+"""Command line: `relflat report` (the main job, :mod:`.report`), `relflat profile` (every weight
+layer of a model on a data set, :func:`relflat_ext.profile`), `relflat reproduce` (the paper's
+figures, :mod:`.reproduce`)."""
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,18 @@ def main(argv=None) -> int:
                       help="train the model first (default: 30 epochs for lenet5, none otherwise)")
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
-    rep5 = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3, 4 and 5 / Appendix C)")
-    rep5.add_argument("figure", choices=["fig3", "fig4", "fig5"])
-    rep5.add_argument("--quick", action="store_true",
-                      help="fig3/4: 4 separations x 20 data sets instead of 7 x 100; fig5: 10 networks instead of 40")
+    from .reproduce import FIGURES
+    rep5 = sub.add_parser("reproduce", help="the paper's experiments: " + "; ".join(
+        f"{name}: {fig.description}" for name, fig in FIGURES.items()))
+    rep5.add_argument("figure", choices=list(FIGURES))
+    rep5.add_argument("--quick", action="store_true", help="a smaller run: " + "; ".join(
+        f"{name}: {fig.quick} instead of {fig.full}" for name, fig in FIGURES.items()))
     rep5.add_argument("--out", default="reports/reproduce")
     rep5.add_argument("--seed", type=int, default=0)
     rep5.add_argument("--device", default="cpu", help="cpu or cuda: where models are trained and measured")
     args = parser.parse_args(argv)
     if args.command == "reproduce":
-        from .experiments import reproduce
+        from .reproduce import reproduce
         reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device)
         return 0
     if args.command == "report":
@@ -55,15 +58,16 @@ def _profile(args) -> int:
 
     import torch
 
-    from .profiling import profile
-    from .zoo import load_data, load_model, train
+    from ..flatness import profile
+    from .training import fit
+    from .zoo import load_data, load_model
 
     loader = load_data(args.data, batch_size=args.batch_size, samples=args.samples, seed=args.seed)
     model = load_model(args.model, args.weights, seed=args.seed)
     epochs = args.train_epochs if args.train_epochs is not None else (30 if args.model == "lenet5" else 0)
     if epochs:
         print(f"training {args.model} on {args.data} for {epochs} epochs ...")
-        train(model, loader, epochs)
+        fit(model, loader, epochs, log=print)
     device = torch.device(args.device)
     model = model.to(device).eval()
     if device.type != "cpu":

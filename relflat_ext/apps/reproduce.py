@@ -9,6 +9,7 @@ random hyperparameters on scikit-learn's digits, before and after random reparam
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,12 +19,40 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .bound import generalization_bound
-from .datasets.synthetic import make_dataset
-from .flatness import relative_flatness
+from ..datasets import digits_split
+from ..datasets.synthetic import make_dataset
+from ..flatness import relative_flatness
+from ..generalization import generalization_bound, measures
+from .training import fit
+from .zoo import lenet5
 
 SEPARATIONS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+QUICK_SEPARATIONS = (0.5, 1.5, 3.0, 6.0)
+DATASETS, QUICK_DATASETS = 100, 20  # per separation
+TRAIN_SAMPLES = 500
 TEST_SAMPLES = 20000
+MINIMA, QUICK_MINIMA = 60, 6  # fig5 networks
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One reproducible figure: what it shows, and the size of a full and of a --quick run."""
+    description: str
+    full: str
+    quick: str
+
+
+FIGURES = {
+    "fig3": Figure("correlation of kappa_Tr with the generalization gap, per class separation (synthetic data)",
+                   f"{len(SEPARATIONS)} separations x {DATASETS} data sets",
+                   f"{len(QUICK_SEPARATIONS)} separations x {QUICK_DATASETS} data sets"),
+    "fig4": Figure("the bound estimate Rep + delta^2/(2m) kappa against the gap (synthetic data)",
+                   f"{len(SEPARATIONS)} separations x {DATASETS} data sets",
+                   f"{len(QUICK_SEPARATIONS)} separations x {QUICK_DATASETS} data sets"),
+    "fig5": Figure("correlation of each comparison measure with the gap over LeNet-5 minima on digits, "
+                   "before and after random reparameterizations (Appendix C)",
+                   f"{MINIMA} networks", f"{QUICK_MINIMA} networks"),
+}
 
 
 def _progress(k: int, total: int, start: float, label: str) -> None:
@@ -125,10 +154,10 @@ def summary(result: Dict) -> str:
 
 def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", seed: int = 0,
               device: str = "cpu") -> Dict:
-    if figure not in ("fig3", "fig4", "fig5"):
-        raise ValueError(f"figure must be fig3, fig4 or fig5, got {figure!r}")
+    if figure not in FIGURES:
+        raise ValueError(f"figure must be one of {sorted(FIGURES)}, got {figure!r}")
     if figure == "fig5":
-        result = run_fig5(minima=6 if quick else 60, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"),
+        result = run_fig5(minima=QUICK_MINIMA if quick else MINIMA, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"),
                           device=device)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "fig5.json"), "w") as fh:
@@ -137,9 +166,9 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
         print(summary_fig5(result))
         print(f"wrote {out}/fig5.json and fig5.png")
         return result
-    separations = (0.5, 1.5, 3.0, 6.0) if quick else SEPARATIONS
-    datasets = 20 if quick else 100
-    result = run_synthetic(figure, separations, datasets, 500, seed, device=device)
+    separations = QUICK_SEPARATIONS if quick else SEPARATIONS
+    datasets = QUICK_DATASETS if quick else DATASETS
+    result = run_synthetic(figure, separations, datasets, TRAIN_SAMPLES, seed, device=device)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{figure}.json"), "w") as fh:
         json.dump(result, fh, indent=2)
@@ -153,17 +182,8 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
 
 FIG5_MEASURES = ("relative_flatness", "relative_flatness_normalized", "hessian_trace", "fisher_rao",
                  "pacbayes_flatness", "weight_norm")
-FIG5_LAYER = "11"  # the classifier of lenet5_relu: relative flatness of the feature layer, as the paper
+FIG5_LAYER = "11"  # the classifier of LeNet-5: relative flatness of the feature layer, as the paper
 LOSS_THRESHOLD = 0.05  # a network counts as a local minimum when its training loss is below this
-
-
-def lenet5_relu():
-    """LeNet-5 in shape for 1x8x8 digits, with ReLU and max pooling: positively homogeneous, so
-    dividing a layer (weight and bias) by alpha and multiplying the next by alpha keeps the function."""
-    from torch import nn
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(64, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
 
 
 def reparameterize(model, seed: int, low: float = 5.0, high: float = 25.0):
@@ -185,7 +205,6 @@ def reparameterize(model, seed: int, low: float = 5.0, high: float = 25.0):
 
 
 def _measure_all(model, x, y, seed: int) -> Dict[str, float]:
-    from . import measures
     layer = dict(model.named_modules())[FIG5_LAYER]
     return {"relative_flatness": relative_flatness(model, FIG5_LAYER, x, y, block_trace=False).kappa,
             "relative_flatness_normalized": relative_flatness(model, FIG5_LAYER, x, y, normalize_features=True,
@@ -206,30 +225,13 @@ def _sample_config(gen: torch.Generator, quick: bool) -> Dict:
 
 
 def _train_minimum(config: Dict, x, y):
-    """Trains until the training loss is below LOSS_THRESHOLD (a minimum) or max_epochs (None)."""
+    """(model, epochs): trained until the training loss is below LOSS_THRESHOLD (a minimum), or
+    (None, epochs) if it diverged or max_epochs passed first."""
     torch.manual_seed(config["seed"])
-    model = lenet5_relu().to(x.device)
-    params, wd, lr = model.parameters(), config["weight_decay"], config["lr"]
-    opt = {"sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
-           "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-           "rmsprop": lambda: torch.optim.RMSprop(params, lr=lr, weight_decay=wd)}[config["optimizer"]]()
-    order = torch.Generator().manual_seed(config["seed"])
-    for epoch in range(config["max_epochs"]):
-        model.train()
-        perm = torch.randperm(len(y), generator=order).to(x.device)
-        for s in range(0, len(y), config["batch_size"]):
-            idx = perm[s:s + config["batch_size"]]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            loss = F.cross_entropy(model(x), y).item()
-        if not loss < 10:  # diverged
-            return None, epoch + 1
-        if loss < LOSS_THRESHOLD:
-            return model, epoch + 1
-    return None, config["max_epochs"]
+    run = fit(lenet5(activation="relu").to(x.device), (x, y), config["max_epochs"], optimizer=config["optimizer"],
+              lr=config["lr"], batch_size=config["batch_size"], weight_decay=config["weight_decay"],
+              seed=config["seed"], stop_below=LOSS_THRESHOLD)
+    return (run.model if run.reached else None), run.epochs
 
 
 def _pearson_kendall(values, gaps):
@@ -244,9 +246,8 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
     (cached in ``cache``); measures each comparison measure on the training set (float64), the
     generalization gap (test minus train cross entropy), and Pearson and Kendall correlations of each
     measure with the gap, before and after a random reparameterization (asserted function-preserving)."""
-    from .report import load_digits_split
-    x, y, xt, yt = load_digits_split(seed)
-    x, xt = x.reshape(-1, 1, 8, 8).to(device), xt.reshape(-1, 1, 8, 8).to(device)
+    x, y, xt, yt = digits_split(seed, image=True)
+    x, xt = x.to(device), xt.to(device)
     y, yt = y.to(device), yt.to(device)
     gen = torch.Generator().manual_seed(seed)
     rows, tried = [], 0
@@ -265,7 +266,7 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
             saved = torch.load(path, map_location=device)
             if saved["state"] is None:
                 continue
-            model = lenet5_relu().to(device)
+            model = lenet5(activation="relu").to(device)
             model.load_state_dict(saved["state"])
             epochs = saved["epochs"]
         else:

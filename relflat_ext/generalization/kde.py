@@ -13,8 +13,8 @@ from typing import Sequence, Union
 
 import torch
 
-from . import ops
-from ._model import check_finite
+from .. import ops
+from ..core.data import check_finite
 
 Bandwidths = Union[float, Sequence[float], torch.Tensor]
 

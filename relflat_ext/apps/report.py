@@ -15,56 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .baseline import relative_flatness_autograd
-from .bound import generalization_bound, representativeness
-from .flatness import relative_flatness
-from .robustness import feature_robustness
+from ..datasets import digits_split
+from ..flatness import relative_flatness, relative_flatness_autograd
+from ..generalization import feature_robustness, generalization_bound, representativeness
+from .training import fit
+from .zoo import mlp
 
 BOUND_DELTA = 0.1
-
-
-def load_digits_split(seed: int = 0, test_fraction: float = 0.3):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=test_fraction, random_state=seed,
-                                           stratify=digits.target)
-    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
-
-
-def train_mlp(x, y, hidden=(64, 32), epochs=60, seed=0, log=print) -> nn.Module:
-    torch.manual_seed(seed)
-    widths = [x.shape[1], *hidden, 10]
-    layers: List[nn.Module] = []
-    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if k < len(widths) - 2:
-            layers.append(nn.Tanh())
-    model = nn.Sequential(*layers)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), 64):
-            idx = perm[start:start + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if (epoch + 1) % 20 == 0:
-            with torch.no_grad():
-                log(f"  epoch {epoch + 1:3d}/{epochs}: train loss {F.cross_entropy(model(x), y).item():.4f}")
-    return model
 
 
 def run(epochs: int = 60, seed: int = 0, baseline_max_entries: int = 2500, out: str = None, log=print) -> Dict:
     import relflat_ext
     log(f"relflat_ext {relflat_ext.__version__}: {relflat_ext.build_info()}")
-    x_tr, y_tr, x_te, y_te = load_digits_split(seed)
+    x_tr, y_tr, x_te, y_te = digits_split(seed)
     log(f"data: scikit-learn digits, {len(y_tr)} train / {len(y_te)} test images (8x8, 10 classes)")
     log("training a 64-64-32-10 tanh MLP with Adam ...")
-    model = train_mlp(x_tr, y_tr, epochs=epochs, seed=seed, log=log)
+    torch.manual_seed(seed)
+    model = fit(mlp([64, 64, 32, 10]), (x_tr, y_tr), epochs, seed=seed, log=log, log_every=20).model
     with torch.no_grad():
         stats = {split: {"loss": F.cross_entropy(model(xs), ys).item(),
                          "accuracy": (model(xs).argmax(1) == ys).float().mean().item()}

@@ -1,23 +1,39 @@
-"""Models and data sets the command line can name: built-in ones that need no download, torchvision
-architectures, and anything importable as ``module:function``."""
+"""The models used across the package (report, reproduction, profile command, benchmarks), and the
+registry of models and data sets the command line can name: built-in ones that need no download,
+torchvision architectures, and anything importable as ``module:function``."""
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..datasets import load_digits, synthetic_images
+
 BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet")
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def lenet5(num_classes: int = 10) -> nn.Module:
-    """LeNet-5 in shape (two conv + pool stages, three Linear layers), sized for 1x8x8 digits."""
+def lenet5(num_classes: int = 10, activation: str = "tanh") -> nn.Sequential:
+    """LeNet-5 in shape (two conv + pool stages, three Linear layers), sized for 1x8x8 digits:
+    tanh with average pooling, or ReLU with max pooling (positively homogeneous: dividing a layer's
+    weight and bias by alpha and multiplying the next layer's weight by alpha keeps the function)."""
+    act = ACTIVATIONS[activation]
+    pool = nn.AvgPool2d if activation == "tanh" else nn.MaxPool2d
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Conv2d(6, 16, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 2 * 2, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, num_classes))
+        nn.Conv2d(1, 6, 3, padding=1), act(), pool(2), nn.Conv2d(6, 16, 3, padding=1), act(), pool(2),
+        nn.Flatten(), nn.Linear(16 * 2 * 2, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, num_classes))
+
+
+def mlp(widths: Sequence[int], activation: str = "tanh") -> nn.Sequential:
+    """Linear layers of the given widths (input first, classes last) with the activation between."""
+    layers = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
 
 
 def _import(spec: str):
@@ -34,39 +50,15 @@ def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, s
     random labels, 512 unless ``samples``), or ``module:function`` returning a DataLoader."""
     if ":" in spec:
         return _import(spec)()
-    g = torch.Generator().manual_seed(seed)
     if spec in ("digits", "digits-flat"):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.long)
-        if spec == "digits":
-            x = x.reshape(-1, 1, 8, 8)
+        x, y = load_digits(image=spec == "digits")
     elif spec == "synthetic-imagenet":
-        n = samples or 512
-        x, y = torch.randn(n, 3, 224, 224, generator=g), torch.randint(0, 1000, (n,), generator=g)
+        x, y = synthetic_images(samples or 512, seed)
     else:
         raise ValueError(f"data must be one of {BUILTIN_DATA} or module:function, got {spec!r}")
     if samples is not None:
         x, y = x[:samples], y[:samples]
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float = 3e-3, log=print) -> nn.Module:
-    """A few epochs of Adam on the cross-entropy (so built-in models are measured trained, not random)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for x, y in loader:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(y), count + len(y)
-        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
-            log(f"  epoch {epoch + 1}/{epochs}: train loss {total / count:.4f}")
-    return model.eval()
 
 
 def load_model(spec: str, weights: Optional[str] = None, seed: int = 0) -> nn.Module:

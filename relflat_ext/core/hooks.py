@@ -1,0 +1,86 @@
+"""Running the user's model without changing it: eval mode with parameters restored on any exit,
+and a forward hook that captures a layer's input (and can cut the graph at its output)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module):
+    """Runs the body with the model in eval mode and no parameter requiring grad; restores the
+    training flags, ``requires_grad`` and ``.grad`` of every parameter afterwards, on any exit.
+    Eval mode makes samples independent (BatchNorm uses running statistics, dropout is off),
+    which the per-sample Hessian identity needs."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+class NotVectorFeatures(ValueError):
+    """The layer's input is not (n, m): the exact path cannot run, the stochastic estimator can."""
+
+
+def check_vector_features(name: str, phi: torch.Tensor) -> None:
+    if phi.dim() != 2:
+        raise NotVectorFeatures(
+            f"layer {name!r} receives input of shape {tuple(phi.shape)}; the exact path needs "
+            "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
+
+
+class LayerTap:
+    """Forward hook that records the layer's input features and, when ``replace_output``,
+    substitutes a fresh leaf ``z`` (requires grad) for the layer's output, so the rest of the
+    network becomes a differentiable function of z alone."""
+
+    def __init__(self, layer: nn.Module, name: str, replace_output: bool):
+        self.name, self.replace_output = name, replace_output
+        self.features: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+        self.raw_output: Optional[torch.Tensor] = None  # the layer's own output object
+        self.calls = 0
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(f"layer {self.name!r} is called more than once per forward pass (shared "
+                               "weights); the per-sample identity needs a layer used once")
+        phi = args[0]
+        check_vector_features(self.name, phi)
+        self.features, self.raw_output = phi.detach(), out
+        if self.replace_output:
+            self.output = out.detach().requires_grad_(True)
+            return self.output
+        self.output = out.detach()
+        return None
+
+    def reset(self):
+        self.calls, self.features, self.output, self.raw_output = 0, None, None, None
+
+    def remove(self):
+        self._handle.remove()
+
+
+@contextlib.contextmanager
+def tapped(layer: nn.Module, name: str, replace_output: bool):
+    tap = LayerTap(layer, name, replace_output)
+    try:
+        yield tap
+    finally:
+        tap.remove()

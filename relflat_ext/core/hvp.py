@@ -1,0 +1,27 @@
+"""Batched Hessian-vector products through autograd."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_BATCHED_HVP_OK = True
+
+
+def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torch.Tensor,
+                            batched: bool = True) -> torch.Tensor:
+    """Products of the Hessian behind ``grad`` (a gradient w.r.t. ``wrt`` built with create_graph)
+    with k vectors (k, *wrt.shape) -> (k, *wrt.shape). ``batched`` uses one vmap'd backward
+    (``is_grads_batched``); it falls back for good to one backward per vector the first time an op
+    of the model has no vmap rule. One vector is always a plain double backward."""
+    global _BATCHED_HVP_OK
+    if vectors.shape[0] == 1:
+        return torch.autograd.grad(grad, wrt, vectors[0], retain_graph=True)[0].unsqueeze(0)
+    if batched and _BATCHED_HVP_OK:
+        try:
+            return torch.autograd.grad(grad, wrt, vectors, retain_graph=True, is_grads_batched=True)[0]
+        except RuntimeError as exc:
+            _BATCHED_HVP_OK = False
+            warnings.warn(f"relflat_ext: batched Hessian-vector products failed ({exc}); falling back to "
+                          "one backward pass per probe (same result, slower)", RuntimeWarning)
+    return torch.stack([torch.autograd.grad(grad, wrt, v, retain_graph=True)[0] for v in vectors])

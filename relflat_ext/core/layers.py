@@ -1,0 +1,82 @@
+"""Finding a layer in a model and seeing its weight as the (d, m) matrix W that multiplies
+feature vectors."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+LayerSpec = Union[str, nn.Module]
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m, nn.Linear),
+               kind: str = "nn.Linear layers") -> Tuple[str, nn.Module]:
+    """(name, module) of ``layer`` (a name or a submodule) inside ``model``; an unknown name gets an
+    error listing the model's modules for which ``wanted`` holds (described as ``kind``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_modules())
+    if isinstance(layer, str):
+        if layer not in named:
+            candidates = [n for n, m in named.items() if wanted(m)]
+            raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")
+        return layer, named[layer]
+    if isinstance(layer, nn.Module):
+        matches = [n for n, m in named.items() if m is layer]
+        if not matches:
+            raise ValueError(f"layer (a {type(layer).__name__}) is not a submodule of the model")
+        return matches[0], layer
+    raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+
+
+def resolve_linear(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Linear]:
+    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``."""
+    name, module = find_layer(model, layer)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"layer {name!r} is a {type(module).__name__}; this path needs an nn.Linear layer "
+                        "(feature matrix W acting on per-sample feature vectors); method='stochastic' (or "
+                        "'auto') handles convolutions and other layers whose weight multiplies features")
+    return name, module
+
+
+@dataclasses.dataclass
+class WeightView:
+    """How a layer's weight is seen as the (d, m) matrix W that multiplies feature vectors:
+    ``to_matrix(weight) -> (d, m)`` and ``from_matrix(matrix) -> weight.shape``."""
+    to_matrix: Callable[[torch.Tensor], torch.Tensor]
+    from_matrix: Callable[[torch.Tensor], torch.Tensor]
+
+
+def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None) -> WeightView:
+    """The (d, m) view of a layer's weight: given, or known for Linear and Conv layers."""
+    if view is not None:
+        return view
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return WeightView(lambda w: w, lambda mat: mat)
+    if isinstance(module, CONV_TYPES):
+        shape = tuple(weight.shape)
+        return WeightView(lambda w: w.reshape(shape[0], -1), lambda mat: mat.reshape(shape))
+    raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
+                    "from_matrix) saying how its weight multiplies feature vectors")
+
+
+def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
+    """(name, module) of a layer with a ``weight`` parameter inside ``model``."""
+    name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
+                              "layers with weights")
+    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+        raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
+                        "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
+                        "any module with a weight_view)")
+    return name, module
+
+
+
+
+def weight_layers(model: nn.Module) -> List[str]:
+    """Names of the Linear and Conv1d/2d/3d layers: those measured by default."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))]

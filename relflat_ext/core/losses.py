@@ -1,0 +1,303 @@
+"""The loss table: one record per loss, with everything each path needs from it.
+
+The built-in losses mean exactly ``F.cross_entropy``, ``F.mse_loss`` and
+``F.binary_cross_entropy_with_logits`` with their default mean reductions. Their Hessians with
+respect to the logits ``z`` do not depend on the targets (which is why the kernels take none),
+normalized so that the empirical risk is ``E = (1/n) sum_i l_i``:
+
+- cross entropy: ``Hz_i = diag(p_i) - p_i p_i^T``, ``p_i = softmax(z_i)`` (:class:`SoftmaxHessian`)
+- MSE (mean over all ``n*d`` entries): ``Hz_i = (2/d) I`` (:class:`DiagonalHessian`)
+- BCE with logits (mean over all ``n*d`` entries): ``Hz_i = (1/d) diag(sigma(z_i) sigma(-z_i))``
+
+A record gives: the loss itself (``loss(output, target)``, a mean), the same loss with first and
+second derivatives computed without cancellation at confident predictions
+(:meth:`Loss.for_derivatives`, for every path that differentiates through autograd), per-sample
+losses, the target check, the output Hessian in one of the two structured forms above (the closed
+form, the chain rule and lmax contract it), and the statistics representativeness interpolates.
+A user's callable becomes a :class:`CallableLoss`: no structured Hessian (paths use
+Hessian-vector products) and no target check beyond what the callable does itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.stable_math import sigmoid_curvature, softmax_complement, winner_and_rest
+
+LossSpec = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+@dataclasses.dataclass
+class DiagonalHessian:
+    """``Hz_i = diag(values_i)``, values (n, d)."""
+    values: torch.Tensor
+
+    def diagonal(self) -> torch.Tensor:
+        return self.values
+
+
+@dataclasses.dataclass
+class SoftmaxHessian:
+    """``Hz_i = diag(p_i) - p_i p_i^T``, p (n, d) softmax rows."""
+    p: torch.Tensor
+
+    def diagonal(self) -> torch.Tensor:
+        return self.p * softmax_complement(self.p)
+
+
+OutputHessian = Union[DiagonalHessian, SoftmaxHessian]
+
+
+def _probabilities(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Class-index targets as one-hot rows; probability targets as they are."""
+    if target.dim() == like.dim() and target.is_floating_point():
+        return target
+    return torch.zeros_like(like).scatter_(1, target.long().unsqueeze(1), 1.0)
+
+
+def cross_entropy_gradient(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``p - y`` per sample (n, d), with the winning class' entry ``(1 - y_k) - sum_{t != k} p_t``."""
+    p = torch.softmax(logits, dim=1)
+    y = _probabilities(target, logits)
+    k, rest = winner_and_rest(p)
+    return (p - y).scatter(1, k, (1 - y.gather(1, k)) - rest)
+
+
+def bce_gradient(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sigma(z) - y`` per entry as ``sigma(z)(1 - y) - y sigma(-z)`` (exact for 0/1 targets)."""
+    return torch.sigmoid(logits) * (1 - target) - target * torch.sigmoid(-logits)
+
+
+class _CrossEntropyGradient(torch.autograd.Function):
+    """(p - y) / n, whose derivative along v is ``p * (v - <p, v>) / n``, with
+    ``v_s - <p, v> = (v_s - v_k) - sum_t p_t (v_t - v_k)`` (k the winning class): no cancellation
+    at the winning class, the entry that carries the signal at a confident minimum."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return cross_entropy_gradient(logits, target) / logits.shape[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, _ = inputs
+        ctx.save_for_backward(torch.softmax(logits, dim=1))
+
+    @staticmethod
+    def backward(ctx, v):
+        (p,) = ctx.saved_tensors
+        k = p.argmax(dim=1, keepdim=True)
+        dv = v - v.gather(1, k)
+        centred = dv - (p * dv).sum(dim=1, keepdim=True)
+        return p * centred / p.shape[0], None
+
+
+class _BceGradient(torch.autograd.Function):
+    """(sigma(z) - y) / N, whose derivative is ``sigma(z) sigma(-z) / N`` elementwise."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return bce_gradient(logits, target) / logits.numel()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(sigmoid_curvature(inputs[0]) / inputs[0].numel())
+
+    @staticmethod
+    def backward(ctx, v):
+        (curvature,) = ctx.saved_tensors
+        return v * curvature, None
+
+
+def _with_gradient(loss_fn, gradient):
+    """``loss_fn`` (logits, target) -> mean loss, whose gradient is the Function ``gradient``: so
+    Hessian-vector products through it use that Function's backward."""
+
+    class _Loss(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(logits, target):
+            return loss_fn(logits, target)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, target = ctx.saved_tensors
+            return grad * gradient.apply(logits, target), None
+
+    return _Loss
+
+
+_CrossEntropy = _with_gradient(F.cross_entropy, _CrossEntropyGradient)
+_Bce = _with_gradient(F.binary_cross_entropy_with_logits, _BceGradient)
+
+
+
+
+def _stable_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Other layouts (n, d, ...) and ignored labels (-100): autograd's own derivatives.
+    if output.dim() != 2 or (not target.is_floating_point() and bool((target < 0).any())):
+        return F.cross_entropy(output, target)
+    return _CrossEntropy.apply(output, target)
+
+
+def _stable_bce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not (output.is_floating_point() and target.is_floating_point() and output.shape == target.shape):
+        return F.binary_cross_entropy_with_logits(output, target)
+    return _Bce.apply(output, target)
+
+
+class Loss:
+    """A loss with mean reduction over samples, and the pieces of it the paths need."""
+    name: str
+    builtin = True
+
+    def __init__(self, name: str, function: Callable, for_derivatives: Callable):
+        self.name, self.function, self.for_derivatives = name, function, for_derivatives
+
+    def __repr__(self) -> str:
+        return f"Loss({self.name!r})"
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.function(output, target)
+
+    def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """l(f(x_i), y_i) (n,): the terms whose mean is the loss."""
+        return self.function(output, target, reduction="none").reshape(output.shape[0], -1).mean(1)
+
+    def check_targets(self, targets: torch.Tensor, n: int, d: int) -> None:
+        """Targets of n samples as the function takes them for outputs of width d (floats (n, d))."""
+        _check_is_tensor(targets, n)
+        if tuple(targets.shape) != (n, d) or not targets.is_floating_point():
+            raise ValueError(f"targets for {self.name} must be a float tensor of shape ({n}, {d}) like the layer "
+                             f"output, got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+    def output_hessian(self, logits: torch.Tensor) -> Optional[OutputHessian]:
+        """Every sample's ``Hz_i`` for logits (n, d), in structured form."""
+        raise NotImplementedError
+
+    def output_hessian_diagonal(self, logits: torch.Tensor) -> torch.Tensor:
+        """``Hz_i[s, s]`` (n, d)."""
+        return self.output_hessian(logits).diagonal()
+
+    def statistics(self, output: torch.Tensor) -> torch.Tensor:
+        """Per-sample statistics v_i (n, c) of the prediction in which the loss at any label is
+        affine (so representativeness can average predictions' losses through one kernel pass)."""
+        raise NotImplementedError
+
+    def loss_from_statistics(self, weighted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k l(f(x_k), target)`` from ``weighted = sum_k w_k v_k`` (..., n, c)."""
+        raise NotImplementedError
+
+
+def _check_is_tensor(targets, n: int) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    if targets.dim() == 0:
+        raise ValueError(f"targets must have one entry (or row) per sample, got a 0-dim tensor")
+    if targets.shape[0] != n:
+        raise ValueError(f"targets has {targets.shape[0]} samples but the features have {n}")
+
+
+class CrossEntropy(Loss):
+    def __init__(self):
+        super().__init__("cross_entropy", F.cross_entropy, _stable_cross_entropy)
+
+    def check_targets(self, targets: torch.Tensor, n: int, d: int) -> None:
+        """Class indices (n,) in [0, d) or probability rows (n, d)."""
+        _check_is_tensor(targets, n)
+        if targets.dim() == 1 and not targets.is_floating_point():
+            low, high = torch.aminmax(targets) if n else (0, 0)  # one pass, not min and max
+            if int(low) < 0 or int(high) >= d:
+                raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy")
+            return
+        if targets.dim() == 2 and targets.is_floating_point() and targets.shape[1] == d:
+            if not torch.allclose(targets.sum(1), torch.ones_like(targets[:, 0]), atol=1e-4):
+                raise ValueError("probability targets for cross_entropy must have rows summing to 1")
+            return
+        raise ValueError(f"targets for cross_entropy must be class indices (n,) or probabilities (n, {d}), "
+                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+    def output_hessian(self, logits: torch.Tensor) -> SoftmaxHessian:
+        return SoftmaxHessian(torch.softmax(logits, dim=1))
+
+    def statistics(self, output: torch.Tensor) -> torch.Tensor:
+        return -torch.log_softmax(output, dim=1)  # l(f, y) = v[y]
+
+    def loss_from_statistics(self, weighted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 1:
+            index = target.expand(*weighted.shape[:-2], -1).unsqueeze(-1)
+            return weighted.gather(-1, index).squeeze(-1)
+        return (weighted * target).sum(-1)
+
+
+class MeanSquaredError(Loss):
+    def __init__(self):
+        super().__init__("mse", F.mse_loss, F.mse_loss)
+
+    def output_hessian(self, logits: torch.Tensor) -> DiagonalHessian:
+        d = logits.shape[1]
+        return DiagonalHessian(torch.full_like(logits, 2.0 / d) if d else torch.zeros_like(logits))
+
+    def statistics(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([output.pow(2).sum(1, keepdim=True), output], 1)  # ||f||^2, f
+
+    def loss_from_statistics(self, weighted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        d = weighted.shape[-1] - 1
+        return (weighted[..., 0] - 2 * (weighted[..., 1:] * target).sum(-1) + target.pow(2).sum(-1)) / d
+
+
+class BceWithLogits(Loss):
+    def __init__(self):
+        super().__init__("bce_with_logits", F.binary_cross_entropy_with_logits, _stable_bce)
+
+    def output_hessian(self, logits: torch.Tensor) -> DiagonalHessian:
+        return DiagonalHessian(sigmoid_curvature(logits) / max(logits.shape[1], 1))
+
+    def statistics(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.softplus(output).sum(1, keepdim=True), output], 1)  # l = softplus(f) - y f
+
+    def loss_from_statistics(self, weighted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        d = weighted.shape[-1] - 1
+        return (weighted[..., 0] - (weighted[..., 1:] * target).sum(-1)) / d
+
+
+class CallableLoss(Loss):
+    """A user's ``loss_fn(output, target)`` returning the mean over samples."""
+    builtin = False
+
+    def __init__(self, function: Callable):
+        super().__init__(getattr(function, "__name__", "callable"), function, function)
+
+    def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Only the mean is known: every sample gets it (exact for sums over the samples)."""
+        return self.function(output, target).expand(output.shape[0])
+
+    def check_targets(self, targets, n: int, d: int) -> None:
+        _check_is_tensor(targets, n)
+
+    def output_hessian(self, logits: torch.Tensor) -> None:
+        return None  # unknown structure: Hessian-vector products
+
+
+LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError(), BceWithLogits())}
+
+
+def get_loss(loss: Union[LossSpec, Loss]) -> Loss:
+    """The record of a built-in loss name or a user callable, with a clear error for anything else."""
+    if isinstance(loss, Loss):
+        return loss
+    if callable(loss):
+        return CallableLoss(loss)
+    if isinstance(loss, str) and loss in LOSSES:
+        return LOSSES[loss]
+    raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable loss_fn(output, target) with mean "
+                     f"reduction, got {loss!r}")

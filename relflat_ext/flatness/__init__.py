@@ -1,0 +1,14 @@
+"""Relative flatness of a layer: the front door (:mod:`.api`) and the paths it dispatches to
+(:mod:`.closed_form`, :mod:`.exact` with :mod:`.chain_rule` and :mod:`.tail`, :mod:`.stochastic`,
+:mod:`.autograd`), and per-layer profiles of whole models (:mod:`.profile`)."""
+from .api import choose_path, relative_flatness, relative_flatness_from_features
+from .autograd import layer_hessian, relative_flatness_autograd
+from .problem import METHODS, Options, Problem
+from .profile import ProfileTable, profile
+from .result import FlatnessResult
+from .stochastic import StochasticEstimate, stochastic_estimate
+from .tail import hvp_only
+
+__all__ = ["relative_flatness", "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian",
+           "choose_path", "METHODS", "Options", "Problem", "FlatnessResult", "StochasticEstimate",
+           "stochastic_estimate", "ProfileTable", "profile", "hvp_only"]

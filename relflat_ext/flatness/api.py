@@ -1,0 +1,139 @@
+"""The front door: relative flatness (Petzka et al., Definition 3) of a layer, exactly where it can
+be computed and estimated where it cannot.
+
+Conventions (docs/design.md, "Conventions"): mean-reduced loss over the n samples, Hessian with
+respect to the layer's weight only (bias excluded), no 1/m factor:
+``kappa_Tr(W) = sum_{s,t} <w_s, w_t> Tr(H_{s,t})`` and ``kappa_lmax = sum_s ||w_s||^2 lambda_max(H_{s,s})``.
+:func:`relative_flatness` builds the :class:`~.problem.Problem` once (validation happens there),
+chooses the path before touching the data (:func:`choose_path`), and hands the problem to it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.hooks import NotVectorFeatures, preserved, tapped
+from ..core.layers import LayerSpec, WeightView, resolve_linear
+from ..core.losses import LossSpec, get_loss
+from . import autograd, closed_form, exact, stochastic, tail as _tail
+from .problem import METHODS, Options, Problem
+from .result import FlatnessResult
+
+PATHS: Dict[str, Callable[..., FlatnessResult]] = {"closed_form": closed_form.run, "exact": exact.run}
+
+
+def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
+                      loss: LossSpec = "cross_entropy", method: str = "auto", normalize_features: bool = False,
+                      lmax: bool = False, block_trace: bool = False, batch_size: Optional[int] = None,
+                      rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
+                      weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None) -> FlatnessResult:
+    """Relative flatness kappa_Tr of ``layer`` (a name or a submodule of ``model``) on the data.
+
+    inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
+    batches (a DataLoader) with ``targets=None``; sums accumulate across batches.
+    loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
+    default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples.
+    method (what each costs: docs/design.md, "Paths"):
+
+    - "closed_form": the layer produces the model output and the loss is built in;
+    - "exact": per-sample output Hessians, by the chain rule through a tail of Linear and
+      elementwise steps (an nn.Sequential, or a model torch.fx traces), else by batched
+      Hessian-vector products through the rest of the model;
+    - "stochastic": the multiplicative-probe estimator for any layer whose weight multiplies
+      features (Linear on any input shape, Conv1d/2d/3d, or a module with ``weight_view``),
+      stopping at ``rel_tol`` relative standard error or ``max_probes``;
+    - "autograd": the authors' full-Hessian baseline;
+    - "auto": the closed form, else exact; the estimator where the exact path cannot run
+      (convolutions, sequence inputs) or would need more than ``max_probes`` Hessian-vector
+      products. ``result.reason`` says why.
+
+    normalize_features: Theorem 4's rescaling by the features' standard deviations. lmax: also the
+    max-eigenvalue variant. block_trace: also ``T[s, t] = Tr(H_{s,t})`` (d, d); off by default, as
+    it can cost as much as kappa on wide layers. distributed: with torch.distributed initialized
+    (None: auto; True: required), each rank's data is a shard and every rank gets the result on
+    all of them. The model is measured in eval mode and left exactly as it was.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    options = Options(normalize_features=normalize_features, lmax=lmax, block_trace=block_trace, rel_tol=rel_tol,
+                      max_probes=max_probes, seed=seed, weight_view=weight_view)
+    problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
+    if method == "autograd":
+        return autograd.run(problem, options)
+    try:
+        path, plan, reason = choose_path(problem, method, options)
+        if path == "stochastic":
+            return stochastic.run(problem, options, reason)
+        return PATHS[path](problem, options, plan, reason)
+    except NotVectorFeatures:
+        if method != "auto":
+            raise
+        return stochastic.run(problem, options, "stochastic: the layer's input is not (n, m)")
+
+
+def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, Optional[_tail.TailPlan], str]:
+    """(path, tail plan, reason), decided before the data are iterated: the tail of the layer is
+    read from the model's structure, and only a model neither Sequential nor traceable is run once
+    on the first batch to see whether the layer produces its output."""
+    if method == "stochastic":
+        return "stochastic", None, "stochastic: asked for"
+    if not isinstance(problem.module, nn.Linear):
+        if method == "auto":
+            return "stochastic", None, "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"
+        resolve_linear(problem.model, problem.name)  # raises the error that says what to use
+    if method == "closed_form" and not problem.loss.builtin:
+        raise ValueError("method='closed_form' needs a built-in loss name, not a callable")
+    with preserved(problem.model):  # in eval mode: a trace follows the mode
+        plan = _tail.plan(problem.model, problem.name, problem.module)
+    if method in ("auto", "closed_form") and problem.loss.builtin:
+        last = (not plan.tail) if plan is not None else _produces_output(problem)
+        if last:
+            return "closed_form", plan, "closed_form: the layer produces the model output and the loss is built in"
+        if method == "closed_form":
+            raise ValueError(f"method='closed_form' needs layer {problem.name!r} to produce the model output; "
+                             "use method='exact'")
+    if plan is not None:
+        how = "traced" if plan.traced else "Sequential"
+        return "exact", plan, ("exact: second derivatives propagated by the chain rule through the tail "
+                               f"(Linear and elementwise steps, {how})")
+    d, m = problem.weight.shape
+    probes = m if (m < d and not options.block_trace and not options.lmax) else d
+    if method == "auto" and probes > options.max_probes and not options.lmax:
+        return "stochastic", None, (f"stochastic: cheaper than the exact path's {probes} Hessian-vector products "
+                                    f"per batch (max_probes={options.max_probes})")
+    return "exact", None, "exact: Hessian-vector products through the model's tail"
+
+
+def _produces_output(problem: Problem) -> bool:
+    """Whether the layer's output object is the model's output, on the first batch."""
+    x, _ = next(iter(problem.batches()))
+    with preserved(problem.model), tapped(problem.module, problem.name, replace_output=False) as tap, \
+            torch.no_grad():
+        out = problem.model(x)
+    return out is tap.raw_output
+
+
+def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                    loss: str = "cross_entropy", bias: Optional[torch.Tensor] = None,
+                                    lmax: bool = False, normalize_features: bool = False,
+                                    block_trace: bool = False) -> FlatnessResult:
+    """Relative flatness of a last layer ``z = W phi + b`` from its features, in closed form.
+
+    features (n, m), weight (d, m), targets as the loss takes them (class indices (n,) or
+    probabilities (n, d) for cross entropy; (n, d) floats for MSE and BCE), bias (d,) or None.
+    The targets are validated but do not enter: these losses' Hessians in z do not depend on them.
+    block_trace: also return ``T`` (d, d) (an extra n*d*d GEMM for cross entropy).
+    """
+    record = get_loss(loss)
+    if not record.builtin:
+        raise ValueError("relative_flatness_from_features needs a built-in loss name, not a callable")
+    for name, t, dim in (("features", features, 2), ("weight", weight, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor")
+    if features.shape[0] == 0:
+        raise ValueError("features is empty: at least one sample is needed")
+    record.check_targets(targets, features.shape[0], weight.shape[0])
+    return closed_form.from_features(features, weight, bias, record,
+                                     Options(normalize_features=normalize_features, lmax=lmax, block_trace=block_trace))

@@ -1,0 +1,53 @@
+"""Theorem 4's reparameterization-invariant coordinates: features divided by their standard
+deviations ``s`` (population, over all samples), the weight multiplied by them."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..core import dist
+from ..core.hooks import preserved, tapped
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1/s, and 0 where s = 0: a zero-spread feature (constant, a bias in disguise, or a dead unit)
+    is dropped from the normalized measure, as the bias is from kappa; at scale 1 its weight
+    column, which layer-wise rescalings change, would break the invariance (docs/design.md)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+
+
+def normalized(features: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``phi' = phi / s``, ``W' = W diag(s)``: the layer output is unchanged up to dropped features."""
+    if scale is None:
+        return features, weight
+    return features * inverse_scale(scale), weight * scale
+
+
+def scale_of(features: torch.Tensor) -> torch.Tensor:
+    """Per-feature standard deviation of features (n, m)."""
+    return features.std(dim=0, unbiased=False)
+
+
+def feature_scale(problem) -> torch.Tensor:
+    """The per-feature standard deviation of the layer's input over all the problem's samples (and
+    every rank's, under torch.distributed): the ``V`` of Theorem 4."""
+    total = sq_total = None
+    n = 0
+    with preserved(problem.model), tapped(problem.module, problem.name, replace_output=False) as tap, \
+            torch.no_grad():
+        for x, _ in problem.batches():
+            tap.reset()
+            problem.model(x)
+            phi = tap.features.double()
+            total = phi.sum(0) if total is None else total + phi.sum(0)
+            sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)
+            n += phi.shape[0]
+    if problem.distributed:
+        count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
+        dist.all_reduce_sum([total, sq_total, count])
+        n = count.item()
+    mean = total / n
+    return (sq_total / n - mean.pow(2)).clamp_min(0).sqrt().to(problem.module.weight.dtype)

@@ -18,7 +18,8 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "relflat_ext", "ops", "_extension.py")).read()).group(1)
+VERSION_FILE = os.path.join(ROOT, "relflat_ext", "ops", "_extension.py")
+VERSION = re.search(r'__version__ = "([^"]+)"', open(VERSION_FILE).read()).group(1)
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf
+from relflat_ext.apps.training import fit
 from relflat_ext import hvp_only
+from relflat_ext.apps.zoo import mlp as zoo_mlp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
 from models import data, mlp  # noqa: E402  the test suite's random networks and data
@@ -69,17 +71,9 @@ def confident_network(target_loss: float = 1e-5, max_steps: int = 20000):
     x, y, _, _ = rf.datasets.digits_split(seed=0, test_fraction=0.3)
     x = x.double()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(max_steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if loss.item() < target_loss:
-            break
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model, x, y, loss.item()
+    run = fit(zoo_mlp([64, 32, 10]).double(), (x, y), max_steps, lr=1e-2, batch_size=len(y), stop_below=target_loss)
+    run.model.zero_grad(set_to_none=True)
+    return run.model, x, y, run.loss
 
 
 def measure_confident():

@@ -47,10 +47,8 @@ def main(argv=None) -> int:
     model = lenet5().double().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.data[:400], dtype=torch.float64).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(digits.target[:400])
+    x, y = rf.datasets.load_digits(image=True)
+    x, y = x[:400].double(), y[:400]
     cases = {"Linear 120x64 (layer 7)": ("7", rf.relative_flatness(model, "7", x, y).kappa),
              "Conv2d 16x6x3x3 (layer 3)": ("3", _exact_conv_kappa(model, "3", x, y))}
     counts = [4, 8, 16, 32, 64, 128, 256]

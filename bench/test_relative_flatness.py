@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from relflat_ext import fallback_only
-from relflat_ext import hvp_only
+from relflat_ext.apps.zoo import mlp
+from relflat_ext import fallback_only, hvp_only
 
 from bench.common import record, run
 
@@ -82,10 +82,7 @@ def test_imagenet_head(benchmark, contender, full, device):
 
 def _tanh_mlp(widths, seed=0):
     torch.manual_seed(seed)
-    layers = []
-    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if k < len(widths) - 2 else [])
-    return nn.Sequential(*layers)
+    return mlp(widths)
 
 
 def hutchinson_curvlinops(model, layer, x, y, probes=64, seed=0):

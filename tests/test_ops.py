@@ -14,6 +14,7 @@ from testing import DEVICES, DTYPES, assert_matches_reference
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 4), (40, 13, 1), (64, 17, 10), (33, 9, 32), (50, 20, 33), (30, 70, 120),
           (20, 130, 100)]  # every branch: d <= 32, d <= 64, d > 64 with m < d and with m >= d
 LOSSES = ["cross_entropy", "mse", "bce_with_logits"]
+CE = "cross_entropy"
 
 
 def _inputs(n, m, d, dtype, device, seed, noncontig=False):
@@ -136,11 +137,11 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, "cross_entropy"), "weight must be"),
-    (lambda: ops.last_layer_flatness(torch.randn(3), torch.randn(2, 3), None, "cross_entropy"), "features must be 2-D"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64), None, "cross_entropy"), "dtype"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4).int(), torch.randn(2, 4), None, "cross_entropy"), "float32 or float64"),
-    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), "cross_entropy"), "bias must be"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, CE), "weight must be"),
+    (lambda: ops.last_layer_flatness(torch.randn(3), torch.randn(2, 3), None, CE), "features must be 2-D"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64), None, CE), "dtype"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4).int(), torch.randn(2, 4), None, CE), "float32 or float64"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3), CE), "bias must be"),
     (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4), None, "hinge"), "loss must be one of"),
     (lambda: ops.contract_output_hessians(torch.rand(3), torch.randn(3, 2, 2), torch.randn(2, 3)), "hz must be"),
     (lambda: ops.dense_block_trace(torch.randn(6, 5), torch.randn(2, 3)), "hessian must be"),

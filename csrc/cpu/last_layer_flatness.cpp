@@ -74,43 +74,9 @@ struct LogitsRows {
 
 // per_sample[i] = sq_norms[i] <G, Hz_i> for rows [begin, end) of h already holding p_i (cross
 // entropy, `quadratic`: 1/2 p^T D p with mat = D) or the BCE curvatures (h . diag(G), mat = diag(G)).
-// Padded: mat zero-padded to (d, DP) or (DP,), so the inner loops have a fixed length (DP <= 32).
+// DP > 0: mat zero-padded to (d, DP) or (DP,), so the inner loops have a fixed length (d <= DP <= 32);
+// DP = 0: unpadded, for d <= kInlineQuadraticMaxOutputs (and any d for BCE).
 template <typename T, int DP>
-struct PaddedTermsRows {
-  const T* h;
-  const T* mat_pad;
-  const T* sq_norms;
-  int64_t d;
-  bool quadratic;
-  int64_t begin, end;
-  T* per_sample;
-
-  template <bool kAvx2>
-  RELFLAT_INLINE void run() const {
-    for (int64_t i = begin; i < end; ++i) {
-      T p[DP] = {};
-      for (int64_t s = 0; s < d; ++s) p[s] = h[i * d + s];
-      T term = 0;
-      if (quadratic) {
-        T dp[DP] = {};  // D p
-        for (int64_t t = 0; t < d; ++t) {
-#pragma omp simd
-          for (int s = 0; s < DP; ++s) dp[s] += mat_pad[t * DP + s] * p[t];
-        }
-#pragma omp simd reduction(+ : term)
-        for (int s = 0; s < DP; ++s) term += p[s] * dp[s];
-        term *= T(0.5);
-      } else {
-#pragma omp simd reduction(+ : term)
-        for (int s = 0; s < DP; ++s) term += p[s] * mat_pad[s];
-      }
-      per_sample[i] = sq_norms[i] * term;
-    }
-  }
-};
-
-// The same without padding, for d <= kInlineQuadraticMaxOutputs (and any d for BCE).
-template <typename T>
 struct TermsRows {
   const T* h;
   const T* mat;
@@ -122,17 +88,35 @@ struct TermsRows {
 
   template <bool kAvx2>
   RELFLAT_INLINE void run() const {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* row = h + i * d;
-      T term = 0;
-      if (quadratic) {
-        for (int64_t s = 0; s < d; ++s) term += row[s] * dot(mat + s * d, row, d);
-        term *= T(0.5);
-      } else {
-        term = dot(row, mat, d);
+    for (int64_t i = begin; i < end; ++i) per_sample[i] = sq_norms[i] * (DP > 0 ? padded_term(i) : term(i));
+  }
+
+  RELFLAT_INLINE T padded_term(int64_t i) const {
+    constexpr int kWidth = DP > 0 ? DP : 1;
+    T p[kWidth] = {};
+    for (int64_t s = 0; s < d; ++s) p[s] = h[i * d + s];
+    T out = 0;
+    if (quadratic) {
+      T dp[kWidth] = {};  // D p
+      for (int64_t t = 0; t < d; ++t) {
+#pragma omp simd
+        for (int s = 0; s < kWidth; ++s) dp[s] += mat[t * kWidth + s] * p[t];
       }
-      per_sample[i] = sq_norms[i] * term;
+#pragma omp simd reduction(+ : out)
+      for (int s = 0; s < kWidth; ++s) out += p[s] * dp[s];
+      return out * T(0.5);
     }
+#pragma omp simd reduction(+ : out)
+    for (int s = 0; s < kWidth; ++s) out += p[s] * mat[s];
+    return out;
+  }
+
+  RELFLAT_INLINE T term(int64_t i) const {
+    const T* row = h + i * d;
+    if (!quadratic) return dot(row, mat, d);
+    T out = 0;
+    for (int64_t s = 0; s < d; ++s) out += row[s] * dot(mat + s * d, row, d);
+    return out * T(0.5);
   }
 };
 
@@ -303,10 +287,10 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
       const T* mat_data = mat_pad.data_ptr<T>();
       T* out = per_sample.data_ptr<T>();
       at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-        if (!padded) run_best_isa(TermsRows<T>{rows, mat_data, norms, d, quadratic, begin, end, out});
-        else if (dp == 8) run_best_isa(PaddedTermsRows<T, 8>{rows, mat_data, norms, d, quadratic, begin, end, out});
-        else if (dp == 16) run_best_isa(PaddedTermsRows<T, 16>{rows, mat_data, norms, d, quadratic, begin, end, out});
-        else run_best_isa(PaddedTermsRows<T, 32>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        if (!padded) run_best_isa(TermsRows<T, 0>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else if (dp == 8) run_best_isa(TermsRows<T, 8>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else if (dp == 16) run_best_isa(TermsRows<T, 16>{rows, mat_data, norms, d, quadratic, begin, end, out});
+        else run_best_isa(TermsRows<T, 32>{rows, mat_data, norms, d, quadratic, begin, end, out});
       });
     });
   }

@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
     from .reproduce import FIGURES
-    rep5 = sub.add_parser("reproduce", help="the paper's experiments: " + "; ".join(
+    rep5 = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3, 4 and 5 / Appendix C)")
+    rep5.add_argument("figure", choices=list(FIGURES), help="; ".join(
         f"{name}: {fig.description}" for name, fig in FIGURES.items()))
-    rep5.add_argument("figure", choices=list(FIGURES))
     rep5.add_argument("--quick", action="store_true", help="a smaller run: " + "; ".join(
         f"{name}: {fig.quick} instead of {fig.full}" for name, fig in FIGURES.items()))
     rep5.add_argument("--out", default="reports/reproduce")

@@ -112,10 +112,21 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
             "per_separation": per_sep, "seconds": time.perf_counter() - start}
 
 
-def plot(result: Dict, path: str) -> None:
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display here
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot(result: Dict, path: str) -> None:
+    plt = _pyplot()
     if result["figure"] == "fig3":
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(result["separation"], result["pearson"], "o-", label="Pearson")
@@ -136,9 +147,7 @@ def plot(result: Dict, path: str) -> None:
         ax.set_ylabel(f"Rep + delta^2/(2m) kappa (delta = {result['delta']})")
         ax.set_title("Fig. 4: the bound estimate against the gap")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def summary(result: Dict) -> str:
@@ -157,8 +166,8 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
     if figure not in FIGURES:
         raise ValueError(f"figure must be one of {sorted(FIGURES)}, got {figure!r}")
     if figure == "fig5":
-        result = run_fig5(minima=QUICK_MINIMA if quick else MINIMA, quick=quick, seed=seed, cache=os.path.join(out, "cache-fig5"),
-                          device=device)
+        result = run_fig5(minima=QUICK_MINIMA if quick else MINIMA, quick=quick, seed=seed,
+                          cache=os.path.join(out, "cache-fig5"), device=device)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "fig5.json"), "w") as fh:
             json.dump(result, fh, indent=2)
@@ -300,9 +309,7 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
 
 
 def plot_fig5(result: Dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     names = list(result["measures"])
     pos = range(len(names))
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -315,9 +322,7 @@ def plot_fig5(result: Dict, path: str) -> None:
     ax.set_ylabel("Kendall tau with the generalization gap")
     ax.set_title(f"Fig. 5 / Appendix C on digits: {result['n_minima']} LeNet-5 minima")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def summary_fig5(result: Dict) -> str:

@@ -202,7 +202,7 @@ def _check_is_tensor(targets, n: int) -> None:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.dim() == 0:
-        raise ValueError(f"targets must have one entry (or row) per sample, got a 0-dim tensor")
+        raise ValueError("targets must have one entry (or row) per sample, got a 0-dim tensor")
     if targets.shape[0] != n:
         raise ValueError(f"targets has {targets.shape[0]} samples but the features have {n}")
 

@@ -14,7 +14,7 @@ from .. import ops
 from ..core.hooks import preserved
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import LossSpec
-from .normalization import feature_scale, inverse_scale
+from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
 
@@ -92,7 +92,7 @@ def run(problem: Problem, options: Options, reason: str = "autograd: the full He
     weight = problem.weight.detach()
     scale = None
     if options.normalize_features:
-        scale = feature_scale(problem)
+        scale = scale_over_data(problem)
         inv = inverse_scale(scale).repeat(weight.shape[0])
         hessian = hessian * inv[:, None] * inv[None, :]
         weight = weight * scale

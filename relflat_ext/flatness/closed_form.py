@@ -14,7 +14,7 @@ from ..core.hooks import check_vector_features, preserved, tapped
 from ..core.losses import Loss
 from . import tail as _tail
 from .accumulator import Accumulator, explain_not_finite
-from .normalization import feature_scale, inverse_scale, normalized, scale_of
+from .normalization import inverse_scale, normalized, scale_of, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
 
@@ -65,7 +65,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     hook during the model's forward pass, checking that the layer's output is the model's."""
     start = time.perf_counter()
     name, lin, loss = problem.name, problem.module, problem.loss
-    scale = feature_scale(problem) if options.normalize_features else None
+    scale = scale_over_data(problem) if options.normalize_features else None
     w = lin.weight.detach() if scale is None else lin.weight.detach() * scale
     bias = lin.bias.detach() if lin.bias is not None else None
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)

@@ -17,7 +17,7 @@ from ..core.hvp import hessian_vector_products
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
 from .closed_form import prefix_features
-from .normalization import feature_scale, inverse_scale
+from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
 
@@ -31,7 +31,7 @@ EXACT_CPU_CHUNK_ELEMENTS = 1 << 19
 def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reason: str) -> FlatnessResult:
     start = time.perf_counter()
     lin = problem.module
-    scale = feature_scale(problem) if options.normalize_features else None
+    scale = scale_over_data(problem) if options.normalize_features else None
     w = lin.weight.detach() if scale is None else lin.weight.detach() * scale
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):

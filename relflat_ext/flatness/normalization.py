@@ -6,8 +6,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from torch import nn
+
 from ..core import dist
 from ..core.hooks import preserved, tapped
+from ..core.layers import LayerSpec, resolve_linear
+from .problem import Problem
 
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -31,9 +35,18 @@ def scale_of(features: torch.Tensor) -> torch.Tensor:
     return features.std(dim=0, unbiased=False)
 
 
-def feature_scale(problem) -> torch.Tensor:
-    """The per-feature standard deviation of the layer's input over all the problem's samples (and
-    every rank's, under torch.distributed): the ``V`` of Theorem 4."""
+def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
+                  batch_size: Optional[int] = None, distributed: Optional[bool] = None) -> torch.Tensor:
+    """Per-feature standard deviation (m,) of the input of ``layer`` (population form, over all
+    samples, and every rank's under torch.distributed): the ``V`` of Theorem 4. Zero-spread
+    features get 0 (the normalized measure drops them)."""
+    problem = Problem.build(model, layer, inputs, targets, batch_size=batch_size, distributed=distributed)
+    resolve_linear(model, problem.name)
+    return scale_over_data(problem)
+
+
+def scale_over_data(problem: Problem) -> torch.Tensor:
+    """:func:`feature_scale` of a built problem."""
     total = sq_total = None
     n = 0
     with preserved(problem.model), tapped(problem.module, problem.name, replace_output=False) as tap, \

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from ..core.hooks import preserved
 from ..core.hvp import hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, matrix_view
 from ..core.losses import LossSpec
-from .normalization import feature_scale as _feature_scale, inverse_scale
+from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
 
@@ -57,8 +57,8 @@ def _quadratic_forms(model, weight, x, y, loss_fn, directions: torch.Tensor) -> 
         grad = torch.autograd.grad(loss, weight, create_graph=True)[0]
         if not grad.requires_grad:  # loss linear in the weight
             return directions.new_zeros(directions.shape[0])
-        # Batched (vmap) HVPs pay off on GPUs; on the CPU the per-probe loop measured as fast for
-        # Linear and 3x faster for the first conv of LeNet-5 (vmap falls back to slow loops there).
+        # Batched (vmap) HVPs pay off on GPUs; on the CPU vmap falls back to slow loops for
+        # convolutions, and the per-probe loop is as fast or faster (bench/RESULTS.md).
         hv = hessian_vector_products(grad, weight, directions, batched=directions.is_cuda)
     return (hv * directions).flatten(1).sum(1).detach() * x.shape[0]
 
@@ -107,7 +107,7 @@ def run(problem: Problem, options: Options, reason: str) -> FlatnessResult:
     if options.normalize_features:
         if not isinstance(problem.module, nn.Linear):
             raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers")
-        scale = _feature_scale(problem)
+        scale = scale_over_data(problem)
     est = estimate(problem, rel_tol=options.rel_tol, max_probes=options.max_probes, seed=options.seed,
                    feature_scale=scale, weight_view=options.weight_view)
     return FlatnessResult(est.value, None, None, "stochastic", est.n, problem.name, scale, est.seconds,

@@ -14,8 +14,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference as _reference
-from ._extension import HAS_EXTENSION, HAS_CUDA_KERNELS, build_info, fallback_only, kernel_available
+from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION, build_info, fallback_only, kernel_available
 from .reference import LOSSES
+
+__all__ = ["HAS_CUDA_KERNELS", "HAS_EXTENSION", "LOSSES", "NoGradientError", "OPS", "build_info", "fallback_only",
+           "kernel_available", "last_layer_flatness", "contract_output_hessians", "dense_block_trace",
+           "gaussian_kernel_reduce"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 OPS = ("last_layer_flatness", "contract_output_hessians", "dense_block_trace", "gaussian_kernel_reduce")
@@ -69,6 +73,11 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int, ref: Optional[torch.Tens
             raise ValueError(f"{name} is on {t.device} but the other inputs are on {ref.device}")
 
 
+def _check_size(name: str, t: torch.Tensor, axis: int, size: int, expected: str) -> None:
+    if t.shape[axis] != size:
+        raise ValueError(f"{name} must be {expected}, got {tuple(t.shape)}")
+
+
 def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         loss: str, block_trace: bool = False, per_sample: bool = True
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +92,10 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
     """
     _check_tensor("features", features, 2)
     _check_tensor("weight", weight, 2, features)
-    if weight.shape[1] != features.shape[1]:
-        raise ValueError(f"weight must be (d, m) with m = features.shape[1] = {features.shape[1]}, "
-                         f"got {tuple(weight.shape)}")
+    _check_size("weight", weight, 1, features.shape[1], f"(d, m) with m = features.shape[1] = {features.shape[1]}")
     if bias is not None:
         _check_tensor("bias", bias, 1, features)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _check_size("bias", bias, 0, weight.shape[0], f"({weight.shape[0]},)")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     return _run("last_layer_flatness", features.device, features, weight, bias, loss, block_trace, per_sample)
@@ -145,13 +151,10 @@ def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Op
     """
     _check_tensor("queries", queries, 2)
     _check_tensor("keys", keys, 2, queries)
-    if keys.shape[1] != queries.shape[1]:
-        raise ValueError(f"keys must be (nk, m) with m = queries.shape[1] = {queries.shape[1]}, "
-                         f"got {tuple(keys.shape)}")
+    _check_size("keys", keys, 1, queries.shape[1], f"(nk, m) with m = queries.shape[1] = {queries.shape[1]}")
     if values is not None:
         _check_tensor("values", values, 2, queries)
-        if values.shape[0] != keys.shape[0]:
-            raise ValueError(f"values must be (nk, c) with nk = {keys.shape[0]}, got {tuple(values.shape)}")
+        _check_size("values", values, 0, keys.shape[0], f"(nk, c) with nk = {keys.shape[0]}")
     _check_tensor("bandwidths", bandwidths, 1, queries)
     if bandwidths.shape[0] == 0:
         raise ValueError("bandwidths must hold at least one bandwidth")
@@ -181,4 +184,4 @@ def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Op
                 query_split, key_split)
 
 
-from . import _fake  # noqa: E402,F401  (registers the fake kernels and the raising backward)
+from . import _fake  # noqa: E402,F401 (registers the fake kernels and the raising backward)

@@ -5,6 +5,8 @@ import torch
 from relflat_ext.core.losses import LOSSES, CallableLoss, DiagonalHessian, SoftmaxHessian, get_loss
 
 N, D = 6, 4
+# torch.func.hessian goes through torch.jit internally, which warns about its own deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _data(name, seed=0):

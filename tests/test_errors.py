@@ -92,12 +92,14 @@ def test_sequence_inputs_need_the_stochastic_path():
     assert_unchanged(model, before)
 
 
-def test_shared_layer_is_rejected():
+def test_layer_called_twice_is_rejected_by_the_exact_paths_and_estimated_by_auto():
     lin = nn.Linear(4, 4).double()
     model = nn.Sequential(lin, nn.Tanh(), lin)
     x, y = data(8, 4, 4, "cross_entropy")
-    with pytest.raises(RuntimeError, match="more than once"):
+    with pytest.raises(ValueError, match="tied weights"):
         rf.relative_flatness(model, "0", x, y, method="exact")
+    res = rf.relative_flatness(model, "0", x, y, rel_tol=0.2, seed=0)
+    assert res.method == "stochastic" and "tied weights" in res.reason
 
 
 def test_from_features_errors():

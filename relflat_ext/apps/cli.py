@@ -1,17 +1,40 @@
 """Command line: `relflat report` (the main job, :mod:`.report`), `relflat profile` (every weight
 layer of a model on a data set, :func:`relflat_ext.profile`), `relflat reproduce` (the paper's
-figures, :mod:`.reproduce`)."""
+figures, :mod:`.reproduce`). Bad usage, and bad input the library rejects, end in one line on
+stderr and exit status 2; outputs are checked before any work starts."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Callable
 
 
-def main(argv=None) -> int:
+def _number(kind: Callable, low, what: str):
+    """An argparse type: a ``kind`` number >= ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, "a positive integer")
+NON_NEGATIVE = _number(int, 0, "a non-negative integer")
+PROBES = _number(int, 2, "an integer >= 2")
+TOLERANCE = _number(float, 1e-12, "a positive number")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .reproduce import FIGURES
     parser = argparse.ArgumentParser(prog="relflat", description="Relative flatness of PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="train an MLP on scikit-learn digits and report relative flatness per layer")
-    rep.add_argument("--epochs", type=int, default=60)
+    rep.add_argument("--epochs", type=POSITIVE, default=60)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default=None, help="write the report as JSON to this file")
     prof = sub.add_parser("profile", help="relative flatness of every weight layer of a model")
@@ -20,17 +43,16 @@ def main(argv=None) -> int:
     prof.add_argument("--weights", default=None, help="a local state_dict file for the model")
     prof.add_argument("--data", default="digits",
                       help="'digits', 'digits-flat', 'synthetic-imagenet', or module:function returning a DataLoader")
-    prof.add_argument("--samples", type=int, default=None, help="use the first N samples")
-    prof.add_argument("--batch-size", type=int, default=256)
+    prof.add_argument("--samples", type=POSITIVE, default=None, help="use the first N samples")
+    prof.add_argument("--batch-size", type=POSITIVE, default=256)
     prof.add_argument("--layers", nargs="*", default=None, help="layer names (default: every Linear/Conv layer)")
-    prof.add_argument("--device", default="cpu")
-    prof.add_argument("--rel-tol", type=float, default=0.05)
-    prof.add_argument("--max-probes", type=int, default=1000)
-    prof.add_argument("--train-epochs", type=int, default=None,
+    prof.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    prof.add_argument("--rel-tol", type=TOLERANCE, default=0.05)
+    prof.add_argument("--max-probes", type=PROBES, default=1000)
+    prof.add_argument("--train-epochs", type=NON_NEGATIVE, default=None,
                       help="train the model first (default: 30 epochs for lenet5, none otherwise)")
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
-    from .reproduce import FIGURES
     rep5 = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3, 4 and 5 / Appendix C)")
     rep5.add_argument("figure", choices=list(FIGURES), help="; ".join(
         f"{name}: {fig.description}" for name, fig in FIGURES.items()))
@@ -38,22 +60,50 @@ def main(argv=None) -> int:
         f"{name}: {fig.quick} instead of {fig.full}" for name, fig in FIGURES.items()))
     rep5.add_argument("--out", default="reports/reproduce")
     rep5.add_argument("--seed", type=int, default=0)
-    rep5.add_argument("--device", default="cpu", help="cpu or cuda: where models are trained and measured")
+    rep5.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where models are trained and measured")
+    return parser
+
+
+def _check_folder(parser: argparse.ArgumentParser, folder: str) -> None:
+    """Creates ``folder`` (and its parents) now, so that a bad --out fails before the work."""
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot create the folder {folder!r} ({exc.strerror})")
+    if not os.access(folder or ".", os.W_OK):
+        parser.error(f"--out: the folder {folder!r} is not writable")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "reproduce":
-        from .reproduce import reproduce
-        reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device)
-        return 0
-    if args.command == "report":
-        from .report import run
-        run(epochs=args.epochs, seed=args.seed, out=args.out)
-    elif args.command == "profile":
-        return _profile(args)
+    if getattr(args, "device", "cpu") == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if args.out is not None:
+        if args.command == "report":
+            if os.path.isdir(args.out):
+                parser.error(f"--out: {args.out!r} is a folder; give a file name")
+            _check_folder(parser, os.path.dirname(args.out))
+        else:
+            _check_folder(parser, args.out)
+    try:
+        if args.command == "reproduce":
+            from .reproduce import reproduce
+            reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device)
+        elif args.command == "report":
+            from .report import run
+            run(epochs=args.epochs, seed=args.seed, out=args.out)
+        else:
+            _profile(args)
+    except (ValueError, TypeError) as exc:  # the library's clear errors about the input
+        print(f"relflat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
-def _profile(args) -> int:
-    import os
+def _profile(args) -> None:
     import time
 
     import torch
@@ -78,12 +128,10 @@ def _profile(args) -> int:
     print(f"\n{args.model} on {args.data} ({table.rows[0]['samples']} samples, {args.device}): "
           f"{time.perf_counter() - start:.1f} s\n")
     print(table)
-    os.makedirs(args.out, exist_ok=True)
     table.to_csv(os.path.join(args.out, "profile.csv"))
     table.to_json(os.path.join(args.out, "profile.json"))
     table.plot(os.path.join(args.out, "profile.png"))
     print(f"\nwrote {args.out}/profile.csv, profile.json, profile.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ class NotVectorFeatures(ValueError):
     """The layer's input is not (n, m): the exact path cannot run, the stochastic estimator can."""
 
 
+class SharedLayer(ValueError):
+    """The layer runs more than once per forward pass: the exact paths see one use, the
+    stochastic estimator and the autograd baseline every use."""
+
+
 def check_vector_features(name: str, phi: torch.Tensor) -> None:
     if phi.dim() != 2:
         raise NotVectorFeatures(
@@ -59,8 +64,9 @@ class LayerTap:
     def _hook(self, module, args, out):
         self.calls += 1
         if self.calls > 1:
-            raise RuntimeError(f"layer {self.name!r} is called more than once per forward pass (shared "
-                               "weights); the per-sample identity needs a layer used once")
+            raise SharedLayer(f"layer {self.name!r} is called more than once per forward pass (shared weights): "
+                              "the per-sample identity sees one use; method='stochastic' or 'autograd' include "
+                              "every use")
         phi = args[0]
         check_vector_features(self.name, phi)
         self.features, self.raw_output = phi.detach(), out

@@ -32,13 +32,17 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
     raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
 
 
-def resolve_linear(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Linear]:
-    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``."""
+def resolve_linear(model: nn.Module, layer: LayerSpec, purpose: str = "") -> Tuple[str, nn.Linear]:
+    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``. ``purpose``
+    names what needs it (a function without a ``method`` argument); by default the error points
+    to relative_flatness' stochastic method."""
     name, module = find_layer(model, layer)
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"layer {name!r} is a {type(module).__name__}; this path needs an nn.Linear layer "
-                        "(feature matrix W acting on per-sample feature vectors); method='stochastic' (or "
-                        "'auto') handles convolutions and other layers whose weight multiplies features")
+        what = purpose or "this path"
+        hint = ("" if purpose else "; method='stochastic' (or 'auto') handles convolutions and other layers whose "
+                "weight multiplies features")
+        raise TypeError(f"layer {name!r} is a {type(module).__name__}; {what} needs an nn.Linear layer (a weight "
+                        f"acting on per-sample feature vectors){hint}")
     return name, module
 
 
@@ -75,6 +79,13 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
     return name, module
 
 
+
+
+def weight_uses(model: nn.Module, module: nn.Module) -> int:
+    """How many places in the model hold the layer's weight Parameter: more than one for tied
+    weights, or a module registered under two names."""
+    weight = module.weight
+    return sum(p is weight for _, m in model.named_modules(remove_duplicate=False) for p in m._parameters.values())
 
 
 def weight_layers(model: nn.Module) -> List[str]:

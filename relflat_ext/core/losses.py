@@ -20,7 +20,7 @@ Hessian-vector products) and no target check beyond what the callable does itsel
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -173,11 +173,22 @@ class Loss:
         """l(f(x_i), y_i) (n,): the terms whose mean is the loss."""
         return self.function(output, target, reduction="none").reshape(output.shape[0], -1).mean(1)
 
-    def check_targets(self, targets: torch.Tensor, n: int, d: int) -> None:
-        """Targets of n samples as the function takes them for outputs of width d (floats (n, d))."""
-        _check_is_tensor(targets, n)
-        if tuple(targets.shape) != (n, d) or not targets.is_floating_point():
-            raise ValueError(f"targets for {self.name} must be a float tensor of shape ({n}, {d}) like the layer "
+    def check(self, output, targets) -> None:
+        """The model's output and the targets, as the function takes them: a clear error instead
+        of one from deep inside torch."""
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"the model returns a {type(output).__name__}; the built-in loss {self.name!r} needs a "
+                            "tensor: pass a callable loss that picks it, e.g. "
+                            "loss=lambda out, y: F.cross_entropy(out['logits'], y)")
+        if output.dim() == 0:
+            raise ValueError("the model output must have one row per sample, got a 0-dim tensor")
+        self.check_targets(targets, tuple(output.shape))
+
+    def check_targets(self, targets: torch.Tensor, output_shape: Sequence[int]) -> None:
+        """Float targets of the output's shape."""
+        _check_is_tensor(targets, output_shape[0])
+        if tuple(targets.shape) != tuple(output_shape) or not targets.is_floating_point():
+            raise ValueError(f"targets for {self.name} must be a float tensor of shape {tuple(output_shape)} like the "
                              f"output, got shape {tuple(targets.shape)} and dtype {targets.dtype}")
 
     def output_hessian(self, logits: torch.Tensor) -> Optional[OutputHessian]:
@@ -211,19 +222,26 @@ class CrossEntropy(Loss):
     def __init__(self):
         super().__init__("cross_entropy", F.cross_entropy, _stable_cross_entropy)
 
-    def check_targets(self, targets: torch.Tensor, n: int, d: int) -> None:
-        """Class indices (n,) in [0, d) or probability rows (n, d)."""
+    def check_targets(self, targets: torch.Tensor, output_shape: Sequence[int]) -> None:
+        """For outputs (n, d, *rest): class indices (n, *rest) in [0, d) or probabilities (n, d, *rest)
+        summing to 1 over d (``F.cross_entropy``'s layouts; ignored labels -100 are allowed)."""
+        n, shape = output_shape[0], tuple(output_shape)
         _check_is_tensor(targets, n)
-        if targets.dim() == 1 and not targets.is_floating_point():
-            low, high = torch.aminmax(targets) if n else (0, 0)  # one pass, not min and max
+        if len(shape) < 2:
+            raise ValueError(f"cross_entropy needs outputs (n, d) or (n, d, ...), got shape {shape}")
+        d, index_shape = shape[1], (n,) + shape[2:]
+        if tuple(targets.shape) == index_shape and not targets.is_floating_point() and targets.dtype != torch.bool:
+            used = targets[targets != -100]
+            low, high = torch.aminmax(used) if used.numel() else (0, 0)  # one pass, not min and max
             if int(low) < 0 or int(high) >= d:
-                raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy")
+                raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy, got values in "
+                                 f"[{int(low)}, {int(high)}]")
             return
-        if targets.dim() == 2 and targets.is_floating_point() and targets.shape[1] == d:
-            if not torch.allclose(targets.sum(1), torch.ones_like(targets[:, 0]), atol=1e-4):
-                raise ValueError("probability targets for cross_entropy must have rows summing to 1")
+        if tuple(targets.shape) == shape and targets.is_floating_point():
+            if not torch.allclose(targets.sum(1), torch.ones_like(targets.sum(1)), atol=1e-4):
+                raise ValueError("probability targets for cross_entropy must have rows summing to 1 (over the classes, dim 1)")
             return
-        raise ValueError(f"targets for cross_entropy must be class indices (n,) or probabilities (n, {d}), "
+        raise ValueError(f"targets for cross_entropy must be class indices {index_shape} or probabilities {shape}, "
                          f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
 
     def output_hessian(self, logits: torch.Tensor) -> SoftmaxHessian:
@@ -271,18 +289,33 @@ class BceWithLogits(Loss):
 
 
 class CallableLoss(Loss):
-    """A user's ``loss_fn(output, target)`` returning the mean over samples."""
+    """A user's ``loss_fn(output, target)`` returning the mean over samples (a 0-dim tensor)."""
     builtin = False
 
     def __init__(self, function: Callable):
-        super().__init__(getattr(function, "__name__", "callable"), function, function)
+        super().__init__(getattr(function, "__name__", "callable"), function, None)
+        self.for_derivatives = self.__call__
+
+    def __call__(self, output, target) -> torch.Tensor:
+        value = self.function(output, target)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"loss must return a 0-dim tensor (the mean over samples), got {type(value).__name__}")
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"loss must return a 0-dim float tensor (the mean over samples, reduction='mean'), "
+                             f"got shape {tuple(value.shape)} and dtype {value.dtype}")
+        if isinstance(output, torch.Tensor) and output.requires_grad and not value.requires_grad:
+            value = value + 0 * output.sum()  # ignores the output: zero curvature, not an autograd error
+        return value
 
     def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Only the mean is known: every sample gets it (exact for sums over the samples)."""
-        return self.function(output, target).expand(output.shape[0])
+        return self(output, target).expand(output.shape[0])
 
-    def check_targets(self, targets, n: int, d: int) -> None:
-        _check_is_tensor(targets, n)
+    def check(self, output, targets) -> None:
+        """The callable decides what it takes."""
+
+    def check_targets(self, targets, output_shape: Sequence[int]) -> None:
+        """The callable decides what it takes."""
 
     def output_hessian(self, logits: torch.Tensor) -> None:
         return None  # unknown structure: Hessian-vector products

@@ -73,6 +73,8 @@ class Accumulator:
         if self.diag_blocks is not None:
             top = torch.linalg.eigvalsh(self.diag_blocks / n)[:, -1]
             kappa_lmax = float((self.weight.pow(2).sum(1) * top).sum())
+            if not math.isfinite(kappa_lmax):
+                raise NotFinite(f"kappa_lmax is not finite ({kappa_lmax})")
         return FlatnessResult(float(self.kappa_sum) / n, kappa_lmax,
                               None if self.block is None else self.block / n, method, n, layer, scale,
                               time.perf_counter() - start)

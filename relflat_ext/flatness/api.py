@@ -14,11 +14,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core.hooks import NotVectorFeatures, preserved, tapped
+from ..core.hooks import NotVectorFeatures, SharedLayer, preserved, tapped
 from ..core.layers import LayerSpec, WeightView, resolve_linear
 from ..core.losses import LossSpec, get_loss
 from . import autograd, closed_form, exact, stochastic, tail as _tail
-from .problem import METHODS, Options, Problem
+from .problem import HALF_DTYPES, METHODS, Options, Problem
 from .result import FlatnessResult
 
 PATHS: Dict[str, Callable[..., FlatnessResult]] = {"closed_form": closed_form.run, "exact": exact.run}
@@ -60,6 +60,13 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     options = Options(normalize_features=normalize_features, lmax=lmax, block_trace=block_trace, rel_tol=rel_tol,
                       max_probes=max_probes, seed=seed, weight_view=weight_view)
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
+    result = _dispatch(problem, method, options)
+    if problem.precision_note:
+        result.reason = f"{result.reason}; {problem.precision_note}"
+    return result
+
+
+def _dispatch(problem: Problem, method: str, options: Options) -> FlatnessResult:
     if method == "autograd":
         return autograd.run(problem, options)
     try:
@@ -71,6 +78,11 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
         if method != "auto":
             raise
         return stochastic.run(problem, options, "stochastic: the layer's input is not (n, m)")
+    except SharedLayer:
+        if method != "auto":
+            raise
+        return stochastic.run(problem, options, "stochastic: the layer runs more than once per forward pass, and "
+                                                "every use counts (the exact paths see one)")
 
 
 def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, Optional[_tail.TailPlan], str]:
@@ -85,6 +97,14 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
         resolve_linear(problem.model, problem.name)  # raises the error that says what to use
     if method == "closed_form" and not problem.loss.builtin:
         raise ValueError("method='closed_form' needs a built-in loss name, not a callable")
+    if problem.weight_uses > 1:
+        if method == "auto":
+            return "stochastic", None, (f"stochastic: the layer's weight is held in {problem.weight_uses} places (tied "
+                                        "weights); kappa is a function of the parameter, so every use counts, and "
+                                        "the estimator in parameter space sees them all")
+        raise ValueError(f"layer {problem.name!r} shares its weight with other modules (tied weights, "
+                         f"{problem.weight_uses} places): method={method!r} would measure one use only; "
+                         "method='stochastic' or 'autograd' include every use")
     with preserved(problem.model):  # in eval mode: a trace follows the mode
         plan = _tail.plan(problem.model, problem.name, problem.module)
     if method in ("auto", "closed_form") and problem.loss.builtin:
@@ -129,11 +149,25 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
     record = get_loss(loss)
     if not record.builtin:
         raise ValueError("relative_flatness_from_features needs a built-in loss name, not a callable")
-    for name, t, dim in (("features", features, 2), ("weight", weight, 2)):
+    for name, t, dim in (("features", features, 2), ("weight", weight, 2), ("bias", bias, 1)):
+        if t is None and name == "bias":
+            continue
         if not isinstance(t, torch.Tensor) or t.dim() != dim:
             raise ValueError(f"{name} must be a {dim}-D tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if features.shape[0] == 0:
         raise ValueError("features is empty: at least one sample is needed")
-    record.check_targets(targets, features.shape[0], weight.shape[0])
-    return closed_form.from_features(features, weight, bias, record,
-                                     Options(normalize_features=normalize_features, lmax=lmax, block_trace=block_trace))
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have at least one row and one column, got shape {tuple(weight.shape)}")
+    record.check_targets(targets, (features.shape[0], weight.shape[0]))
+    note = ""
+    half = [t.dtype for t in (features, weight, bias) if t is not None and t.dtype in HALF_DTYPES]
+    if half:
+        note = f"computed in float32 from {str(half[0]).replace('torch.', '')} inputs"
+        features, weight = features.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    result = closed_form.from_features(features, weight, bias, record, Options(
+        normalize_features=normalize_features, lmax=lmax, block_trace=block_trace))
+    result.reason = "closed_form: features and weight given" + (f"; {note}" if note else "")
+    return result

@@ -49,8 +49,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
         for x, y in problem.batches():
             with torch.enable_grad():
                 out = problem.model(x)
-                if loss.builtin:
-                    loss.check_targets(y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
+                loss.check(out, y)
                 grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)
             n += x.shape[0]
             if not grad.requires_grad:  # loss linear in the weight
@@ -81,8 +80,11 @@ def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targe
     check of the normalized fast paths.
     """
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
-    return run(problem, Options(normalize_features=normalize_features, lmax=lmax), vectorize=vectorize,
-               max_hessian_bytes=max_hessian_bytes)
+    result = run(problem, Options(normalize_features=normalize_features, lmax=lmax), vectorize=vectorize,
+                 max_hessian_bytes=max_hessian_bytes)
+    if problem.precision_note:
+        result.reason = f"{result.reason}; {problem.precision_note}"
+    return result
 
 
 def run(problem: Problem, options: Options, reason: str = "autograd: the full Hessian, as the authors compute it",

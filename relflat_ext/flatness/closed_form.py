@@ -81,7 +81,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
                     raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
                                      "output; use method='exact'")
                 phi = tap.features
-            loss.check_targets(y, x.shape[0], w.shape[0])
+            loss.check_targets(y, (x.shape[0], w.shape[0]))
             add_batch(acc, phi if scale is None else phi * inverse_scale(scale), w, bias, loss)
         result = acc.result("closed_form", name, scale, start)
     result.reason = reason

@@ -65,8 +65,7 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
         else:
             phi = prefix_features(plan, name, x)
             z = lin(phi)
-    if problem.loss.builtin:
-        problem.loss.check_targets(y, z.shape[0], chain_rule.out_features(plan.tail, z.shape[1]))
+    problem.loss.check_targets(y, (z.shape[0], chain_rule.out_features(plan.tail, z.shape[1])))
     phi = phi if scale is None else phi * inverse_scale(scale)
     total, hdiag = chain_rule.output_hessian_sums(plan.tail, z, y, problem.loss, phi.pow(2).sum(1),
                                                   acc.diag_blocks is not None)
@@ -83,11 +82,8 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
     loss = problem.loss
     with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad():
         out = problem.model(x)
-        if loss.builtin:
-            loss.check_targets(y, out.shape[0], out.shape[1] if out.dim() == 2 else 1)
+        loss.check(out, y)
         batch_loss = loss.for_derivatives(out, y)
-        if batch_loss.dim() != 0:
-            raise ValueError(f"loss must return a scalar (mean over samples), got shape {tuple(batch_loss.shape)}")
         z = tap.output
         grad_z = torch.autograd.grad(batch_loss, z, create_graph=True)[0]
     phi = tap.features if scale is None else tap.features * inverse_scale(scale)

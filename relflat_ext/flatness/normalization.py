@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.hooks import preserved, tapped
+from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
 from .problem import Problem
 
@@ -41,7 +41,7 @@ def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
     samples, and every rank's under torch.distributed): the ``V`` of Theorem 4. Zero-spread
     features get 0 (the normalized measure drops them)."""
     problem = Problem.build(model, layer, inputs, targets, batch_size=batch_size, distributed=distributed)
-    resolve_linear(model, problem.name)
+    resolve_linear(model, problem.name, "feature_scale (Theorem 4)")
     return scale_over_data(problem)
 
 
@@ -53,7 +53,11 @@ def scale_over_data(problem: Problem) -> torch.Tensor:
             torch.no_grad():
         for x, _ in problem.batches():
             tap.reset()
-            problem.model(x)
+            try:
+                problem.model(x)
+            except NotVectorFeatures as exc:
+                raise ValueError(f"normalize_features (Theorem 4) needs per-sample feature vectors (n, m): {exc}"
+                                 .split("; the exact path")[0]) from None
             phi = tap.features.double()
             total = phi.sum(0) if total is None else total + phi.sum(0)
             sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)

@@ -3,7 +3,9 @@ built and validated once by the front door and handed to whichever path runs; an
 the paths share."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -11,10 +13,11 @@ from torch import nn
 
 from ..core import dist
 from ..core.data import Batch, check_data, iterate_batches
-from ..core.layers import LayerSpec, WeightView, resolve_weight_layer
+from ..core.layers import LayerSpec, WeightView, resolve_weight_layer, weight_uses
 from ..core.losses import Loss, LossSpec, get_loss
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,25 +45,67 @@ class Problem:
     batch_size: Optional[int]
     loss: Loss
     distributed: bool
+    weight_uses: int = 1
+    precision_note: str = ""
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
               loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
               distributed: Optional[bool] = None) -> "Problem":
-        """Validates everything that can be checked without a pass over the data."""
+        """Validates everything that can be checked without a pass over the data. A half-precision
+        model (float16, bfloat16) is measured as a float32 copy, with its data cast to float32:
+        second derivatives in half precision keep two or three digits, and several CPU kernels
+        (QR, eigh) have none."""
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)
+        if isinstance(inputs, dict):
+            raise TypeError("inputs is a dict; pass a tensor (or an iterable of (x, y) batches) and wrap the model so "
+                            "that it takes one tensor")
         check_data(inputs, targets, batch_size)
-        return cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed))
+        weight = module.weight
+        if weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} has its weight on the meta device (no values): load or materialize the "
+                             "model's weights first")
+        note = ""
+        if weight.dtype in HALF_DTYPES:
+            note = f"computed in float32 from a {str(weight.dtype).replace('torch.', '')} model"
+            warnings.warn(f"relflat_ext: {note} (a float32 copy; the model is left as it is)", RuntimeWarning,
+                          stacklevel=3)
+            model = copy.deepcopy(model).float()
+            module = dict(model.named_modules())[name]
+        problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
+                      weight_uses(model, module), note)
+        if isinstance(inputs, torch.Tensor):
+            problem._check_input(inputs, "inputs")
+        return problem
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
+    def _check_input(self, x: torch.Tensor, what: str) -> None:
+        """Inputs the model can take: floating inputs in the model's dtype (half ones are cast when
+        the model is measured as a float32 copy), integer inputs only into an embedding."""
+        dtype = self.weight.dtype
+        if x.is_floating_point():
+            if x.dtype != dtype and not (self.precision_note and x.dtype in HALF_DTYPES):
+                raise TypeError(f"{what} has dtype {x.dtype} but the model computes in {dtype}: convert one of "
+                                f"them (e.g. inputs.to({dtype}))")
+        elif not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.model.modules()):
+            raise TypeError(f"{what} has dtype {x.dtype} but the model has no embedding to take integer inputs; "
+                            f"convert them to {dtype}")
+
     def batches(self, check_values: bool = True) -> Iterator[Batch]:
         """The (x, y) batches; ``check_values=False`` skips the NaN/Inf scan for callers that check
         their result instead (a scan can cost more than the work)."""
-        return iterate_batches(self.inputs, self.targets, self.batch_size, check_values)
+        tensors = isinstance(self.inputs, torch.Tensor)
+        for k, (x, y) in enumerate(iterate_batches(self.inputs, self.targets, self.batch_size, check_values)):
+            if not tensors:
+                self._check_input(x, f"inputs (batch {k})")
+            if self.precision_note:
+                x = x.float() if x.is_floating_point() else x
+                y = y.float() if isinstance(y, torch.Tensor) and y.is_floating_point() else y
+            yield x, y
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

@@ -25,7 +25,7 @@ from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, matrix_view
-from ..core.losses import LossSpec
+from ..core.losses import Loss, LossSpec
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -47,14 +47,14 @@ class StochasticEstimate:
     seconds: float
 
 
-def _quadratic_forms(model, weight, x, y, loss_fn, directions: torch.Tensor) -> torch.Tensor:
+def _quadratic_forms(model, weight, x, y, loss: Loss, directions: torch.Tensor) -> torch.Tensor:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
     mean loss with respect to the weight."""
     with torch.enable_grad():
-        loss = loss_fn(model(x), y)
-        if loss.dim() != 0:
-            raise ValueError(f"loss must return a scalar (mean over samples), got shape {tuple(loss.shape)}")
-        grad = torch.autograd.grad(loss, weight, create_graph=True)[0]
+        out = model(x)
+        loss.check(out, y)
+        value = loss.for_derivatives(out, y)
+        grad = torch.autograd.grad(value, weight, create_graph=True)[0]
         if not grad.requires_grad:  # loss linear in the weight
             return directions.new_zeros(directions.shape[0])
         # Batched (vmap) HVPs pay off on GPUs; on the CPU vmap falls back to slow loops for
@@ -130,7 +130,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         raise ValueError(f"max_probes must be an integer >= 2, got {max_probes!r}")
     if not isinstance(probes_per_round, int) or probes_per_round < 2:
         raise ValueError(f"probes_per_round must be an integer >= 2, got {probes_per_round!r}")
-    model, name, module, loss_fn = problem.model, problem.name, problem.module, problem.loss.for_derivatives
+    model, name, module = problem.model, problem.name, problem.module
     view = matrix_view(module, name, weight_view)
     weight = module.weight
     w_mat = view.to_matrix(weight.detach())
@@ -153,7 +153,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             dirs = _directions(quantity, w_mat, view, count, gen, feature_scale, probe_distribution)
             total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
             for x, y in problem.batches():
-                total += _quadratic_forms(model, weight, x, y, loss_fn, dirs).double()
+                total += _quadratic_forms(model, weight, x, y, problem.loss, dirs).double()
                 n += x.shape[0]
             if problem.distributed:
                 count = torch.tensor(float(n), dtype=torch.float64, device=total.device)

@@ -49,7 +49,9 @@ def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Op
     risk_sum, n = 0.0, 0
     with preserved(model), torch.no_grad():
         for x, y in problem.batches():
-            risk_sum += float(problem.loss.per_sample(model(x), y).double().sum())
+            out = model(x)
+            problem.loss.check(out, y)
+            risk_sum += float(problem.loss.per_sample(out, y).double().sum())
             n += x.shape[0]
     robustness = delta * delta / (2 * rep.m) * flat.kappa
     bound = rep.value + robustness

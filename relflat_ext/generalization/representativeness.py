@@ -65,7 +65,7 @@ def _collect(problem: Problem, lin: nn.Linear):
             out = problem.model(x)
             if out.dim() != 2:
                 raise ValueError(f"the model output must be (n, d) for representativeness, got {tuple(out.shape)}")
-            problem.loss.check_targets(y, out.shape[0], out.shape[1])
+            problem.loss.check(out, y)
             feats.append(tap.features)
             outs.append(out)
             ys.append(y)
@@ -117,7 +117,7 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
-    name, lin = resolve_linear(model, problem.name)
+    name, lin = resolve_linear(problem.model, problem.name, "representativeness")
     record = problem.loss
     phi, out, y = _collect(problem, lin)
     n, m = phi.shape
@@ -131,7 +131,8 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         values, kernel_loss = losses[:, None], (lambda wv: wv[..., 0])
     if held_out is not None:
         hx, hy = held_out if isinstance(held_out, (tuple, list)) else (held_out, None)
-        q_phi, q_out, q_y = _collect(Problem.build(model, name, hx, hy, record, batch_size), lin)
+        held = Problem.build(model, name, hx, hy, record, batch_size)
+        q_phi, q_out, q_y = _collect(held, resolve_linear(held.model, name)[1])
         q_losses = record.per_sample(q_out, q_y)
         q_kernel_loss = kernel_loss if labels == "train" else (lambda wv: record.loss_from_statistics(wv, q_y))
         _, wval = ops.gaussian_kernel_reduce(q_phi.to(phi.dtype), phi, values.to(phi.dtype), bw, key_scale)

@@ -21,6 +21,7 @@ from ..core.hooks import preserved
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
+from ..flatness.accumulator import NotFinite, explain_not_finite
 
 DISTRIBUTIONS = ("orthogonal", "gaussian")
 # Rows (perturbed copies x samples) pushed through the model in one forward pass.
@@ -125,7 +126,8 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (a standard error needs two), got {n_samples!r}")
-    name, lin = resolve_linear(model, problem.name)
+    user_model, model = model, problem.model  # a float32 copy for a half-precision model
+    name, lin = resolve_linear(model, problem.name, "feature robustness")
     m = lin.in_features
     dtype, device = lin.weight.dtype, lin.weight.device
     signs = [1.0, -1.0] if antithetic else [1.0]
@@ -142,7 +144,9 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     with preserved(model), torch.no_grad():
         for x, y in problem.batches():
             n_b = x.shape[0]
-            base = _per_sample_losses(problem.loss, model(x), y, 1)[0]  # (n_b,)
+            out = model(x)
+            problem.loss.check(out, y)
+            base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
             per_forward = max(1, MAX_ROWS_PER_FORWARD // (n_b * n_scales))
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
@@ -170,8 +174,11 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         dist.all_reduce_sum([sums, count])
         n = int(count.item())
     if kappa is None:
-        kappa = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,
+        kappa = relative_flatness(user_model, name, inputs, targets, loss=loss, batch_size=batch_size,
                                   block_trace=False, distributed=problem.distributed).kappa
+    if not bool(torch.isfinite(sums).all()):
+        with explain_not_finite(dtype, problem.tensors):
+            raise NotFinite("the perturbed losses are not finite")
     per_draw = (sums / n).reshape(len(deltas), len(signs), n_samples).mean(1)  # pair averages
     results = []
     for j, d in enumerate(deltas):

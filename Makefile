@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 numpy pytest pytest-benchmark scikit-learn scipy matplotlib pybind11 ninja setuptools wheel
 
-.PHONY: setup build report test ctest cuda-compile bench clean
+.PHONY: setup build report test ctest cuda-compile torchvision-check bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ ctest: $(VENV)/.deps  ## CMake build of the op library and the C++ dispatcher te
 
 cuda-compile:  ## compile and link the CUDA kernels against the CUDA 13.0 torch wheel (no GPU needed)
 	bash .ci/cuda_compile.sh
+
+torchvision-check: cuda-compile  ## ResNet-18 profile and the CUDA build's CPU kernels under torch 2.14.1 + torchvision
+	bash .ci/torchvision_check.sh
 
 bench: setup
 	$(PY) -m pytest bench --benchmark-only -q

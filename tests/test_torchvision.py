@@ -1,0 +1,31 @@
+"""The profile on torchvision architectures (ResNet-18). torchvision's wheels on the package index
+are CUDA builds that import only beside a matching CUDA build of torch, so this runs in CI's second
+environment (torch 2.14.1 + torchvision 0.29.1, `.ci/torchvision_check.sh`) and is skipped here."""
+import math
+
+import pytest
+import torch
+
+torchvision = pytest.importorskip("torchvision", exc_type=ImportError)
+
+import relflat_ext as rf  # noqa: E402
+from relflat_ext.apps.cli import main as cli_main  # noqa: E402
+from relflat_ext.apps.zoo import load_model  # noqa: E402
+from relflat_ext.datasets import synthetic_images  # noqa: E402
+
+
+def test_resnet18_profile_takes_the_right_path_per_layer():
+    model = load_model("resnet18", seed=0).eval()
+    x, y = synthetic_images(8, seed=0, size=64)
+    table = rf.profile(model, x, y, layers=["conv1", "layer4.1.conv2", "fc"], max_probes=8, rel_tol=0.5,
+                       hessian_trace=False, progress=False)
+    methods = {r["layer"]: r["method"] for r in table.rows}
+    assert methods == {"conv1": "stochastic", "layer4.1.conv2": "stochastic", "fc": "closed_form"}
+    assert all(math.isfinite(r["kappa"]) and r["kappa"] >= 0 for r in table.rows)
+
+
+def test_resnet18_from_the_command_line(tmp_path, capsys):
+    code = cli_main(["profile", "--model", "resnet18", "--data", "synthetic-imagenet", "--samples", "4",
+                     "--layers", "fc", "--out", str(tmp_path)])
+    assert code == 0 and (tmp_path / "profile.json").exists()
+    assert "resnet18 on synthetic-imagenet (4 samples" in capsys.readouterr().out

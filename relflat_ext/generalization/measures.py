@@ -63,16 +63,17 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = 
             raise ValueError("the model has no Linear or Conv layers: pass depth explicitly")
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
-    loss_fn = get_loss(loss).for_derivatives
+    record = get_loss(loss)
     total, n = 0.0, 0
     with preserved(model):
         for x, y in iterate_batches(inputs, targets, batch_size):
             with torch.no_grad():
                 out = model(x)
+            record.check(out, y)
             f = out.detach().requires_grad_(True)
             with torch.enable_grad():
                 # Mean loss over the batch: its gradient is (1/n_b) dl_i/df_i per sample.
-                grad = torch.autograd.grad(loss_fn(f, y), f)[0] * x.shape[0]
+                grad = torch.autograd.grad(record.for_derivatives(f, y), f)[0] * x.shape[0]
             inner = (grad * out).flatten(1).sum(1)
             total += float(inner.double().pow(2).sum())
             n += x.shape[0]

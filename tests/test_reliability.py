@@ -112,6 +112,8 @@ BAD += [
     ("from_features: Inf features, lmax", lambda: rf.relative_flatness_from_features(
         torch.randn(10, 4).index_fill(0, torch.tensor([0]), float("inf")), torch.randn(3, 4),
         torch.randint(0, 3, (10,)), lmax=True), ValueError, "NaN or Inf"),
+    ("a generator of batches", lambda: rf.relative_flatness(M(), "0", ((X, Y) for _ in range(2))), TypeError,
+     "one-shot iterator"),
     ("Fisher-Rao norm: label out of range", lambda: rf.measures.fisher_rao_norm(M(), X, torch.full((20,), 7)),
      ValueError, "class indices"),
     ("KDE: a 2-D tensor of bandwidths", lambda: rf.kde_log_density(X, X, torch.ones(2, 2)), ValueError, "1-D"),

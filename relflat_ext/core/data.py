@@ -33,6 +33,9 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
         raise TypeError("targets must be None when inputs is an iterable of (x, y) batches")
     if not isinstance(inputs, Iterable):
         raise TypeError(f"inputs must be a tensor or an iterable of (x, y) batches, got {type(inputs).__name__}")
+    if isinstance(inputs, Iterator):  # a generator or iterator: a second pass would see nothing
+        raise TypeError("inputs is a one-shot iterator; pass a re-iterable of (x, y) batches (a DataLoader or a list): "
+                        "measurements pass over the data more than once")
 
 
 def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],

@@ -48,18 +48,48 @@ def check_vector_features(name: str, phi: torch.Tensor) -> None:
             "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
 
 
+class LayerNotCalled(ValueError):
+    """The model never runs the layer's forward: it uses the weight directly (as
+    nn.MultiheadAttention does with out_proj), so the layer's input features cannot be seen; the
+    stochastic estimator works from the weight alone."""
+
+
+def not_called(name: str, what: str = "this path") -> LayerNotCalled:
+    return LayerNotCalled(f"the model never calls layer {name!r}'s forward (it uses the weight directly, as "
+                          f"nn.MultiheadAttention does with out_proj), so {what} cannot see its input features; "
+                          "relative_flatness(method='stochastic') works from the weight alone")
+
+
 class LayerTap:
     """Forward hook that records the layer's input features and, when ``replace_output``,
     substitutes a fresh leaf ``z`` (requires grad) for the layer's output, so the rest of the
-    network becomes a differentiable function of z alone."""
+    network becomes a differentiable function of z alone. Reading what the hook records after a
+    forward pass that never ran the layer raises :class:`LayerNotCalled`."""
 
     def __init__(self, layer: nn.Module, name: str, replace_output: bool):
         self.name, self.replace_output = name, replace_output
-        self.features: Optional[torch.Tensor] = None
-        self.output: Optional[torch.Tensor] = None
-        self.raw_output: Optional[torch.Tensor] = None  # the layer's own output object
+        self._features: Optional[torch.Tensor] = None
+        self._output: Optional[torch.Tensor] = None
+        self._raw_output: Optional[torch.Tensor] = None  # the layer's own output object
         self.calls = 0
         self._handle = layer.register_forward_hook(self._hook)
+
+    def _recorded(self, value):
+        if self.calls == 0:
+            raise not_called(self.name)
+        return value
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self._recorded(self._features)
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self._recorded(self._output)
+
+    @property
+    def raw_output(self):
+        return self._recorded(self._raw_output)
 
     def _hook(self, module, args, out):
         self.calls += 1
@@ -69,15 +99,15 @@ class LayerTap:
                               "every use")
         phi = args[0]
         check_vector_features(self.name, phi)
-        self.features, self.raw_output = phi.detach(), out
+        self._features, self._raw_output = phi.detach(), out
         if self.replace_output:
-            self.output = out.detach().requires_grad_(True)
-            return self.output
-        self.output = out.detach()
+            self._output = out.detach().requires_grad_(True)
+            return self._output
+        self._output = out.detach()
         return None
 
     def reset(self):
-        self.calls, self.features, self.output, self.raw_output = 0, None, None, None
+        self.calls, self._features, self._output, self._raw_output = 0, None, None, None
 
     def remove(self):
         self._handle.remove()

@@ -1,7 +1,9 @@
 """Batched Hessian-vector products through autograd."""
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 
@@ -25,3 +27,13 @@ def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torc
             warnings.warn(f"relflat_ext: batched Hessian-vector products failed ({exc}); falling back to "
                           "one backward pass per probe (same result, slower)", RuntimeWarning)
     return torch.stack([torch.autograd.grad(grad, wrt, v, retain_graph=True)[0] for v in vectors])
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Runs scaled-dot-product attention through its math backend: the fused kernels (flash,
+    memory-efficient) have no double backward, which Hessian-vector products need. The caller's
+    backend choice is restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core.hooks import NotVectorFeatures, SharedLayer, preserved, tapped
+from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
 from ..core.layers import LayerSpec, WeightView, resolve_linear
 from ..core.losses import LossSpec, get_loss
 from . import autograd, closed_form, exact, stochastic, tail as _tail
@@ -83,6 +83,11 @@ def _dispatch(problem: Problem, method: str, options: Options) -> FlatnessResult
             raise
         return stochastic.run(problem, options, "stochastic: the layer runs more than once per forward pass, and "
                                                 "every use counts (the exact paths see one)")
+    except LayerNotCalled:
+        if method != "auto":
+            raise
+        return stochastic.run(problem, options, "stochastic: the model uses the layer's weight without calling its "
+                                                "forward (no per-sample features to see)")
 
 
 def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, Optional[_tail.TailPlan], str]:

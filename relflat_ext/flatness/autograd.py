@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..core.hooks import preserved
+from ..core.hvp import differentiable_attention
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
@@ -47,7 +48,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
         weight = lin.weight
         weight.requires_grad_(True)
         for x, y in problem.batches():
-            with torch.enable_grad():
+            with torch.enable_grad(), differentiable_attention():
                 out = problem.model(x)
                 loss.check(out, y)
                 grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)

@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..core.hooks import preserved, tapped
-from ..core.hvp import hessian_vector_products
+from ..core.hvp import differentiable_attention, hessian_vector_products
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
 from .closed_form import prefix_features
@@ -80,7 +80,8 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
 
 def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
     loss = problem.loss
-    with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad():
+    with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad(), \
+            differentiable_attention():
         out = problem.model(x)
         loss.check(out, y)
         batch_loss = loss.for_derivatives(out, y)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import hessian_vector_products
+from ..core.hvp import differentiable_attention, hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, matrix_view
 from ..core.losses import Loss, LossSpec
 from .normalization import inverse_scale, scale_over_data
@@ -50,7 +50,7 @@ class StochasticEstimate:
 def _quadratic_forms(model, weight, x, y, loss: Loss, directions: torch.Tensor) -> torch.Tensor:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
     mean loss with respect to the weight."""
-    with torch.enable_grad():
+    with torch.enable_grad(), differentiable_attention():
         out = model(x)
         loss.check(out, y)
         value = loss.for_derivatives(out, y)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.hooks import preserved
+from ..core.hooks import not_called, preserved
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
@@ -155,7 +155,10 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
                 copies = a_t.shape[0]
 
+                calls = []
+
                 def perturb(module, args):
+                    calls.append(1)
                     phi = args[0]
                     flat = phi.reshape(copies, -1, m)
                     return (flat + torch.bmm(flat, a_t)).reshape(phi.shape), *args[1:]
@@ -166,6 +169,8 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                     pert = _per_sample_losses(problem.loss, model(x_rep), y, copies)  # (copies, n_b)
                 finally:
                     handle.remove()
+                if not calls:  # no perturbation happened: E_F would be 0 without a word
+                    raise not_called(name, "feature robustness")
                 diff = (pert - base).sum(1).double().reshape(n_scales, k)
                 sums[:, d0:d0 + k] += diff
             n += n_b

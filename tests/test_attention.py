@@ -70,3 +70,22 @@ def test_multihead_attention_out_proj():
     with pytest.raises(ValueError, match="never calls layer"):
         rf.feature_robustness(net, layer, x, y)
     del head
+
+
+def test_multihead_attention_in_proj_weight_by_parameter_name():
+    """MultiheadAttention's packed q/k/v projection is a parameter without a module: measured from
+    the weight by the estimator, against the full Hessian of that parameter."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0),
+                        nn.Flatten(1), nn.Linear(40, 3)).double()
+    x, _ = _data()
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    name = "0.self_attn.in_proj_weight"
+    exact = rf.relative_flatness(net, name, x, y, method="autograd").kappa
+    est = rf.relative_flatness(net, name, x, y, rel_tol=0.05, max_probes=400, seed=0)
+    assert est.method == "stochastic" and "parameter named directly" in est.reason
+    assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+    with pytest.raises(ValueError, match="is a parameter, not a module"):
+        rf.relative_flatness(net, name, x, y, method="exact")
+    rows = rf.profile(net, x, y, max_probes=32, rel_tol=0.5, hessian_trace=False, progress=False).rows
+    assert name in [r["layer"] for r in rows] and all(math.isfinite(r["kappa"]) for r in rows)

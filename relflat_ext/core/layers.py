@@ -59,7 +59,7 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
     if view is not None:
         return view
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or (isinstance(module, ParameterLayer) and weight.dim() == 2):
         return WeightView(lambda w: w, lambda mat: mat)
     if isinstance(module, CONV_TYPES):
         shape = tuple(weight.shape)
@@ -68,8 +68,24 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
                     "from_matrix) saying how its weight multiplies feature vectors")
 
 
+class ParameterLayer(nn.Module):
+    """A weight matrix named as a parameter of the model (``"layers.0.self_attn.in_proj_weight"``):
+    a (rows, cols) matrix acting on feature vectors of length cols, used wherever the model uses
+    it (inside ``F.multi_head_attention_forward``, a tied embedding, a custom function). Only the
+    stochastic estimator can measure it: it needs the weight, not the features."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
-    """(name, module) of a layer with a ``weight`` parameter inside ``model``."""
+    """(name, module) of a layer with a ``weight`` parameter inside ``model``, or of a 2-D
+    parameter named directly (wrapped in a :class:`ParameterLayer`)."""
+    if isinstance(layer, str) and isinstance(model, nn.Module) and layer not in dict(model.named_modules()):
+        params = dict(model.named_parameters(remove_duplicate=False))
+        if layer in params and params[layer].dim() == 2:
+            return layer, ParameterLayer(params[layer])
     name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
                               "layers with weights")
     if not isinstance(getattr(module, "weight", None), nn.Parameter):
@@ -89,5 +105,12 @@ def weight_uses(model: nn.Module, module: nn.Module) -> int:
 
 
 def weight_layers(model: nn.Module) -> List[str]:
-    """Names of the Linear and Conv1d/2d/3d layers: those measured by default."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))]
+    """What is measured by default: the Linear and Conv1d/2d/3d layers, and the packed input
+    projection of every nn.MultiheadAttention (a parameter the model uses without a module)."""
+    names = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, *CONV_TYPES)):
+            names.append(n)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            names.append(f"{n}.in_proj_weight" if n else "in_proj_weight")
+    return names

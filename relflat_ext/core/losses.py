@@ -142,7 +142,25 @@ _Bce = _with_gradient(F.binary_cross_entropy_with_logits, _BceGradient)
 
 
 
+def _token_layout(output: torch.Tensor, target: torch.Tensor) -> bool:
+    """The language-model layout: logits (n, ..., vocab) against integer targets (n, ...), the
+    classes last (``F.cross_entropy`` wants them in dim 1; where both readings fit, its own wins)."""
+    return (output.dim() >= 3 and isinstance(target, torch.Tensor) and not target.is_floating_point()
+            and tuple(target.shape) == tuple(output.shape[:-1])
+            and tuple(target.shape) != (output.shape[0],) + tuple(output.shape[2:]))
+
+
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy``, and for the token layout its mean over tokens (ignored labels -100 left out)."""
+    if _token_layout(output, target):
+        per = F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), reduction=reduction)
+        return per if reduction == "mean" else per.reshape(target.shape)
+    return F.cross_entropy(output, target, reduction=reduction)
+
+
 def _stable_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if _token_layout(output, target):  # tokens are the rows
+        output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
     # Other layouts (n, d, ...) and ignored labels (-100): autograd's own derivatives.
     if output.dim() != 2 or (not target.is_floating_point() and bool((target < 0).any())):
         return F.cross_entropy(output, target)
@@ -220,16 +238,19 @@ def _check_is_tensor(targets, n: int) -> None:
 
 class CrossEntropy(Loss):
     def __init__(self):
-        super().__init__("cross_entropy", F.cross_entropy, _stable_cross_entropy)
+        super().__init__("cross_entropy", _cross_entropy, _stable_cross_entropy)
 
     def check_targets(self, targets: torch.Tensor, output_shape: Sequence[int]) -> None:
         """For outputs (n, d, *rest): class indices (n, *rest) in [0, d) or probabilities (n, d, *rest)
-        summing to 1 over d (``F.cross_entropy``'s layouts; ignored labels -100 are allowed)."""
+        summing to 1 over d (``F.cross_entropy``'s layouts; ignored labels -100 are allowed); or
+        the token layout, logits (n, ..., vocab) against indices (n, ...)."""
         n, shape = output_shape[0], tuple(output_shape)
         _check_is_tensor(targets, n)
         if len(shape) < 2:
             raise ValueError(f"cross_entropy needs outputs (n, d) or (n, d, ...), got shape {shape}")
         d, index_shape = shape[1], (n,) + shape[2:]
+        if len(shape) >= 3 and tuple(targets.shape) == shape[:-1] and tuple(targets.shape) != index_shape:
+            d, index_shape = shape[-1], shape[:-1]  # the token layout: the classes last
         if tuple(targets.shape) == index_shape and not targets.is_floating_point() and targets.dtype != torch.bool:
             used = targets[targets != -100]
             low, high = torch.aminmax(used) if used.numel() else (0, 0)  # one pass, not min and max
@@ -241,8 +262,9 @@ class CrossEntropy(Loss):
             if not torch.allclose(targets.sum(1), torch.ones_like(targets.sum(1)), atol=1e-4):
                 raise ValueError("probability targets for cross_entropy must have rows summing to 1 (over the classes, dim 1)")
             return
-        raise ValueError(f"targets for cross_entropy must be class indices {index_shape} or probabilities {shape}, "
-                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+        raise ValueError(f"targets for cross_entropy must be class indices {(n,) + shape[2:]}, probabilities {shape}, "
+                         f"or token indices {shape[:-1]} (logits with the classes last), got shape "
+                         f"{tuple(targets.shape)} and dtype {targets.dtype}")
 
     def output_hessian(self, logits: torch.Tensor) -> SoftmaxHessian:
         return SoftmaxHessian(torch.softmax(logits, dim=1))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
-from ..core.layers import LayerSpec, WeightView, resolve_linear
+from ..core.layers import LayerSpec, ParameterLayer, WeightView, resolve_linear
 from ..core.losses import LossSpec, get_loss
 from . import autograd, closed_form, exact, stochastic, tail as _tail
 from .problem import HALF_DTYPES, METHODS, Options, Problem
@@ -96,6 +96,11 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
     on the first batch to see whether the layer produces its output."""
     if method == "stochastic":
         return "stochastic", None, "stochastic: asked for"
+    if isinstance(problem.module, ParameterLayer):
+        if method == "auto":
+            return "stochastic", None, "stochastic: a parameter named directly (no module whose input to see)"
+        raise ValueError(f"{problem.name!r} is a parameter, not a module: the exact paths need an nn.Linear's "
+                         "per-sample input features; method='stochastic' (or 'auto') works from the weight")
     if not isinstance(problem.module, nn.Linear):
         if method == "auto":
             return "stochastic", None, "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"

@@ -13,7 +13,7 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention
-from ..core.layers import LayerSpec, resolve_linear
+from ..core.layers import LayerSpec, ParameterLayer, resolve_linear
 from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
@@ -34,7 +34,9 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
 
 
 def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple[torch.Tensor, int]:
-    name, lin = resolve_linear(problem.model, problem.name)
+    name, lin = problem.name, problem.module
+    if not isinstance(lin, (nn.Linear, ParameterLayer)):
+        resolve_linear(problem.model, name)  # raises: the baseline takes a weight matrix
     dm = lin.weight.numel()
     need = dm * dm * lin.weight.element_size()
     if need > max_hessian_bytes:

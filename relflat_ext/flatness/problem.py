@@ -72,7 +72,7 @@ class Problem:
             warnings.warn(f"relflat_ext: {note} (a float32 copy; the model is left as it is)", RuntimeWarning,
                           stacklevel=3)
             model = copy.deepcopy(model).float()
-            module = dict(model.named_modules())[name]
+            module = resolve_weight_layer(model, name)[1]
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
                       weight_uses(model, module), note)
         if isinstance(inputs, torch.Tensor):

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.layers import weight_layers
+from ..core.layers import ParameterLayer, resolve_weight_layer, weight_layers
 from ..core.losses import LossSpec
 from .api import relative_flatness
 from .stochastic import stochastic_estimate
@@ -95,12 +95,9 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_e
     names = weight_layers(model) if layers == "auto" else list(layers)
     if not names:
         raise ValueError("the model has no Linear or Conv layers to profile; name the layers to measure")
-    modules = dict(model.named_modules())
     rows = []
     for k, name in enumerate(names, 1):
-        if name not in modules:
-            raise ValueError(f"layer {name!r} is not in the model")
-        module = modules[name]
+        name, module = resolve_weight_layer(model, name)
         device = module.weight.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -118,7 +115,8 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_e
                                       rel_tol=rel_tol, max_probes=max_probes, seed=seed, batch_size=batch_size,
                                       distributed=distributed)
             trace, trace_se = est.value, est.stderr
-        row = {"layer": name, "type": type(module).__name__, "shape": list(module.weight.shape), "kappa": res.kappa,
+        kind = "Parameter" if isinstance(module, ParameterLayer) else type(module).__name__
+        row = {"layer": name, "type": kind, "shape": list(module.weight.shape), "kappa": res.kappa,
                "kappa_stderr": res.kappa_stderr, "kappa_normalized": normalized, "hessian_trace": trace,
                "hessian_trace_stderr": trace_se,
                "weight_norm_sq": float(module.weight.detach().double().pow(2).sum()), "method": res.method,

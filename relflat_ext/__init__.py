@@ -13,7 +13,7 @@ from .ops._extension import __version__
 # Relative flatness
 from .flatness import (FlatnessResult, ProfileTable, StochasticEstimate, feature_scale, hvp_only, layer_hessian,
                        profile, relative_flatness, relative_flatness_autograd, relative_flatness_from_features,
-                       stochastic_estimate)
+                       stochastic_estimate, stochastic_estimate_layers)
 from .core.layers import WeightView
 
 # Generalization: feature robustness, representativeness (KDE), the bound, comparison measures
@@ -25,8 +25,8 @@ from . import datasets
 __all__ = [
     "__version__", "build_info", "ops", "fallback_only", "hvp_only",
     "relative_flatness", "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian",
-    "feature_scale", "FlatnessResult", "stochastic_estimate", "StochasticEstimate", "WeightView", "profile",
-    "ProfileTable",
+    "feature_scale", "FlatnessResult", "stochastic_estimate", "stochastic_estimate_layers", "StochasticEstimate",
+    "WeightView", "profile", "ProfileTable",
     "feature_robustness", "FeatureRobustnessResult", "kde_log_density", "select_bandwidth", "BandwidthSelection",
     "representativeness", "RepresentativenessResult", "generalization_bound", "BoundResult", "measures",
     "datasets",

@@ -3,6 +3,7 @@
 :mod:`.autograd`), and per-layer profiles of whole models (:mod:`.profile`)."""
 from .api import choose_path, relative_flatness, relative_flatness_from_features
 from .autograd import layer_hessian, relative_flatness_autograd
+from .joint import stochastic_estimate_layers
 from .normalization import feature_scale
 from .problem import METHODS, Options, Problem
 from .profile import ProfileTable, profile
@@ -12,4 +13,4 @@ from .tail import hvp_only
 
 __all__ = ["relative_flatness", "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian",
            "choose_path", "feature_scale", "METHODS", "Options", "Problem", "FlatnessResult", "StochasticEstimate",
-           "stochastic_estimate", "ProfileTable", "profile", "hvp_only"]
+           "stochastic_estimate", "stochastic_estimate_layers", "ProfileTable", "profile", "hvp_only"]

@@ -82,10 +82,12 @@ class ParameterLayer(nn.Module):
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
     """(name, module) of a layer with a ``weight`` parameter inside ``model``, or of a 2-D
     parameter named directly (wrapped in a :class:`ParameterLayer`)."""
-    if isinstance(layer, str) and isinstance(model, nn.Module) and layer not in dict(model.named_modules()):
-        params = dict(model.named_parameters(remove_duplicate=False))
-        if layer in params and params[layer].dim() == 2:
-            return layer, ParameterLayer(params[layer])
+    if isinstance(layer, str) and isinstance(model, nn.Module):
+        owner, _, attr = layer.rpartition(".")  # "a.b.in_proj_weight": a parameter of module "a.b"
+        holder = dict(model.named_modules()).get(owner)
+        param = getattr(holder, attr, None) if holder is not None and attr in holder._parameters else None
+        if isinstance(param, nn.Parameter) and param.dim() == 2:
+            return layer, ParameterLayer(param)
     name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
                               "layers with weights")
     if not isinstance(getattr(module, "weight", None), nn.Parameter):

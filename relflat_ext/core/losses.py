@@ -252,8 +252,10 @@ class CrossEntropy(Loss):
         if len(shape) >= 3 and tuple(targets.shape) == shape[:-1] and tuple(targets.shape) != index_shape:
             d, index_shape = shape[-1], shape[:-1]  # the token layout: the classes last
         if tuple(targets.shape) == index_shape and not targets.is_floating_point() and targets.dtype != torch.bool:
-            used = targets[targets != -100]
-            low, high = torch.aminmax(used) if used.numel() else (0, 0)  # one pass, not min and max
+            low, high = torch.aminmax(targets) if targets.numel() else (0, 0)  # one pass, not min and max
+            if int(low) == -100:  # ignored labels: the range of the others (a second pass only then)
+                used = targets[targets != -100]
+                low, high = torch.aminmax(used) if used.numel() else (0, 0)
             if int(low) < 0 or int(high) >= d:
                 raise ValueError(f"targets must be class indices in [0, {d}) for cross_entropy, got values in "
                                  f"[{int(low)}, {int(high)}]")

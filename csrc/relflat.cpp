@@ -9,6 +9,10 @@ TORCH_LIBRARY(relflat, m) {
   // product, half the work of the per-sample terms for wide heads.
   m.def("last_layer_flatness(Tensor features, Tensor weight, Tensor? bias, str loss, bool block_trace,"
         " bool per_sample=True) -> (Tensor per_sample, Tensor block_sum)");
+  // Its backward: the gradients of features, weight and bias (the last (0,) without a bias) for
+  // upstream gradients of per_sample ((n,), or (0,) for none) and of block_sum ((d, d), or (0, 0)).
+  m.def("last_layer_flatness_backward(Tensor grad_per_sample, Tensor grad_block, Tensor features,"
+        " Tensor weight, Tensor? bias, str loss) -> (Tensor grad_features, Tensor grad_weight, Tensor grad_bias)");
   // per_sample[i] = sq_norms[i] <gram, hz[i]>_F, and (on request) sum_i sq_norms[i] hz[i] (d, k).
   m.def("contract_output_hessians(Tensor sq_norms, Tensor hz, Tensor gram, bool block_trace)"
         " -> (Tensor per_sample, Tensor block_sum)");

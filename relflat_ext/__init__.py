@@ -11,8 +11,8 @@ from .ops import build_info, fallback_only
 from .ops._extension import __version__
 
 # Relative flatness
-from .flatness import (FlatnessResult, ProfileTable, StochasticEstimate, feature_scale, hvp_only, layer_hessian,
-                       profile, relative_flatness, relative_flatness_autograd, relative_flatness_from_features,
+from .flatness import (FlatnessRegularizer, FlatnessResult, ProfileTable, StochasticEstimate, feature_scale,
+                       flatness_penalty, hvp_only, layer_hessian, profile, relative_flatness, relative_flatness_autograd, relative_flatness_from_features,
                        stochastic_estimate, stochastic_estimate_layers)
 from .core.layers import WeightView
 
@@ -26,7 +26,7 @@ __all__ = [
     "__version__", "build_info", "ops", "fallback_only", "hvp_only",
     "relative_flatness", "relative_flatness_from_features", "relative_flatness_autograd", "layer_hessian",
     "feature_scale", "FlatnessResult", "stochastic_estimate", "stochastic_estimate_layers", "StochasticEstimate",
-    "WeightView", "profile", "ProfileTable",
+    "WeightView", "profile", "ProfileTable", "flatness_penalty", "FlatnessRegularizer",
     "feature_robustness", "FeatureRobustnessResult", "kde_log_density", "select_bandwidth", "BandwidthSelection",
     "representativeness", "RepresentativenessResult", "generalization_bound", "BoundResult", "measures",
     "datasets",

@@ -3,9 +3,11 @@
 device). Fake (meta) kernels for tracing live in ``_fake``, the extension loader in ``_extension``.
 
 All ops take float32 or float64 tensors, contiguous or not, on one device; outputs are on the
-same device, in the same dtype, computed on the current stream. None of them has a derivative
-yet: asking for one (``backward`` through an output) raises :class:`NoGradientError` on every
-device, with the kernels and with the fallback alike.
+same device, in the same dtype, computed on the current stream. ``last_layer_flatness``,
+``contract_output_hessians`` and ``dense_block_trace`` are differentiable in every tensor input
+(first derivatives; backward formulas in :mod:`._autograd`, a fused backward kernel for
+``last_layer_flatness``); the fallback is differentiable by autograd through the specification.
+``gaussian_kernel_reduce`` has no derivative: asking for one raises :class:`NoGradientError`.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from . import reference as _reference
 from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION, build_info, fallback_only, kernel_available
 from .reference import LOSSES
 
-__all__ = ["HAS_CUDA_KERNELS", "HAS_EXTENSION", "LOSSES", "NoGradientError", "OPS", "build_info", "fallback_only",
+__all__ = ["DIFFERENTIABLE_OPS", "HAS_CUDA_KERNELS", "HAS_EXTENSION", "LOSSES", "NoGradientError", "OPS", "build_info", "fallback_only",
            "kernel_available", "last_layer_flatness", "contract_output_hessians", "dense_block_trace",
            "gaussian_kernel_reduce"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 OPS = ("last_layer_flatness", "contract_output_hessians", "dense_block_trace", "gaussian_kernel_reduce")
+DIFFERENTIABLE_OPS = ("last_layer_flatness", "contract_output_hessians", "dense_block_trace")
 
 
 class NoGradientError(RuntimeError):
@@ -54,7 +57,8 @@ def _run(op: str, device: torch.device, *args):
     """The compiled op where a kernel runs on ``device``, else the fallback."""
     if kernel_available(device):
         return getattr(torch.ops.relflat, op)(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if op not in DIFFERENTIABLE_OPS and torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _Undifferentiable.apply(op, *args)
     return getattr(_reference, op)(*args)
 
@@ -184,4 +188,5 @@ def gaussian_kernel_reduce(queries: torch.Tensor, keys: torch.Tensor, values: Op
                 query_split, key_split)
 
 
-from . import _fake  # noqa: E402,F401 (registers the fake kernels and the raising backward)
+from . import _fake  # noqa: E402,F401 (registers the fake kernels)
+from . import _autograd  # noqa: E402,F401 (registers the backward formulas, and the raising one)

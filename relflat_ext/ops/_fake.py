@@ -1,20 +1,19 @@
-"""Registrations of the compiled ops: fake (meta) kernels that give output shapes for tracing and
-torch.compile, and a backward that raises a clear error (no op has a derivative yet)."""
+"""Fake (meta) kernels of the compiled ops: output shapes for tracing and torch.compile."""
 import torch
 
-from . import OPS, _no_gradient
 from ._extension import HAS_EXTENSION
 
 if HAS_EXTENSION:
-    for _op in OPS:  # a clear error instead of autograd's warning and no gradient
-        torch.library.register_autograd(f"relflat::{_op}", _no_gradient(_op),
-                                        setup_context=lambda ctx, inputs, output: None)
-
     # Shapes for tracing / torch.compile (FakeTensor): mirrors the kernels' outputs.
     @torch.library.register_fake("relflat::last_layer_flatness")
     def _(features, weight, bias, loss, block_trace, per_sample=True):
         d = weight.shape[0] if block_trace or not per_sample else 0
         return features.new_empty(features.shape[0] if per_sample else 0), features.new_empty((d, d))
+
+    @torch.library.register_fake("relflat::last_layer_flatness_backward")
+    def _(grad_per_sample, grad_block, features, weight, bias, loss):
+        return (torch.empty_like(features), torch.empty_like(weight),
+                torch.empty_like(bias) if bias is not None else features.new_empty(0))
 
     @torch.library.register_fake("relflat::contract_output_hessians")
     def _(sq_norms, hz, gram, block_trace):

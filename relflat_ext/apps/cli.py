@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="train the model first (default: 30 epochs for lenet5, none otherwise)")
     prof.add_argument("--seed", type=int, default=0)
     prof.add_argument("--out", default="reports/profile", help="folder for profile.csv/.json/.png")
-    rep5 = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3, 4 and 5 / Appendix C)")
+    rep5 = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3, 4 and 5 / Appendix C) and the penalty (fam)")
     rep5.add_argument("figure", choices=list(FIGURES), help="; ".join(
         f"{name}: {fig.description}" for name, fig in FIGURES.items()))
     rep5.add_argument("--quick", action="store_true", help="a smaller run: " + "; ".join(

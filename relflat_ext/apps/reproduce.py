@@ -1,9 +1,10 @@
-"""The paper's experiments (Section 6, Appendix C), behind ``relflat reproduce {fig3,fig4,fig5}``.
+"""The paper's experiments (Section 6, Appendix C), behind ``relflat reproduce {fig3,fig4,fig5,fam}``.
 
 fig3: for each class separation, many data sets (paper: 100 of 500 samples); on each, psi is
 trained on the features, and we measure relative flatness of psi and the generalization gap (loss
 on a large fresh sample minus training loss); Pearson and Kendall correlation per separation.
 fig4: the same data sets; the bound estimate ``Rep + delta^2/(2m) kappa`` against the gap.
+fam: training with the differentiable penalty (:mod:`.fam`).
 fig5: Kendall correlation of each comparison measure with the gap over networks trained with
 random hyperparameters on scikit-learn's digits, before and after random reparameterizations.
 """
@@ -49,6 +50,9 @@ FIGURES = {
     "fig4": Figure("the bound estimate Rep + delta^2/(2m) kappa against the gap (synthetic data)",
                    f"{len(SEPARATIONS)} separations x {DATASETS} data sets",
                    f"{len(QUICK_SEPARATIONS)} separations x {QUICK_DATASETS} data sets"),
+    "fam": Figure("SGD with and without the relative-flatness penalty (and SAM) on LeNet-5 / MNIST: test accuracy, "
+                  "loss, gap and kappa over seeds", "9-value lam grid, 4 arms + SAM x 10 seeds, 30 epochs",
+                  "3-value grid, 2 seeds, 3 epochs on 600 images"),
     "fig5": Figure("correlation of each comparison measure with the gap over LeNet-5 minima on digits, "
                    "before and after random reparameterizations (Appendix C)",
                    f"{MINIMA} networks", f"{QUICK_MINIMA} networks"),
@@ -165,6 +169,9 @@ def reproduce(figure: str, quick: bool = False, out: str = "reports/reproduce", 
               device: str = "cpu") -> Dict:
     if figure not in FIGURES:
         raise ValueError(f"figure must be one of {sorted(FIGURES)}, got {figure!r}")
+    if figure == "fam":
+        from .fam import reproduce_fam
+        return reproduce_fam(quick=quick, out=out, seed=seed, device=device)
     if figure == "fig5":
         result = run_fig5(minima=QUICK_MINIMA if quick else MINIMA, quick=quick, seed=seed,
                           cache=os.path.join(out, "cache-fig5"), device=device)

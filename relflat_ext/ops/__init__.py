@@ -93,6 +93,7 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
     kappa_Tr = per_sample.sum() / n and T = block / n. ``per_sample=False`` skips the per-sample
     terms (first output (0,)) and always returns the block: ``kappa_Tr = <W W^T, block> / n`` then
     costs a symmetric product, about half the per-sample terms' n*d*min(d, m) for wide heads.
+    Differentiable in features, weight and bias (the backward op, one fused pass; docs/design.md).
     """
     _check_tensor("features", features, 2)
     _check_tensor("weight", weight, 2, features)

@@ -2,6 +2,8 @@
 // 1. logits (n, d) and squared feature norms. Few outputs (d <= 32): a register-blocked loop that
 //    reads each feature row once (BLAS is slow for such skinny products); many outputs: BLAS.
 // 2. softmax / sigmoid through ATen's vectorized kernels, in place.
+// (Batches of up to 4096 rows with d <= 32: one pass per row instead, SmallBatchTerms, since
+//  there the fixed costs of the steps below dominate; the block sum, if asked, from its rows.)
 // 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
 //    cancellation at confident rows; inline for d <= 64, else from the GEMM P D), or, when m < d,
 //    the argmax-centred form from the GEMM (P - e_k) W (common.h).
@@ -14,6 +16,7 @@
 
 #include "../common.h"
 #include "simd.h"
+#include "small_head.h"
 
 namespace relflat {
 namespace {
@@ -119,6 +122,45 @@ struct TermsRows {
     return out * T(0.5);
   }
 };
+
+// Small batches (a training step's penalty): per_sample[i] for rows [begin, end) in one pass per
+// row, from the head's geometry mat (D for cross entropy, ||w_s||^2 for BCE; small_head.h).
+template <typename T>
+struct SmallBatchTerms {
+  const T* phi;
+  const T* w;
+  const T* b;
+  const T* mat;
+  int64_t m, d;
+  bool cross_entropy;
+  int64_t begin, end;
+  T* per_sample;
+  T* h;         // (n, d): the softmax rows, or sigma(z) sigma(-z) / d, for the block sum
+  T* sq_norms;  // (n,)
+
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
+    T z[kSmallHeadMaxOutputs], dp[kSmallHeadMaxOutputs];
+    for (int64_t i = begin; i < end; ++i) {
+      const T a = row_logits(phi + i * m, w, b, d, m, z);
+      T* hi = h + i * d;
+      T c = 0;
+      if (cross_entropy) {
+        softmax_row(z, hi, d);
+        c = half_quadratic(mat, hi, d, dp);
+      } else {
+        for (int64_t s = 0; s < d; ++s) c += (hi[s] = bce_curvature(z[s], d)) * mat[s];
+      }
+      per_sample[i] = a * c;
+      sq_norms[i] = a;
+    }
+  }
+};
+
+// Up to this many rows (and kSmallHeadMaxOutputs outputs) the per-sample terms come from
+// SmallBatchTerms: no ATen call but the output's allocation. Above it, the register-blocked
+// logits and the row pass below, whose fixed costs are then paid back.
+constexpr int64_t kSmallBatchRows = 4096;
 
 int64_t padded_width(int64_t d) { return d <= 8 ? 8 : (d <= 16 ? 16 : 32); }
 
@@ -239,6 +281,23 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
     return {per_sample, block};
   }
 
+  if (d <= kSmallHeadMaxOutputs && n <= kSmallBatchRows) {
+    const at::Tensor mat = head_geometry(weight, loss);
+    at::Tensor h = at::empty({n, d}, opts);
+    const std::optional<at::Tensor> b = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous())
+                                                            : std::nullopt;
+    AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
+      using T = scalar_t;
+      const T* bp = b.has_value() ? b->data_ptr<T>() : nullptr;
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        run_best_isa(SmallBatchTerms<T>{features.data_ptr<T>(), weight.data_ptr<T>(), bp, mat.data_ptr<T>(), m, d,
+                                        loss == kCrossEntropy, begin, end, per_sample.data_ptr<T>(),
+                                        h.data_ptr<T>(), sq_norms.data_ptr<T>()});
+      });
+    });
+    if (block_trace || !want_per_sample) block = block_sum(h, sq_norms, loss);
+    return {want_per_sample ? per_sample : at::empty({0}, opts), block};
+  }
   const at::Tensor gdiag = weight.pow(2).sum(1);  // G = W W^T only where D needs it
   const std::optional<at::Tensor> bias =
       bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;

@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "../flatness_backward.h"
-#include "simd.h"
+#include "small_head.h"
 
 namespace relflat {
 namespace {
@@ -51,9 +51,7 @@ void row_pass_kernel(const RowPassArgs& args) {
   });
 }
 
-constexpr int64_t kFusedMaxOutputs = 32;
-
-// The fused pass over rows [begin, end) for d <= kFusedMaxOutputs (cross entropy or BCE,
+// The fused pass over rows [begin, end) for d <= kSmallHeadMaxOutputs (cross entropy or BCE,
 // per-sample gradients only), a kernel for run_best_isa (simd.h). mat: D = ||w_s - w_t||^2 (d, d)
 // for cross entropy, diag(G) (d,) for BCE. Writes the feature gradient rows and adds to this
 // thread's sums: gw (d, m) = sum a u phi^T, gb (d) = sum a u, block (d, d) = sum g a Hz.
@@ -74,19 +72,10 @@ struct BackwardRows {
 
   template <bool kAvx2>
   RELFLAT_INLINE void run() const {
-    T z[kFusedMaxOutputs], h[kFusedMaxOutputs], u[kFusedMaxOutputs];
+    T z[kSmallHeadMaxOutputs], h[kSmallHeadMaxOutputs], u[kSmallHeadMaxOutputs];
     for (int64_t i = begin; i < end; ++i) {
       const T* __restrict__ x = phi + i * m;
-      T a = 0;
-#pragma omp simd reduction(+ : a)
-      for (int64_t j = 0; j < m; ++j) a += x[j] * x[j];
-      for (int64_t s = 0; s < d; ++s) {
-        const T* __restrict__ ws = w + s * m;
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < m; ++j) acc += ws[j] * x[j];
-        z[s] = acc + (b ? b[s] : T(0));
-      }
+      const T a = row_logits(x, w, b, d, m, z);
       const T c = cross_entropy ? softmax_terms(z, h, u, a, g[i]) : sigmoid_terms(z, u, a, g[i]);
       // grad_phi_i = 2 c phi_i + W^T (a u); the weight and bias gradients' sums.
       T* __restrict__ gfi = gf + i * m;
@@ -109,25 +98,10 @@ struct BackwardRows {
   // Cross entropy: c = 1/2 p^T (g D) p, u = a p o (g D p - 2c); block += g a (diag(p) - p p^T)
   // with the diagonal from the accurate 1 - p (the other entries' sum at the row's maximum k).
   RELFLAT_INLINE T softmax_terms(const T* z, T* h, T* u, T a, T gi) const {
-    T mx = z[0];
-    for (int64_t s = 1; s < d; ++s) mx = std::max(mx, z[s]);
-    T total = 0;
-    for (int64_t s = 0; s < d; ++s) total += (h[s] = std::exp(z[s] - mx));
-    int64_t k = 0;
-    for (int64_t s = 0; s < d; ++s) {
-      h[s] /= total;
-      if (h[s] > h[k]) k = s;
-    }
-    T v[kFusedMaxOutputs];
-    T c = 0;
-    for (int64_t s = 0; s < d; ++s) {
-      T acc = 0;
-      for (int64_t t = 0; t < d; ++t) acc += mat[s * d + t] * h[t];
-      v[s] = gi * acc;
-      c += h[s] * v[s];
-    }
-    c *= T(0.5);
-    for (int64_t s = 0; s < d; ++s) u[s] = a * h[s] * (v[s] - 2 * c);
+    const int64_t k = softmax_row(z, h, d);
+    T dp[kSmallHeadMaxOutputs];
+    const T c = gi * half_quadratic(mat, h, d, dp);
+    for (int64_t s = 0; s < d; ++s) u[s] = a * h[s] * (gi * dp[s] - 2 * c);
     T rest = 0;
     for (int64_t t = 0; t < d; ++t) rest += t == k ? T(0) : h[t];
     const T beta = gi * a;
@@ -144,8 +118,7 @@ struct BackwardRows {
   RELFLAT_INLINE T sigmoid_terms(const T* z, T* u, T a, T gi) const {
     T c = 0;
     for (int64_t s = 0; s < d; ++s) {
-      const T e = std::exp(-std::abs(z[s]));
-      const T curvature = e / ((T(1) + e) * (T(1) + e)) / T(d);
+      const T curvature = bce_curvature(z[s], d);
       const T v = gi * mat[s];
       c += curvature * v;
       u[s] = a * curvature * std::tanh(T(-0.5) * z[s]) * v;
@@ -185,12 +158,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> last_layer_flatness_backward_cpu(
     const at::Tensor& grad_per_sample, const at::Tensor& grad_block, const at::Tensor& features,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view loss) {
   const LossCode code = parse_loss(loss);
-  if (code != kMse && weight.size(0) <= kFusedMaxOutputs && grad_block.numel() == 0 && grad_per_sample.numel() > 0) {
+  if (code != kMse && weight.size(0) <= kSmallHeadMaxOutputs && grad_block.numel() == 0 && grad_per_sample.numel() > 0) {
     check_backward_args(grad_per_sample, grad_block, features, weight, bias);
     const at::Tensor f = features.contiguous(), w = weight.contiguous(), g = grad_per_sample.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-    const at::Tensor mat = code == kCrossEntropy ? squared_distances(at::mm(w, w.t())).contiguous()
-                                                 : w.pow(2).sum(1).contiguous();
+    const at::Tensor mat = head_geometry(w, code);
     at::Tensor grad_features = at::empty_like(f), grad_weight, grad_bias;
     AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "last_layer_flatness_backward_cpu", [&] {
       fused_backward<scalar_t>(g, f, w, b, code, mat, grad_features, grad_weight, grad_bias);

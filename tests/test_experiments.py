@@ -14,6 +14,10 @@ def test_fig3_and_fig4_outputs(tmp_path, monkeypatch, capsys):
     for figure in ("fig3", "fig4"):
         result = experiments.run_synthetic(figure, (1.0, 4.0), datasets=4, n=60, seed=0)
         assert result["separation"] == [1.0, 4.0] and len(result["pearson"]) == 2 and len(result["kendall"]) == 2
+        for key in ("pearson", "kendall"):  # intervals beside the estimates
+            assert all(-1 <= lo <= hi <= 1 for lo, hi in result[f"{key}_ci"])  # 4 data sets: defined, ordered
+        rob = result["per_separation"][0]["robustness"]
+        assert set(rob) == {"error_gap", "normalized_kappa", "kappa_vs_weight_norm_sq", "gap_vs_weight_norm_sq"}
         assert result["n_datasets"] == 4 and result["n_samples"] == 60
         rows = result["per_separation"][0]["rows"]
         assert all(r["gap"] == r["test_loss"] - r["train_loss"] for r in rows)
@@ -73,7 +77,9 @@ def test_fig5_quick_end_to_end(tmp_path):
     data = json.load(open(tmp_path / "fig5.json"))
     assert data["n_minima"] == 6 and set(data["measures"]) == set(experiments.FIG5_MEASURES)
     for v in data["measures"].values():
-        assert set(v) == {"pearson", "kendall", "pearson_reparam", "kendall_reparam"}
+        assert set(v) == {f"{k}{s}" for k in ("pearson", "kendall", "pearson_ci", "kendall_ci")
+                          for s in ("", "_reparam")}
+        assert v["kendall_ci"][0] <= v["kendall"] <= v["kendall_ci"][1]
     for r in data["rows"]:  # reparameterization invariance, network by network
         for m in ("relative_flatness", "relative_flatness_normalized"):
             assert r["measures_reparam"][m] == pytest.approx(r["measures"][m], rel=1e-8)

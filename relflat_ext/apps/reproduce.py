@@ -24,6 +24,7 @@ from ..datasets import digits_split
 from ..datasets.synthetic import make_dataset
 from ..flatness import relative_flatness
 from ..generalization import generalization_bound, measures
+from .stats import correlations
 from .training import fit
 from .zoo import lenet5
 
@@ -75,10 +76,15 @@ def _one_dataset(separation: float, n: int, seed: int, delta: Optional[float], d
     xt, yt = task.sample(TEST_SAMPLES, torch.Generator().manual_seed(10**6 + seed))
     model, x, y, xt, yt = model.to(device), x.to(device), y.to(device), xt.to(device), yt.to(device)
     with torch.no_grad():
-        train_loss = F.cross_entropy(model(x), y).item()
-        test_loss = F.cross_entropy(model(xt), yt).item()
+        out, out_test = model(x), model(xt)
+        train_loss = F.cross_entropy(out, y).item()
+        test_loss = F.cross_entropy(out_test, yt).item()
+        error_gap = (out_test.argmax(1) != yt).double().mean().item() - (out.argmax(1) != y).double().mean().item()
+    psi = dict(model.named_modules())["psi"]
     row = {"seed": seed, "kappa": relative_flatness(model, "psi", x, y, block_trace=False).kappa,
-           "train_loss": train_loss, "test_loss": test_loss, "gap": test_loss - train_loss}
+           "kappa_normalized": relative_flatness(model, "psi", x, y, normalize_features=True).kappa,
+           "weight_norm_sq": psi.weight.detach().pow(2).sum().item(),
+           "train_loss": train_loss, "test_loss": test_loss, "gap": test_loss - train_loss, "error_gap": error_gap}
     if delta is not None:
         b = generalization_bound(model, "psi", x, y, delta=delta, seed=seed)
         row.update(bound=b.bound, representativeness=b.representativeness, feature_robustness=b.feature_robustness)
@@ -87,7 +93,6 @@ def _one_dataset(separation: float, n: int, seed: int, delta: Optional[float], d
 
 def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: int, seed: int,
                   delta: float = 0.1, device: str = "cpu") -> Dict:
-    from scipy.stats import kendalltau, pearsonr
     per_sep: List[Dict] = []
     start, total, k = time.perf_counter(), len(separations) * datasets, 0
     for sep in separations:
@@ -96,13 +101,17 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
             rows.append(_one_dataset(sep, n, seed * 100000 + j, delta if figure == "fig4" else None, device))
             k += 1
             _progress(k, total, start, figure)
-        kappa = [r["kappa"] for r in rows]
-        gap = [r["gap"] for r in rows]
-        entry = {"separation": sep, "rows": rows, "pearson": float(pearsonr(kappa, gap)[0]),
-                 "kendall": float(kendalltau(kappa, gap)[0])}
+        column = lambda key: [r[key] for r in rows]  # noqa: E731
+        entry = {"separation": sep, "rows": rows, **correlations(column("kappa"), column("gap"), seed=seed)}
+        # Robustness rows and the weight-norm confound, each with its interval.
+        entry["robustness"] = {
+            "error_gap": correlations(column("kappa"), column("error_gap"), seed=seed),
+            "normalized_kappa": correlations(column("kappa_normalized"), column("gap"), seed=seed),
+            "kappa_vs_weight_norm_sq": correlations(column("kappa"), column("weight_norm_sq"), seed=seed),
+            "gap_vs_weight_norm_sq": correlations(column("gap"), column("weight_norm_sq"), seed=seed)}
         if figure == "fig4":
             entry["mean_bound"] = sum(r["bound"] for r in rows) / datasets
-            entry["mean_gap"] = sum(gap) / datasets
+            entry["mean_gap"] = sum(column("gap")) / datasets
         per_sep.append(entry)
     extra = {}
     if figure == "fig4":
@@ -112,6 +121,7 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
                  "flatness_term": [mean(e, "feature_robustness") for e in per_sep]}
     return {**extra, "figure": figure, "separation": [e["separation"] for e in per_sep],
             "pearson": [e["pearson"] for e in per_sep], "kendall": [e["kendall"] for e in per_sep],
+            "pearson_ci": [e["pearson_ci"] for e in per_sep], "kendall_ci": [e["kendall_ci"] for e in per_sep],
             "n_datasets": datasets, "n_samples": n, "test_samples": TEST_SAMPLES, "delta": delta,
             "per_separation": per_sep, "seconds": time.perf_counter() - start}
 
@@ -133,8 +143,10 @@ def plot(result: Dict, path: str) -> None:
     plt = _pyplot()
     if result["figure"] == "fig3":
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(result["separation"], result["pearson"], "o-", label="Pearson")
-        ax.plot(result["separation"], result["kendall"], "s--", label="Kendall tau")
+        for key, style, label in (("pearson", "o-", "Pearson"), ("kendall", "s--", "Kendall tau")):
+            line, = ax.plot(result["separation"], result[key], style, label=f"{label} (95% bootstrap interval)")
+            ax.fill_between(result["separation"], [c[0] for c in result[f"{key}_ci"]],
+                            [c[1] for c in result[f"{key}_ci"]], color=line.get_color(), alpha=0.15)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("class separation (distance between neighbouring means)")
         ax.set_ylabel("correlation of kappa_Tr with the generalization gap")
@@ -155,13 +167,21 @@ def plot(result: Dict, path: str) -> None:
 
 
 def summary(result: Dict) -> str:
+    fig4 = result["figure"] == "fig4"
     lines = [f"{result['figure']}: {result['n_datasets']} data sets x {result['n_samples']} samples per separation, "
-             f"gap on {result['test_samples']} fresh samples ({result['seconds']:.0f} s)",
-             f"{'separation':>10} {'pearson':>8} {'kendall':>8}" + (f" {'mean bound':>11} {'mean gap':>9}"
-                                                                     if result["figure"] == "fig4" else "")]
+             f"gap on {result['test_samples']} fresh samples ({result['seconds']:.0f} s); "
+             "r = Pearson, tau = Kendall, [95% bootstrap interval]",
+             f"{'separation':>10} {'r(kappa, gap)':>22} {'tau(kappa, gap)':>22} {'r(., 0/1 gap)':>13} "
+             f"{'r(norm. kappa)':>14} {'r(kappa,|W|^2)':>14} {'r(gap,|W|^2)':>13}"
+             + (f" {'mean bound':>11} {'mean gap':>9}" if fig4 else "")]
     for e in result["per_separation"]:
-        extra = f" {e['mean_bound']:>11.4f} {e['mean_gap']:>9.4f}" if result["figure"] == "fig4" else ""
-        lines.append(f"{e['separation']:>10g} {e['pearson']:>8.3f} {e['kendall']:>8.3f}{extra}")
+        rob = e["robustness"]
+        cell = lambda c, key: f"{c[key]:.3f} [{c[key + '_ci'][0]:.2f}, {c[key + '_ci'][1]:.2f}]"  # noqa: E731
+        extra = f" {e['mean_bound']:>11.4f} {e['mean_gap']:>9.4f}" if fig4 else ""
+        lines.append(f"{e['separation']:>10g} {cell(e, 'pearson'):>22} {cell(e, 'kendall'):>22} "
+                     f"{rob['error_gap']['pearson']:>13.3f} {rob['normalized_kappa']['pearson']:>14.3f} "
+                     f"{rob['kappa_vs_weight_norm_sq']['pearson']:>14.3f} {rob['gap_vs_weight_norm_sq']['pearson']:>13.3f}"
+                     f"{extra}")
     return "\n".join(lines)
 
 
@@ -250,11 +270,6 @@ def _train_minimum(config: Dict, x, y):
     return (run.model if run.reached else None), run.epochs
 
 
-def _pearson_kendall(values, gaps):
-    from scipy.stats import kendalltau, pearsonr
-    return float(pearsonr(values, gaps)[0]), float(kendalltau(values, gaps)[0])
-
-
 def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = None, device: str = "cpu") -> Dict:
     """Collects ``minima`` LeNet-5 networks trained to a training loss below LOSS_THRESHOLD on
     scikit-learn's digits (1797 real 8x8 images, the shipped real data set; CIFAR-10 cannot be
@@ -307,9 +322,9 @@ def run_fig5(minima: int, quick: bool, seed: int = 0, cache: Optional[str] = Non
     gaps = [r["gap"] for r in rows]
     table = {}
     for m in FIG5_MEASURES:
-        p, k = _pearson_kendall([r["measures"][m] for r in rows], gaps)
-        pr, kr = _pearson_kendall([r["measures_reparam"][m] for r in rows], gaps)
-        table[m] = {"pearson": p, "kendall": k, "pearson_reparam": pr, "kendall_reparam": kr}
+        before = correlations([r["measures"][m] for r in rows], gaps, seed=seed)
+        after = correlations([r["measures_reparam"][m] for r in rows], gaps, seed=seed)
+        table[m] = {**before, **{f"{key}_reparam": value for key, value in after.items()}}
     return {"figure": "fig5", "dataset": "scikit-learn digits (1257 train / 540 test)", "model": "LeNet-5 (ReLU)",
             "n_minima": len(rows), "configurations_tried": tried, "loss_threshold": LOSS_THRESHOLD,
             "measures": table, "rows": rows, "seconds": time.perf_counter() - start}
@@ -320,13 +335,15 @@ def plot_fig5(result: Dict, path: str) -> None:
     names = list(result["measures"])
     pos = range(len(names))
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    ax.bar([p - 0.2 for p in pos], [result["measures"][m]["kendall"] for m in names], width=0.4, label="minima")
-    ax.bar([p + 0.2 for p in pos], [result["measures"][m]["kendall_reparam"] for m in names], width=0.4,
-           label="after reparameterization (alpha in [5, 25])")
+    for shift, suffix, label in ((-0.2, "", "minima"), (0.2, "_reparam", "after reparameterization (alpha in [5, 25])")):
+        values = [result["measures"][m][f"kendall{suffix}"] for m in names]
+        ci = [result["measures"][m].get(f"kendall_ci{suffix}", [v, v]) for m, v in zip(names, values)]
+        ax.bar([p + shift for p in pos], values, width=0.4, label=label,
+               yerr=[[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]], capsize=3)
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xticks(list(pos))
     ax.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=8)
-    ax.set_ylabel("Kendall tau with the generalization gap")
+    ax.set_ylabel("Kendall tau with the gap (95% bootstrap interval)")
     ax.set_title(f"Fig. 5 / Appendix C on digits: {result['n_minima']} LeNet-5 minima")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -334,9 +351,10 @@ def plot_fig5(result: Dict, path: str) -> None:
 
 def summary_fig5(result: Dict) -> str:
     lines = [f"fig5: {result['n_minima']} minima ({result['configurations_tried']} configurations tried) on "
-             f"{result['dataset']} ({result['seconds']:.0f} s)",
-             f"{'measure':>30} {'pearson':>8} {'kendall':>8} {'pearson*':>9} {'kendall*':>9}   (* reparameterized)"]
+             f"{result['dataset']} ({result['seconds']:.0f} s); [95% bootstrap interval]",
+             f"{'measure':>30} {'pearson':>8} {'kendall':>22} {'pearson*':>9} {'kendall*':>22}   (* reparameterized)"]
     for m, v in result["measures"].items():
-        lines.append(f"{m:>30} {v['pearson']:>8.3f} {v['kendall']:>8.3f} {v['pearson_reparam']:>9.3f} "
-                     f"{v['kendall_reparam']:>9.3f}")
+        ci, ci_r = v["kendall_ci"], v["kendall_ci_reparam"]
+        lines.append(f"{m:>30} {v['pearson']:>8.3f} {v['kendall']:>8.3f} [{ci[0]:5.2f}, {ci[1]:5.2f}] "
+                     f"{v['pearson_reparam']:>9.3f} {v['kendall_reparam']:>8.3f} [{ci_r[0]:5.2f}, {ci_r[1]:5.2f}]")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, pearsonr
 
-from relflat_ext.apps.stats import _kendall, correlations
+from relflat_ext.apps.stats import _kendall, correlations, partial_correlation
 
 
 def _pairs(n, seed, slope=0.5):
@@ -49,3 +49,18 @@ def test_degenerate_input():
     assert math.isnan(res["pearson"]) and all(math.isnan(v) for v in res["kendall_ci"])
     with pytest.raises(ValueError, match="same length"):
         correlations([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_partial_correlation_removes_a_common_cause():
+    """x and y both follow z: strongly correlated, but not once z is held fixed (and the value is
+    the residuals' correlation after regressing each on z)."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=400)
+    x, y = z + 0.3 * rng.normal(size=400), z + 0.3 * rng.normal(size=400)
+    assert pearsonr(x, y)[0] > 0.8
+    res = partial_correlation(x, y, z)
+    design = np.c_[np.ones_like(z), z]
+    residual = lambda v: v - design @ np.linalg.lstsq(design, v, rcond=None)[0]  # noqa: E731
+    assert res["pearson"] == pytest.approx(pearsonr(residual(x), residual(y))[0], abs=1e-10)
+    lo, hi = res["pearson_ci"]
+    assert lo < 0 < hi and hi - lo < 0.3

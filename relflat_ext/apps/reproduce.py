@@ -24,7 +24,7 @@ from ..datasets import digits_split
 from ..datasets.synthetic import make_dataset
 from ..flatness import relative_flatness
 from ..generalization import generalization_bound, measures
-from .stats import correlations
+from .stats import correlations, partial_correlation
 from .training import fit
 from .zoo import lenet5
 
@@ -108,7 +108,9 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
             "error_gap": correlations(column("kappa"), column("error_gap"), seed=seed),
             "normalized_kappa": correlations(column("kappa_normalized"), column("gap"), seed=seed),
             "kappa_vs_weight_norm_sq": correlations(column("kappa"), column("weight_norm_sq"), seed=seed),
-            "gap_vs_weight_norm_sq": correlations(column("gap"), column("weight_norm_sq"), seed=seed)}
+            "gap_vs_weight_norm_sq": correlations(column("gap"), column("weight_norm_sq"), seed=seed),
+            "kappa_gap_given_weight_norm_sq": partial_correlation(column("kappa"), column("gap"),
+                                                                  column("weight_norm_sq"), seed=seed)}
         if figure == "fig4":
             entry["mean_bound"] = sum(r["bound"] for r in rows) / datasets
             entry["mean_gap"] = sum(column("gap")) / datasets
@@ -172,7 +174,7 @@ def summary(result: Dict) -> str:
              f"gap on {result['test_samples']} fresh samples ({result['seconds']:.0f} s); "
              "r = Pearson, tau = Kendall, [95% bootstrap interval]",
              f"{'separation':>10} {'r(kappa, gap)':>22} {'tau(kappa, gap)':>22} {'r(., 0/1 gap)':>13} "
-             f"{'r(norm. kappa)':>14} {'r(kappa,|W|^2)':>14} {'r(gap,|W|^2)':>13}"
+             f"{'r(norm. kappa)':>14} {'r(kappa,|W|^2)':>14} {'r(gap,|W|^2)':>13} {'r(kappa,gap | |W|^2)':>22}"
              + (f" {'mean bound':>11} {'mean gap':>9}" if fig4 else "")]
     for e in result["per_separation"]:
         rob = e["robustness"]
@@ -180,7 +182,8 @@ def summary(result: Dict) -> str:
         extra = f" {e['mean_bound']:>11.4f} {e['mean_gap']:>9.4f}" if fig4 else ""
         lines.append(f"{e['separation']:>10g} {cell(e, 'pearson'):>22} {cell(e, 'kendall'):>22} "
                      f"{rob['error_gap']['pearson']:>13.3f} {rob['normalized_kappa']['pearson']:>14.3f} "
-                     f"{rob['kappa_vs_weight_norm_sq']['pearson']:>14.3f} {rob['gap_vs_weight_norm_sq']['pearson']:>13.3f}"
+                     f"{rob['kappa_vs_weight_norm_sq']['pearson']:>14.3f} {rob['gap_vs_weight_norm_sq']['pearson']:>13.3f} "
+                     f"{cell(rob['kappa_gap_given_weight_norm_sq'], 'pearson'):>22}"
                      f"{extra}")
     return "\n".join(lines)
 

@@ -62,3 +62,29 @@ def correlations(x: Sequence[float], y: Sequence[float], seed: int = 0, n_resamp
                 interval = [float(v) for v in np.percentile(resampled, [tail, 100 - tail])]
         out[name], out[f"{name}_ci"] = value, interval
     return out
+
+
+def _partial(x, y, z, axis=-1):
+    """Pearson's r of x and y with z held fixed (linearly), along ``axis``."""
+    rxy, rxz, ryz = _pearson(x, y, axis), _pearson(x, z, axis), _pearson(y, z, axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip((rxy - rxz * ryz) / np.sqrt((1 - rxz ** 2) * (1 - ryz ** 2)), -1.0, 1.0)
+
+
+def partial_correlation(x: Sequence[float], y: Sequence[float], z: Sequence[float], seed: int = 0,
+                        n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE) -> Dict[str, object]:
+    """``pearson`` (partial r of x and y given z) and its percentile-bootstrap ``pearson_ci``,
+    the triples resampled together."""
+    x, y, z = (np.asarray(v, dtype=float) for v in (x, y, z))
+    if not x.shape == y.shape == z.shape or x.ndim != 1:
+        raise ValueError(f"x, y and z must be 1-D of the same length, got {x.shape}, {y.shape}, {z.shape}")
+    value = float(_partial(x, y, z)) if len(x) >= 4 else math.nan
+    interval = [math.nan, math.nan]
+    if math.isfinite(value):
+        index = np.random.default_rng(seed).integers(0, len(x), size=(n_resamples, len(x)))
+        resampled = _partial(x[index], y[index], z[index])
+        resampled = resampled[np.isfinite(resampled)]
+        if len(resampled):
+            tail = 100 * (1 - confidence) / 2
+            interval = [float(v) for v in np.percentile(resampled, [tail, 100 - tail])]
+    return {"pearson": value, "pearson_ci": interval}

@@ -24,6 +24,7 @@ def test_fig3_and_fig4_outputs(tmp_path, monkeypatch, capsys):
         assert all(r["gap"] == r["test_loss"] - r["train_loss"] for r in rows)
         if figure == "fig4":
             assert all(abs(r["bound"] - (r["representativeness"] + r["feature_robustness"])) < 1e-12 for r in rows)
+            assert set(result["per_separation"][0]["bound_vs_gap"]) == {"pearson", "kendall", "pearson_ci", "kendall_ci"}
         experiments.plot(result, str(tmp_path / f"{figure}.png"))
         assert (tmp_path / f"{figure}.png").stat().st_size > 1000
         assert "separation" in experiments.summary(result)

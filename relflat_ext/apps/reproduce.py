@@ -112,6 +112,7 @@ def run_synthetic(figure: str, separations: Sequence[float], datasets: int, n: i
             "kappa_gap_given_weight_norm_sq": partial_correlation(column("kappa"), column("gap"),
                                                                   column("weight_norm_sq"), seed=seed)}
         if figure == "fig4":
+            entry["bound_vs_gap"] = correlations(column("bound"), column("gap"), seed=seed)
             entry["mean_bound"] = sum(r["bound"] for r in rows) / datasets
             entry["mean_gap"] = sum(column("gap")) / datasets
         per_sep.append(entry)
@@ -175,11 +176,12 @@ def summary(result: Dict) -> str:
              "r = Pearson, tau = Kendall, [95% bootstrap interval]",
              f"{'separation':>10} {'r(kappa, gap)':>22} {'tau(kappa, gap)':>22} {'r(., 0/1 gap)':>13} "
              f"{'r(norm. kappa)':>14} {'r(kappa,|W|^2)':>14} {'r(gap,|W|^2)':>13} {'r(kappa,gap | |W|^2)':>22}"
-             + (f" {'mean bound':>11} {'mean gap':>9}" if fig4 else "")]
+             + (f" {'mean bound':>11} {'mean gap':>9} {'r(bound, gap)':>22}" if fig4 else "")]
     for e in result["per_separation"]:
         rob = e["robustness"]
         cell = lambda c, key: f"{c[key]:.3f} [{c[key + '_ci'][0]:.2f}, {c[key + '_ci'][1]:.2f}]"  # noqa: E731
-        extra = f" {e['mean_bound']:>11.4f} {e['mean_gap']:>9.4f}" if fig4 else ""
+        extra = (f" {e['mean_bound']:>11.4f} {e['mean_gap']:>9.4f} {cell(e['bound_vs_gap'], 'pearson'):>22}"
+                 if fig4 else "")
         lines.append(f"{e['separation']:>10g} {cell(e, 'pearson'):>22} {cell(e, 'kendall'):>22} "
                      f"{rob['error_gap']['pearson']:>13.3f} {rob['normalized_kappa']['pearson']:>14.3f} "
                      f"{rob['kappa_vs_weight_norm_sq']['pearson']:>14.3f} {rob['gap_vs_weight_norm_sq']['pearson']:>13.3f} "

@@ -253,3 +253,20 @@ def test_distributed_data_parallel_averages_each_ranks_penalty(tmp_path):
         want = [w + p.grad / 2 for w, p in zip(want, model.parameters())]
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_a_dead_feature_gets_a_finite_gradient_under_normalization():
+    """A ReLU unit that is 0 on the whole batch has zero spread: the normalized measure drops it,
+    and the penalty's gradient stays finite (the standard deviation's own is NaN at 0)."""
+    torch.manual_seed(9)
+    phi = torch.randn(20, 5, dtype=torch.float64)
+    phi[:, 2] = 0.0
+    phi.requires_grad_(True)
+    weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (20,))
+    got = rf.flatness_penalty(phi, weight, y, normalize_features=True)
+    want = rf.relative_flatness_from_features(phi.detach(), weight.detach(), y, normalize_features=True).kappa
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    grads = torch.autograd.grad(got, [phi, weight])
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert grads[1][:, 2].abs().max() == 0  # the dropped feature's weight column gets nothing

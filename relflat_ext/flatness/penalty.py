@@ -29,6 +29,7 @@ from ..core.losses import CallableLoss, DiagonalHessian, Loss, LossSpec, Softmax
 from ..ops.stable_math import winner_and_rest
 from . import tail as _tail
 from .closed_form import WIDE_HEAD
+from .normalization import inverse_scale
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -57,7 +58,7 @@ def flatness_penalty(features: torch.Tensor, weight: torch.Tensor, targets: Opti
     with torch.autocast(device_type=phi.device.type, enabled=False):
         if normalize_features:
             scale = _batch_scale(phi)
-            phi, w = phi * _safe_inverse(scale), w * scale
+            phi, w = phi * inverse_scale(scale), w * scale
         if not tail and loss_record.builtin:
             if targets is not None:
                 loss_record.check_targets(targets, (phi.shape[0], w.shape[0]))
@@ -94,16 +95,12 @@ def _checked(features, weight, bias):
 
 
 def _batch_scale(phi: torch.Tensor) -> torch.Tensor:
-    """Per-feature population standard deviation over the batch, with a gradient that stays finite
-    at zero spread (a dead unit): such features are dropped, as in the measure."""
+    """Per-feature population standard deviation over the batch (normalization.scale_of), with a
+    gradient that stays finite at zero spread (a dead unit; std's is NaN there): such features
+    are dropped, as in the measure."""
     var = (phi - phi.mean(0)).pow(2).mean(0)
     positive = var > 0
     return torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
-
-
-def _safe_inverse(scale: torch.Tensor) -> torch.Tensor:
-    positive = scale > 0
-    return torch.where(positive, 1.0 / torch.where(positive, scale, torch.ones_like(scale)), torch.zeros_like(scale))
 
 
 def _last_layer(phi, w, b, loss: Loss) -> torch.Tensor:

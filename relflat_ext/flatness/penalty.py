@@ -29,9 +29,8 @@ from ..core.losses import CallableLoss, DiagonalHessian, Loss, LossSpec, Softmax
 from ..ops.stable_math import winner_and_rest
 from . import tail as _tail
 from .closed_form import WIDE_HEAD
-from .normalization import inverse_scale
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from .normalization import inverse_scale, scale_of
+from .problem import HALF_DTYPES
 
 
 def flatness_penalty(features: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -57,7 +56,7 @@ def flatness_penalty(features: torch.Tensor, weight: torch.Tensor, targets: Opti
                              "nn.Linear layers, elementwise activations, BatchNorm1d in eval mode and Dropout")
     with torch.autocast(device_type=phi.device.type, enabled=False):
         if normalize_features:
-            scale = _batch_scale(phi)
+            scale = scale_of(phi)  # torch's std has a zero gradient at zero spread: dead units are fine
             phi, w = phi * inverse_scale(scale), w * scale
         if not tail and loss_record.builtin:
             if targets is not None:
@@ -92,15 +91,6 @@ def _checked(features, weight, bias):
             raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(features), cast(weight), cast(bias)
-
-
-def _batch_scale(phi: torch.Tensor) -> torch.Tensor:
-    """Per-feature population standard deviation over the batch (normalization.scale_of), with a
-    gradient that stays finite at zero spread (a dead unit; std's is NaN there): such features
-    are dropped, as in the measure."""
-    var = (phi - phi.mean(0)).pow(2).mean(0)
-    positive = var > 0
-    return torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
 
 
 def _last_layer(phi, w, b, loss: Loss) -> torch.Tensor:

@@ -1,5 +1,8 @@
-"""Helpers shared by the benchmark suites: device names, synchronization, work counts."""
-from typing import Callable, Optional
+"""Helpers shared by the benchmark suites: device names, synchronization, work counts, and the
+wall-clock timer of the scripts that are not pytest-benchmark suites."""
+import statistics
+import time
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -37,3 +40,15 @@ def record(benchmark, device: torch.device, flops: Optional[float] = None, bytes
 def run(benchmark, fn: Callable, device: torch.device, rounds: int) -> None:
     f = synced(fn, device)
     benchmark.pedantic(f, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
+
+
+def timed(fn: Callable, repeats: int, warmup: int = 1) -> Tuple[float, List[float]]:
+    """(median seconds, every call's seconds) of ``repeats`` calls of fn after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times

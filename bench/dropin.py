@@ -8,7 +8,6 @@ alone, the authors' method (LeNet head, one run), and a profile of the model-lev
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -17,15 +16,11 @@ from torch import nn
 
 import relflat_ext as rf
 
+from bench.common import timed
+
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * timed(fn, repeats)[0]
 
 
 def eager_closed_form(phi, w, b):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 import relflat_ext as rf
 from relflat_ext.apps.zoo import lenet5
 
-from bench.common import device_name
+from bench.common import device_name, timed
 from bench.fam_baseline import fam_neuronwise
 
 LAMBDA = 0.01
@@ -36,17 +34,6 @@ def make_step(model, optimizer, x, y, penalty=None):
         loss.backward()
         optimizer.step()
     return step
-
-
-def timed(step, repeats: int, warmup: int = 3):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def main(argv=None):
@@ -66,11 +53,11 @@ def main(argv=None):
     model = lenet5(image_size=28).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # small steps: the cost, not the path, matters
     rows = {}
-    rows["plain step"] = timed(make_step(model, optimizer, x, y), args.repeats)
+    rows["plain step"] = timed(make_step(model, optimizer, x, y), args.repeats, warmup=3)
     for layer in ("11", "9"):  # fc3 (closed form, backward kernel) and fc2 (chain rule through ReLU-fc3)
         reg = rf.FlatnessRegularizer(model, layer)
         rows[f"step + penalty on layer {layer}"] = timed(make_step(model, optimizer, x, y, lambda: reg.penalty(y)),
-                                                         args.repeats)
+                                                         args.repeats, warmup=3)
         reg.remove()
     rows["step + FAMreg (authors, functorch, neuronwise)"] = timed(
         make_step(model, optimizer, x, y, lambda: fam_neuronwise(model, "11.weight", x, y)), args.fam_repeats, warmup=1)
@@ -87,7 +74,7 @@ def main(argv=None):
     def fam_alone():
         torch.autograd.grad(fam_neuronwise(head, "weight", phi, y), [head.weight])
 
-    alone = {"penalty alone (relflat, value + gradient)": timed(ours_alone, args.repeats),
+    alone = {"penalty alone (relflat, value + gradient)": timed(ours_alone, args.repeats, warmup=3),
              "FAMreg alone (value + gradient)": timed(fam_alone, args.fam_repeats, warmup=1)}
     # Wider heads on the same batch of 256 random features: FAMreg's Hessian has (d m)^2 entries.
     scaling = []
@@ -97,7 +84,7 @@ def main(argv=None):
         labels = torch.randint(0, d, (args.batch,), generator=g).to(device)
         layer = torch.nn.Linear(m, d).to(device)
         t_ours = timed(lambda: torch.autograd.grad(rf.flatness_penalty(feats, layer.weight, labels, bias=layer.bias),
-                                                   [feats, layer.weight, layer.bias]), args.repeats)[0]
+                                                   [feats, layer.weight, layer.bias]), args.repeats, warmup=3)[0]
         t_fam = timed(lambda: torch.autograd.grad(fam_neuronwise(layer, "weight", feats, labels), [layer.weight]),
                       args.fam_repeats, warmup=1)[0]
         scaling.append({"m": m, "d": d, "penalty_s": t_ours, "famreg_s": t_fam, "ratio": t_fam / t_ours})

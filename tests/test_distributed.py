@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import relflat_ext as rf
+from testing import gloo_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,8 +37,7 @@ def _measure(model, x, y):
 
 
 def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         model, x, y = _setup()
         shard = slice(rank * 45, (rank + 1) * 45)
         res = _measure(model, x[shard], y[shard])
@@ -60,8 +60,6 @@ def _worker(rank, world, init_file, out_file):
         if rank == 0:
             with open(out_file + ".mismatch", "w") as fh:
                 fh.write(str(ok))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

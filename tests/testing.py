@@ -1,4 +1,6 @@
 """Shared test helpers: devices and dtypes to sweep, float32 error judged against the fallback's."""
+import contextlib
+
 import torch
 
 from relflat_ext.ops import HAS_CUDA_KERNELS
@@ -21,3 +23,14 @@ def assert_matches_reference(got, ref_same_dtype, ref_float64, what=""):
     ref_err = (ref_same_dtype - ref_float64).abs().max().item()
     tol = 1e-10 * scale if is64 else 10 * ref_err + 4 * FLOAT32_EPS * scale
     assert err <= tol, f"{what}: max error {err:.3e} > {tol:.3e} (scale {scale:.3e}, fallback error {ref_err:.3e})"
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A CPU process group (gloo, file rendezvous) for a spawned test worker, always torn down."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -83,7 +83,10 @@ def train_arm(data, seed: int, epochs: int, lam: float = 0.0, rho: Optional[floa
                     reg.remove()
                 return {"seed": seed, "lam": lam, "rho": rho, "diverged": True,
                         **{key: float("nan") for key in RUN_METRICS}, "seconds": time.perf_counter() - start}
-            optimizer.step(closure) if rho is not None else optimizer.step()
+            if rho is None:
+                optimizer.step()
+            else:  # SAM: ascend to the perturbed weights, recompute there (closure), then step
+                optimizer.step(closure)
     if reg is not None:
         reg.remove()
     train, val, test = _evaluate(model, x_train, y_train), _evaluate(model, x_val, y_val), _evaluate(model, x_test, y_test)

@@ -47,7 +47,14 @@ def flatness_penalty(features: torch.Tensor, weight: torch.Tensor, targets: Opti
     per-feature standard deviation taken over this batch (and differentiated through).
     Half-precision inputs (autocast) are computed in float32; the result is float32 then.
     """
-    loss_record = get_loss(loss)
+    return penalty(features, weight, targets, get_loss(loss), bias, normalize_features, tail, check_targets=True)
+
+
+def penalty(features, weight, targets, loss_record: Loss, bias, normalize_features: bool, tail,
+            check_targets: bool) -> torch.Tensor:
+    """:func:`flatness_penalty` for a loss record; ``check_targets=False`` skips the targets' value
+    checks (a pass over them, and a device synchronization on a GPU), which a training loop needs
+    once, not at every step."""
     tail = list(tail or [])
     phi, w, b = _checked(features, weight, bias)
     for module in tail:
@@ -59,12 +66,12 @@ def flatness_penalty(features: torch.Tensor, weight: torch.Tensor, targets: Opti
             scale = scale_of(phi)  # torch's std has a zero gradient at zero spread: dead units are fine
             phi, w = phi * inverse_scale(scale), w * scale
         if not tail and loss_record.builtin:
-            if targets is not None:
+            if targets is not None and check_targets:
                 loss_record.check_targets(targets, (phi.shape[0], w.shape[0]))
             return _last_layer(phi, w, b, loss_record)
         if targets is None:
             raise ValueError("targets are needed for a penalty through a tail or with a callable loss")
-        return _through_tail(phi, w, b, tail, targets, loss_record)
+        return _through_tail(phi, w, b, tail, targets, loss_record, check_targets)
 
 
 def _checked(features, weight, bias):
@@ -112,7 +119,7 @@ def _derivatives(module: nn.Module, u: torch.Tensor):
     return v, slope, torch.zeros_like(u) if curvature is None else curvature
 
 
-def _through_tail(phi, w, b, tail: List[nn.Module], targets, loss: Loss) -> torch.Tensor:
+def _through_tail(phi, w, b, tail: List[nn.Module], targets, loss: Loss, check_targets: bool) -> torch.Tensor:
     n = phi.shape[0]
     with torch.enable_grad():
         z = F.linear(phi, w, b)
@@ -129,9 +136,7 @@ def _through_tail(phi, w, b, tail: List[nn.Module], targets, loss: Loss) -> torc
                 u, slope, curvature = _derivatives(module, u_in)
                 steps.append(("elementwise", slope, curvature))
         out = u
-        if isinstance(loss, CallableLoss):
-            loss.check(out, targets)
-        else:
+        if check_targets and not isinstance(loss, CallableLoss):  # a callable decides what it takes
             loss.check_targets(targets, tuple(out.shape))
         # dl_i/d(output) per sample (n x the mean's gradient), then back to each activation.
         grad = torch.autograd.grad(loss.for_derivatives(out, targets) * n, out, create_graph=True)[0]

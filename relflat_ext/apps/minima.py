@@ -111,6 +111,7 @@ def minima(split: Split, regime: str, count: int, quick: bool, seed: int = 0, ca
                                f"{THRESHOLD[regime]}; raise max_epochs or the threshold")
         key = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
         path = os.path.join(cache, f"{key}.pt") if cache else None
+        torch.manual_seed(config["seed"])  # the initial weights
         model = build_model(regime, split.image_size).to(device)
         if path and os.path.exists(path):
             saved = torch.load(path, map_location=device)
@@ -118,8 +119,6 @@ def minima(split: Split, regime: str, count: int, quick: bool, seed: int = 0, ca
                 model.load_state_dict(saved["state"])
             reached, epochs = saved["state"] is not None, saved["epochs"]
         else:
-            torch.manual_seed(config["seed"])
-            model = build_model(regime, split.image_size).to(device)
             run = fit(model, (x, y), config["max_epochs"], optimizer=config["optimizer"], lr=config["lr"],
                       batch_size=config["batch_size"], weight_decay=config["weight_decay"], seed=config["seed"],
                       stop_below=THRESHOLD[regime])

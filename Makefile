@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := torch==2.13.0 numpy pytest pytest-benchmark scikit-learn scipy matplotlib mlxtend pytorch-optimizer pybind11 ninja \
+DEPS := torch==2.13.0 numpy pytest pytest-benchmark scikit-learn scipy matplotlib mlxtend pytorch-optimizer transformers pybind11 ninja \
 	setuptools wheel
 
 .PHONY: setup build report test ctest cuda-compile torchvision-check bench clean

@@ -39,7 +39,7 @@ class _DictOutput(nn.Module):
         self.net = _mlp()
 
     def forward(self, x):
-        return {"logits": self.net(x)}
+        return {"scores": self.net(x)}  # no "logits": nothing to pick
 
 
 def test_tied_weights_count_every_use():

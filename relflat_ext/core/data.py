@@ -1,12 +1,75 @@
-"""The data every measurement iterates over: tensors chunked into batches, or an iterable of
-(x, y) batches, checked once for shape and (unless the caller checks its result) finiteness."""
+"""The data every measurement iterates over: tensors chunked into batches, an iterable of (x, y)
+batches, or Hugging Face style dict batches (the model's keyword arguments with the targets under
+``"labels"``), checked once for shape and (unless the caller checks its result) finiteness; and
+calling the model on a batch, taking the ``.logits`` of outputs that carry them."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-Batch = Tuple[torch.Tensor, torch.Tensor]
+Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
+Batch = Tuple[Inputs, torch.Tensor]
+LABELS = "labels"
+IGNORE_INDEX = -100
+
+
+def is_dict_batch(x) -> bool:
+    return isinstance(x, Mapping)
+
+
+def batch_length(x: Inputs) -> int:
+    """Samples in a batch: rows of a tensor, or of a dict batch's tensors."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    return next(v.shape[0] for v in x.values() if isinstance(v, torch.Tensor))
+
+
+def take_rows(x: Inputs, rows: slice) -> Inputs:
+    """Rows of a batch (every tensor of a dict batch)."""
+    if is_dict_batch(x):
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return x[rows]
+
+
+def split_labels(batch: Mapping, what: str) -> Batch:
+    """A dict batch -> (the model's keyword arguments, the targets under "labels"), checked."""
+    if LABELS not in batch:
+        raise ValueError(f"{what} is a dict without {LABELS!r}: put the targets under {LABELS!r}, as transformers "
+                         f"models take them (keys given: {sorted(batch)})")
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    rows = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
+    if len(set(rows.values())) > 1 or 0 in rows.values():
+        raise ValueError(f"{what}: every tensor of a dict batch needs the same number of samples in dim 0, got {rows}")
+    return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
+
+
+def call_model(model: nn.Module, x: Inputs):
+    """The model's output on a batch: ``model(**x)`` for a dict batch, else ``model(x)``; the
+    ``.logits`` (or ``["logits"]``) of an output object that carries them, as transformers models
+    return."""
+    out = model(**x) if is_dict_batch(x) else model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else out
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers causal language model: its loss scores the logits at position t against the
+    label at t + 1, which :func:`shift_labels` reproduces."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels (n, seq) -> the next token's label at each position, the last one ignored: the
+    targets of a causal language model's logits (n, seq, vocab), as transformers shifts them."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -19,6 +82,12 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size <= 0):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if is_dict_batch(inputs):
+        if targets is not None:
+            raise TypeError("inputs is a dict (the model's keyword arguments); its targets go under "
+                            f"{LABELS!r} in the dict, with targets=None")
+        split_labels(inputs, "inputs")
+        return
     if isinstance(inputs, torch.Tensor):
         if targets is None or not isinstance(targets, torch.Tensor):
             raise TypeError("targets must be a tensor when inputs is a tensor "
@@ -38,12 +107,30 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
                         "measurements pass over the data more than once")
 
 
+def _check_finite_inputs(name: str, x: Inputs) -> None:
+    for key, value in (x.items() if is_dict_batch(x) else [("", x)]):
+        if isinstance(value, torch.Tensor):
+            check_finite(f"{name}[{key!r}]" if key else name, value)
+
+
 def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
                     check_values: bool = True) -> Iterator[Batch]:
-    """Yields (x, y) batches from tensors (chunked by ``batch_size``) or from an iterable of pairs
-    (a DataLoader, with ``targets=None``). Checks shapes, and finiteness unless ``check_values`` is
-    False (for callers that check their result instead: a scan can cost more than the work)."""
+    """Yields (x, y) batches from tensors (chunked by ``batch_size``), from a dict batch (its
+    tensors chunked, the targets under "labels"), or from an iterable of (x, y) pairs or of dict
+    batches (a DataLoader, with ``targets=None``). Checks shapes, and finiteness unless
+    ``check_values`` is False (for callers that check their result instead: a scan can cost more
+    than the work)."""
     check_data(inputs, targets, batch_size)
+    if is_dict_batch(inputs):
+        x, y = split_labels(inputs, "inputs")
+        if check_values:
+            _check_finite_inputs("inputs", x)
+        n = y.shape[0]
+        step = n if batch_size is None else batch_size
+        for start in range(0, n, step):
+            yield ({k: v[start:start + step] if isinstance(v, torch.Tensor) else v for k, v in x.items()},
+                   y[start:start + step])
+        return
     if isinstance(inputs, torch.Tensor):
         if check_values:
             check_finite("inputs", inputs)
@@ -54,16 +141,20 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
         return
     seen = 0
     for k, batch in enumerate(inputs):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(f"batch {k} of inputs must be an (x, y) pair, got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"batch {k}: targets has {y.shape[0]} samples but inputs has {x.shape[0]}")
+        if is_dict_batch(batch):
+            x, y = split_labels(batch, f"batch {k} of inputs")
+        elif not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(f"batch {k} of inputs must be an (x, y) pair or a dict with {LABELS!r}, got "
+                            f"{type(batch).__name__}")
+        else:
+            x, y = batch[0], batch[1]
+        if batch_length(x) != y.shape[0]:
+            raise ValueError(f"batch {k}: targets has {y.shape[0]} samples but inputs has {batch_length(x)}")
         if check_values:
-            check_finite(f"inputs (batch {k})", x)
+            _check_finite_inputs(f"inputs (batch {k})", x)
             check_finite(f"targets (batch {k})", y)
-        seen += x.shape[0]
-        if x.shape[0]:
+        seen += y.shape[0]
+        if y.shape[0]:
             yield x, y
     if seen == 0:
         raise ValueError("inputs is empty: the iterable yielded no samples")

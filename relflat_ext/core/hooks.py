@@ -45,7 +45,24 @@ def check_vector_features(name: str, phi: torch.Tensor) -> None:
     if phi.dim() != 2:
         raise NotVectorFeatures(
             f"layer {name!r} receives input of shape {tuple(phi.shape)}; the exact path needs "
-            "2-D per-sample features (n, m); use method='stochastic' (or 'auto') for sequence inputs.")
+            "2-D per-sample features (n, m), or token features (n, seq, m) with token targets (n, seq); "
+            "use method='stochastic' (or 'auto') for other sequence inputs.")
+
+
+def is_token_targets(phi: torch.Tensor, targets: Optional[torch.Tensor]) -> bool:
+    """Token targets: integer labels (n, seq, ...) for the layer's input (n, seq, ..., m)."""
+    return (phi.dim() >= 3 and isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+            and tuple(targets.shape) == tuple(phi.shape[:-1]))
+
+
+def sample_features(name: str, phi: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample features (n, m): ``phi`` itself, or with token targets the tokens as samples,
+    (n * seq, m) (exact only where the rest of the model treats tokens independently, which the
+    caller establishes)."""
+    if phi.dim() != 2 and is_token_targets(phi, targets):
+        return phi.reshape(-1, phi.shape[-1])
+    check_vector_features(name, phi)
+    return phi
 
 
 class LayerNotCalled(ValueError):
@@ -81,7 +98,12 @@ class LayerTap:
 
     @property
     def features(self) -> torch.Tensor:
-        return self._recorded(self._features)
+        """The layer's input (n, m); :class:`NotVectorFeatures` if it has another shape."""
+        return self.sample_features(None)
+
+    def sample_features(self, targets: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's input as per-sample features: (n, m), or tokens as samples with token targets."""
+        return sample_features(self.name, self._recorded(self._features), targets)
 
     @property
     def output(self) -> torch.Tensor:
@@ -97,9 +119,7 @@ class LayerTap:
             raise SharedLayer(f"layer {self.name!r} is called more than once per forward pass (shared weights): "
                               "the per-sample identity sees one use; method='stochastic' or 'autograd' include "
                               "every use")
-        phi = args[0]
-        check_vector_features(self.name, phi)
-        self._features, self._raw_output = phi.detach(), out
+        self._features, self._raw_output = args[0].detach(), out
         if self.replace_output:
             self._output = out.detach().requires_grad_(True)
             return self._output

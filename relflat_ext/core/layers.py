@@ -64,8 +64,18 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
     if isinstance(module, CONV_TYPES):
         shape = tuple(weight.shape)
         return WeightView(lambda w: w.reshape(shape[0], -1), lambda mat: mat.reshape(shape))
+    if is_transposed_linear(module):
+        return WeightView(lambda w: w.T, lambda mat: mat.T)
     raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
                     "from_matrix) saying how its weight multiplies feature vectors")
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): ``x @ weight + bias`` with weight (in, out),
+    a Linear layer whose W is ``weight.T``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
 
 
 class ParameterLayer(nn.Module):
@@ -107,11 +117,12 @@ def weight_uses(model: nn.Module, module: nn.Module) -> int:
 
 
 def weight_layers(model: nn.Module) -> List[str]:
-    """What is measured by default: the Linear and Conv1d/2d/3d layers, and the packed input
-    projection of every nn.MultiheadAttention (a parameter the model uses without a module)."""
+    """What is measured by default: the Linear and Conv1d/2d/3d layers (and transformers' Conv1D),
+    and the packed input projection of every nn.MultiheadAttention (a parameter the model uses
+    without a module)."""
     names = []
     for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, *CONV_TYPES)):
+        if isinstance(m, (nn.Linear, *CONV_TYPES)) or is_transposed_linear(m):
             names.append(n)
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             names.append(f"{n}.in_proj_weight" if n else "in_proj_weight")

@@ -197,7 +197,7 @@ class Loss:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"the model returns a {type(output).__name__}; the built-in loss {self.name!r} needs a "
                             "tensor: pass a callable loss that picks it, e.g. "
-                            "loss=lambda out, y: F.cross_entropy(out['logits'], y)")
+                            "loss=lambda out, y: F.cross_entropy(out['scores'], y)")
         if output.dim() == 0:
             raise ValueError("the model output must have one row per sample, got a 0-dim tensor")
         self.check_targets(targets, tuple(output.shape))

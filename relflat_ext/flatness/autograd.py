@@ -13,7 +13,7 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention
-from ..core.layers import LayerSpec, ParameterLayer, resolve_linear
+from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, resolve_linear
 from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
@@ -35,7 +35,7 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
 
 def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple[torch.Tensor, int]:
     name, lin = problem.name, problem.module
-    if not isinstance(lin, (nn.Linear, ParameterLayer)):
+    if not isinstance(lin, (nn.Linear, ParameterLayer)) and not is_transposed_linear(lin):
         resolve_linear(problem.model, name)  # raises: the baseline takes a weight matrix
     dm = lin.weight.numel()
     need = dm * dm * lin.weight.element_size()
@@ -51,13 +51,13 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
         weight.requires_grad_(True)
         for x, y in problem.batches():
             with torch.enable_grad(), differentiable_attention():
-                out = problem.model(x)
+                out = problem.forward(x)
                 loss.check(out, y)
                 grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)
-            n += x.shape[0]
+            weight_b = problem.count(y)  # batch means -> sums over terms; divided by n below
+            n += weight_b
             if not grad.requires_grad:  # loss linear in the weight
                 continue
-            weight_b = float(x.shape[0])  # batch means -> sum over samples; divided by n below
             if vectorize:
                 eye = torch.eye(dm, dtype=grad.dtype, device=grad.device)
                 step = max(1, min(dm, (1 << 26) // max(dm, 1)))
@@ -68,6 +68,9 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
             else:
                 for r in range(dm):
                     hessian[r] += weight_b * torch.autograd.grad(grad[r], weight, retain_graph=True)[0].reshape(-1)
+    if is_transposed_linear(lin):  # the Hessian in weight (m, d) -> in W = weight.T (d, m)
+        m, d = lin.weight.shape
+        hessian = hessian.reshape(m, d, m, d).permute(1, 0, 3, 2).reshape(dm, dm)
     return hessian / n, n
 
 
@@ -95,6 +98,7 @@ def run(problem: Problem, options: Options, reason: str = "autograd: the full He
     start = time.perf_counter()
     hessian, n = _hessian(problem, vectorize, max_hessian_bytes)
     weight = problem.weight.detach()
+    weight = weight.T if is_transposed_linear(problem.module) else weight
     scale = None
     if options.normalize_features:
         scale = scale_over_data(problem)

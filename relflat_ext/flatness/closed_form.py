@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..core.hooks import check_vector_features, preserved, tapped
+from ..core.data import IGNORE_INDEX
+from ..core.hooks import preserved, sample_features, tapped
 from ..core.losses import Loss
 from . import tail as _tail
 from .accumulator import Accumulator, explain_not_finite
@@ -50,13 +51,33 @@ def from_features(features: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         return acc.result("closed_form", "", scale, start)
 
 
-def prefix_features(plan: _tail.TailPlan, name: str, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input, from the modules before it in a plain Sequential."""
+def prefix_features(plan: _tail.TailPlan, name: str, x: torch.Tensor, targets: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """The layer's input, from the modules before it in a plain Sequential, as per-sample
+    features (tokens as samples with token targets: the tail is Linear and elementwise steps)."""
     with torch.no_grad():
         for module in plan.prefix:
             x = module(x)
-    check_vector_features(name, x)
-    return x
+    return sample_features(name, x, targets)
+
+
+TOKENS_NOTE = ("; tokens as samples (token targets, and each token's output depends on its own layer output "
+               "alone: the tail is token-wise)")
+
+
+def has_token_targets(loss: Loss, y: torch.Tensor) -> bool:
+    return loss.name == "cross_entropy" and not y.is_floating_point() and y.dim() > 1
+
+
+def counted_rows(loss: Loss, y: torch.Tensor, *tensors: torch.Tensor):
+    """(y, *tensors) with tokens flattened into rows and the rows whose loss term does not count
+    left out: cross entropy ignores labels -100, as ``F.cross_entropy`` does."""
+    if loss.name == "cross_entropy" and not y.is_floating_point():
+        y = y.reshape(-1)
+        keep = y != IGNORE_INDEX
+        if not bool(keep.all()):
+            return (y[keep], *(t[keep] for t in tensors))
+    return (y, *tensors)
 
 
 def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reason: str) -> FlatnessResult:
@@ -71,18 +92,21 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     from_prefix = plan is not None and not plan.traced
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
+        tokens = False
         for x, y in problem.batches(check_values=not from_prefix):
+            tokens = tokens or has_token_targets(loss, y)
             if from_prefix:
-                phi = prefix_features(plan, name, x)
+                phi = prefix_features(plan, name, x, y)
             else:
                 with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
-                    out = problem.model(x)
+                    out = problem.forward(x)
                 if out is not tap.raw_output:
                     raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
                                      "output; use method='exact'")
-                phi = tap.features
-            loss.check_targets(y, (x.shape[0], w.shape[0]))
+                phi = tap.sample_features(y)  # tokens as samples: each token's logits are its own
+            y, phi = counted_rows(loss, y, phi)
+            loss.check_targets(y, (phi.shape[0], w.shape[0]))
             add_batch(acc, phi if scale is None else phi * inverse_scale(scale), w, bias, loss)
         result = acc.result("closed_form", name, scale, start)
-    result.reason = reason
+    result.reason = reason + (TOKENS_NOTE if tokens else "")
     return result

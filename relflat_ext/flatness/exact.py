@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..core.hooks import preserved, tapped
+from ..core.data import batch_length, take_rows
+from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.hvp import differentiable_attention, hessian_vector_products
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
-from .closed_form import prefix_features
+from .closed_form import TOKENS_NOTE, counted_rows, has_token_targets, prefix_features
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -35,18 +36,21 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     w = lin.weight.detach() if scale is None else lin.weight.detach() * scale
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
+        tokens = False
         for x, y in problem.batches():
+            tokens = tokens or has_token_targets(problem.loss, y)
             if plan is not None and not _chain_rule_batch(acc, problem, plan, x, y, w, scale):
                 warnings.warn(f"relflat_ext: the traced tail of layer {problem.name!r} does not reproduce the "
                               "model's output; using Hessian-vector products (same result, slower)", RuntimeWarning)
                 plan, reason = None, "exact: Hessian-vector products through the model's tail"
             if plan is None:
                 # Samples are independent, so splitting the batch is exact.
-                step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if x.device.type == "cpu" else x.shape[0]
-                for s in range(0, x.shape[0], step):
-                    _hvp_chunk(acc, problem, x[s:s + step], y[s:s + step], w, scale)
+                n_x = batch_length(x)
+                step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if w.device.type == "cpu" else n_x
+                for s in range(0, n_x, step):
+                    _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale)
         result = acc.result("exact", problem.name, scale, start)
-    result.reason = reason
+    result.reason = reason + (TOKENS_NOTE if tokens else "")
     return result
 
 
@@ -58,13 +62,15 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
     with torch.no_grad():
         if plan.traced:
             with tapped(lin, name, replace_output=False) as tap:
-                out = problem.model(x)
-            phi, z = tap.features, tap.output
+                out = problem.forward(x)
+            phi, z = tap.sample_features(y), tap.output
             if not _tail.reproduces(chain_rule.run_tail(plan.tail, z), out):
                 return False
+            z = z.reshape(phi.shape[0], -1)  # tokens as samples: the tail is Linear and elementwise steps
         else:
-            phi = prefix_features(plan, name, x)
+            phi = prefix_features(plan, name, x, y)
             z = lin(phi)
+    y, phi, z = counted_rows(problem.loss, y, phi, z)
     problem.loss.check_targets(y, (z.shape[0], chain_rule.out_features(plan.tail, z.shape[1])))
     phi = phi if scale is None else phi * inverse_scale(scale)
     total, hdiag = chain_rule.output_hessian_sums(plan.tail, z, y, problem.loss, phi.pow(2).sum(1),
@@ -78,19 +84,47 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
     return True
 
 
+def check_token_wise(name: str, out: torch.Tensor, z: torch.Tensor) -> None:
+    """Tokens are samples for the per-sample identity only if the model maps each token's layer
+    output to that token's output alone (an LM head, a last MLP block; no attention after the
+    layer). Checked on the batch by two vector-Jacobian products: for a block-diagonal Jacobian,
+    flipping the signs of some tokens' cotangents flips the same tokens' gradients and nothing else."""
+    if tuple(out.shape[:z.dim() - 1]) != tuple(z.shape[:-1]):
+        raise NotVectorFeatures(f"layer {name!r} has token outputs {tuple(z.shape)} but the model's output is "
+                                f"{tuple(out.shape)}: tokens are not samples; use method='stochastic' (or 'auto')")
+    gen = torch.Generator(device=out.device).manual_seed(0)
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    flip = torch.randint(0, 2, z.shape[:-1] + (1,), generator=gen, device=out.device).to(out.dtype) * 2 - 1
+    g1, = torch.autograd.grad(out, z, u, retain_graph=True, allow_unused=True)
+    g2, = torch.autograd.grad(out, z, u * flip.reshape(flip.shape + (1,) * (out.dim() - z.dim())),
+                              retain_graph=True, allow_unused=True)
+    if g1 is None or g2 is None:
+        return
+    tol = 1e-5 if out.dtype == torch.float64 else 1e-3
+    if float((g2 - g1 * flip).norm()) > tol * float(g1.norm()):
+        raise NotVectorFeatures(f"layer {name!r} feeds a part of the model that mixes tokens (attention after the "
+                                "layer): tokens are not independent samples; use method='stochastic' (or 'auto')")
+
+
 def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
     loss = problem.loss
+    n_b = problem.count(y)  # terms of the batch mean: samples, or counted tokens
+    if n_b == 0:
+        return
     with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad(), \
             differentiable_attention():
-        out = problem.model(x)
+        out = problem.forward(x)
         loss.check(out, y)
         batch_loss = loss.for_derivatives(out, y)
         z = tap.output
+        phi = tap.sample_features(y)
+        if z.dim() > 2:
+            check_token_wise(problem.name, out, z)
         grad_z = torch.autograd.grad(batch_loss, z, create_graph=True)[0]
-    phi = tap.features if scale is None else tap.features * inverse_scale(scale)
-    n_b, d = z.shape
-    m = w.shape[1]
+    phi = phi if scale is None else phi * inverse_scale(scale)
+    d, m = w.shape
     # Batch mean loss: d^2 E_b / dz_i^2 = Hz_i / n_b, so the weights carry the factor n_b.
+    # Rows whose term does not count (ignored tokens) get Hz_i = 0 from the products themselves.
     sq_norms = phi.pow(2).sum(1) * n_b
     acc.n += n_b
     if not grad_z.requires_grad:  # loss linear in z: Hz = 0, nothing to add
@@ -98,13 +132,14 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
     use_weight_probes = m < d and acc.block is None and acc.diag_blocks is None
     probe_dirs = w if use_weight_probes else torch.eye(d, dtype=w.dtype, device=w.device)
     num_probes = probe_dirs.shape[1]
-    k_block = max(1, min(num_probes, HVP_BLOCK_ELEMENTS // max(1, n_b * d)))
-    hdiag = phi.new_empty((n_b, d)) if acc.diag_blocks is not None else None
+    rows = phi.shape[0]
+    k_block = max(1, min(num_probes, HVP_BLOCK_ELEMENTS // max(1, rows * d)))
+    hdiag = phi.new_empty((rows, d)) if acc.diag_blocks is not None else None
     for c0 in range(0, num_probes, k_block):
         cols = slice(c0, min(c0 + k_block, num_probes))
         dirs = probe_dirs[:, cols].T  # (k, d)
-        probes = dirs[:, None, :].expand(-1, n_b, -1)
-        hz = hessian_vector_products(grad_z, z, probes).permute(1, 2, 0)  # (n_b, d, k): Hz_i / n_b
+        probes = dirs.reshape(-1, *[1] * (z.dim() - 1), d).expand(-1, *z.shape)
+        hz = hessian_vector_products(grad_z, z, probes).reshape(dirs.shape[0], -1, d).permute(1, 2, 0)  # (rows, d, k)
         gram_cols = w[:, cols] if use_weight_probes else acc.gram[:, cols]
         per_sample, block = ops.contract_output_hessians(sq_norms, hz, gram_cols, acc.block is not None)
         acc.kappa_sum = acc.kappa_sum + per_sample.sum()

@@ -51,14 +51,16 @@ def scale_over_data(problem: Problem) -> torch.Tensor:
     n = 0
     with preserved(problem.model), tapped(problem.module, problem.name, replace_output=False) as tap, \
             torch.no_grad():
-        for x, _ in problem.batches():
+        for x, y in problem.batches():
             tap.reset()
+            problem.forward(x)
             try:
-                problem.model(x)
+                phi = tap.sample_features(y).double()  # tokens as samples with token targets
             except NotVectorFeatures as exc:
                 raise ValueError(f"normalize_features (Theorem 4) needs per-sample feature vectors (n, m): {exc}"
                                  .split("; the exact path")[0]) from None
-            phi = tap.features.double()
+            if phi.shape[0] != y.shape[0]:  # tokens: the counted ones, as the paths sum over
+                phi = phi[y.reshape(-1) != -100]
             total = phi.sum(0) if total is None else total + phi.sum(0)
             sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)
             n += phi.shape[0]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import Batch, check_data, iterate_batches
+from ..core.data import (Batch, Inputs, call_model, check_data, is_causal_lm, is_dict_batch, iterate_batches,
+                         shift_labels)
 from ..core.layers import LayerSpec, WeightView, resolve_weight_layer, weight_uses
 from ..core.losses import Loss, LossSpec, get_loss
 
@@ -47,6 +48,7 @@ class Problem:
     distributed: bool
     weight_uses: int = 1
     precision_note: str = ""
+    causal_lm: bool = False  # dict batches of a causal LM: labels shifted to the next token
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
@@ -58,9 +60,6 @@ class Problem:
         (QR, eigh) have none."""
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)
-        if isinstance(inputs, dict):
-            raise TypeError("inputs is a dict; pass a tensor (or an iterable of (x, y) batches) and wrap the model so "
-                            "that it takes one tensor")
         check_data(inputs, targets, batch_size)
         weight = module.weight
         if weight.device.type == "meta":
@@ -73,19 +72,37 @@ class Problem:
                           stacklevel=3)
             model = copy.deepcopy(model).float()
             module = resolve_weight_layer(model, name)[1]
+        causal = is_causal_lm(model) and (is_dict_batch(inputs) or not isinstance(inputs, torch.Tensor))
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
-                      weight_uses(model, module), note)
-        if isinstance(inputs, torch.Tensor):
+                      weight_uses(model, module), note, causal)
+        if isinstance(inputs, torch.Tensor) or is_dict_batch(inputs):
             problem._check_input(inputs, "inputs")
         return problem
+
+    def forward(self, x: Inputs):
+        """The model's output on a batch (its ``.logits`` where it returns an output object)."""
+        return call_model(self.model, x)
+
+    def count(self, y: torch.Tensor) -> int:
+        """The number of terms the batch's mean loss averages: samples, or the labels that are not
+        ignored (-100) for cross entropy on class indices (tokens, for a language model). Batch
+        results are weighted by it, so the risk is the mean over every term of the data."""
+        if self.loss.name == "cross_entropy" and not y.is_floating_point():
+            return int((y != -100).sum())
+        return y.shape[0]
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def _check_input(self, x: torch.Tensor, what: str) -> None:
+    def _check_input(self, x: Inputs, what: str) -> None:
         """Inputs the model can take: floating inputs in the model's dtype (half ones are cast when
         the model is measured as a float32 copy), integer inputs only into an embedding."""
+        if is_dict_batch(x):
+            for key, value in x.items():
+                if isinstance(value, torch.Tensor) and key != "labels":
+                    self._check_input(value, f"{what}[{key!r}]")
+            return
         dtype = self.weight.dtype
         if x.is_floating_point():
             if x.dtype != dtype and not (self.precision_note and x.dtype in HALF_DTYPES):
@@ -98,13 +115,15 @@ class Problem:
     def batches(self, check_values: bool = True) -> Iterator[Batch]:
         """The (x, y) batches; ``check_values=False`` skips the NaN/Inf scan for callers that check
         their result instead (a scan can cost more than the work)."""
-        tensors = isinstance(self.inputs, torch.Tensor)
+        checked = isinstance(self.inputs, torch.Tensor) or is_dict_batch(self.inputs)
         for k, (x, y) in enumerate(iterate_batches(self.inputs, self.targets, self.batch_size, check_values)):
-            if not tensors:
+            if not checked:
                 self._check_input(x, f"inputs (batch {k})")
             if self.precision_note:
-                x = x.float() if x.is_floating_point() else x
-                y = y.float() if isinstance(y, torch.Tensor) and y.is_floating_point() else y
+                x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
+                y = _float(y)
+            if self.causal_lm and is_dict_batch(x):
+                y = shift_labels(y)
             yield x, y
 
     def tensors(self) -> Dict[str, torch.Tensor]:
@@ -112,3 +131,7 @@ class Problem:
         when a result is not finite."""
         data = {"inputs": self.inputs, "targets": self.targets} if isinstance(self.inputs, torch.Tensor) else {}
         return {**data, **dict(self.model.named_parameters())}
+
+
+def _float(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t

@@ -25,7 +25,7 @@ from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention, hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, matrix_view
-from ..core.losses import Loss, LossSpec
+from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -47,11 +47,12 @@ class StochasticEstimate:
     seconds: float
 
 
-def _quadratic_forms(model, weight, x, y, loss: Loss, directions: torch.Tensor) -> torch.Tensor:
+def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -> torch.Tensor:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
-    mean loss with respect to the weight."""
+    mean loss with respect to the weight, n_b its number of terms."""
+    loss = problem.loss
     with torch.enable_grad(), differentiable_attention():
-        out = model(x)
+        out = problem.forward(x)
         loss.check(out, y)
         value = loss.for_derivatives(out, y)
         grad = torch.autograd.grad(value, weight, create_graph=True)[0]
@@ -60,7 +61,7 @@ def _quadratic_forms(model, weight, x, y, loss: Loss, directions: torch.Tensor) 
         # Batched (vmap) HVPs pay off on GPUs; on the CPU vmap falls back to slow loops for
         # convolutions, and the per-probe loop is as fast or faster (bench/RESULTS.md).
         hv = hessian_vector_products(grad, weight, directions, batched=directions.is_cuda)
-    return (hv * directions).flatten(1).sum(1).detach() * x.shape[0]
+    return (hv * directions).flatten(1).sum(1).detach() * problem.count(y)
 
 
 def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int, gen: torch.Generator,
@@ -153,8 +154,8 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             dirs = _directions(quantity, w_mat, view, count, gen, feature_scale, probe_distribution)
             total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
             for x, y in problem.batches():
-                total += _quadratic_forms(model, weight, x, y, problem.loss, dirs).double()
-                n += x.shape[0]
+                total += _quadratic_forms(problem, weight, x, y, dirs).double()
+                n += problem.count(y)
             if problem.distributed:
                 count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
                 dist.all_reduce_sum([total, count])

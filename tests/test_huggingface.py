@@ -1,0 +1,148 @@
+"""Hugging Face style models and data: dict batches with "labels", outputs with ``.logits``,
+causal-LM label shifting, transformers' Conv1D, and tokens as samples where the tail is token-wise.
+Small random configurations; nothing is downloaded."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import relflat_ext as rf
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.set_verbosity_error()
+
+
+def _gpt2(tied=True, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=23, n_positions=16, bos_token_id=0,
+                                     eos_token_id=0, tie_word_embeddings=tied)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=23, num_labels=3, max_position_embeddings=16)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def _lm_batch(n=4, seq=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 23, (n, seq), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored, as padding is
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _within(est, exact, k=4.0):
+    assert abs(est.kappa - exact) <= k * est.kappa_stderr, (est.kappa, est.kappa_stderr, exact)
+
+
+def test_gpt2_dict_batch_loss_is_the_models_own():
+    from relflat_ext.flatness.problem import Problem
+    model, batch = _gpt2(), _lm_batch()
+    problem = Problem.build(model, "lm_head", batch)
+    assert problem.causal_lm
+    (x, y), = list(problem.batches())
+    assert "labels" not in x
+    with torch.no_grad():
+        ours = problem.loss(problem.forward(x), y)
+        theirs = model(**batch).loss
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-6, atol=0)
+
+
+def test_gpt2_untied_lm_head_exact_with_tokens_as_samples():
+    model, batch = _gpt2(tied=False), _lm_batch()
+    res = rf.relative_flatness(model, "lm_head", batch)
+    base = rf.relative_flatness(model, "lm_head", batch, method="autograd")
+    assert res.method == "closed_form" and "tokens as samples" in res.reason
+    assert res.n == int((batch["labels"][:, 1:] != -100).sum())  # counted next-token targets
+    torch.testing.assert_close(res.kappa, base.kappa, rtol=1e-10, atol=0)
+
+
+def test_gpt2_tied_head_and_conv1d_projection_estimated_within_error_bars():
+    model, batch = _gpt2(), _lm_batch()
+    for layer in ("lm_head", "transformer.h.1.mlp.c_proj", "transformer.h.0.attn.c_attn"):
+        res = rf.relative_flatness(model, layer, batch, seed=0, rel_tol=0.05)
+        assert res.method == "stochastic"
+        base = rf.relative_flatness(model, layer, batch, method="autograd")
+        _within(res, base.kappa)
+    assert "tied" in rf.relative_flatness(model, "lm_head", batch, seed=0, max_probes=8).reason
+
+
+def test_bert_classifier_dict_batch_closed_form_matches_baseline():
+    model = _bert()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    res = rf.relative_flatness(model, "classifier", batch)
+    base = rf.relative_flatness(model, "classifier", batch, method="autograd")
+    assert res.method == "closed_form"
+    torch.testing.assert_close(res.kappa, base.kappa, rtol=1e-10, atol=0)
+    with torch.no_grad():  # the loss the measurement differentiates is the model's own
+        from relflat_ext.flatness.problem import Problem
+        problem = Problem.build(model, "classifier", batch)
+        (x, y), = list(problem.batches())
+        torch.testing.assert_close(problem.loss(problem.forward(x), y), model(**batch).loss)
+
+
+def test_batches_are_weighted_by_counted_tokens():
+    """Two dict batches with different numbers of ignored labels give the risk over all tokens."""
+    model, batch = _gpt2(tied=False), _lm_batch(n=4)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    whole = rf.relative_flatness(model, "transformer.h.1.mlp.c_fc", batch, method="autograd")
+    split = rf.relative_flatness(model, "transformer.h.1.mlp.c_fc", halves, method="autograd")
+    torch.testing.assert_close(split.kappa, whole.kappa, rtol=1e-10, atol=0)
+    exact = rf.relative_flatness(model, "lm_head", halves)
+    torch.testing.assert_close(exact.kappa, rf.relative_flatness(model, "lm_head", batch).kappa, rtol=1e-10, atol=0)
+
+
+class _EncoderLM(nn.Module):
+    """Token classifier on nn.TransformerEncoder: the last layer's feed-forward block is followed
+    by token-wise steps only (residual, LayerNorm, head); the first layer's by attention."""
+
+    def __init__(self, vocab=17, width=8, classes=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def test_last_mlp_block_exact_with_tokens_as_samples_and_attention_after_detected():
+    torch.manual_seed(0)
+    model = _EncoderLM().double()
+    g = torch.Generator().manual_seed(3)
+    tokens, labels = torch.randint(0, 17, (3, 6), generator=g), torch.randint(0, 5, (3, 6), generator=g)
+    labels[1, 2] = -100
+    res = rf.relative_flatness(model, "encoder.layers.1.linear2", tokens, labels, method="exact")
+    base = rf.relative_flatness(model, "encoder.layers.1.linear2", tokens, labels, method="autograd")
+    assert "tokens as samples" in res.reason
+    torch.testing.assert_close(res.kappa, base.kappa, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="mixes tokens"):
+        rf.relative_flatness(model, "encoder.layers.0.linear2", tokens, labels, method="exact")
+    auto = rf.relative_flatness(model, "encoder.layers.0.linear2", tokens, labels, seed=0, rel_tol=0.05)
+    assert auto.method == "stochastic"
+    _within(auto, rf.relative_flatness(model, "encoder.layers.0.linear2", tokens, labels, method="autograd").kappa)
+
+
+def test_dict_batch_errors_name_the_problem():
+    model, batch = _gpt2(), _lm_batch()
+    with pytest.raises(ValueError, match="without 'labels'"):
+        rf.relative_flatness(model, "lm_head", {"input_ids": batch["input_ids"]})
+    with pytest.raises(TypeError, match="under 'labels'"):
+        rf.relative_flatness(model, "lm_head", batch, batch["labels"])
+    with pytest.raises(ValueError, match="same number of samples"):
+        rf.relative_flatness(model, "lm_head", {**batch, "attention_mask": batch["attention_mask"][:2]})
+
+
+def test_profile_of_gpt2_from_dict_batches():
+    model, batch = _gpt2(), _lm_batch()
+    table = rf.profile(model, batch, max_probes=64, rel_tol=0.2, progress=False, hessian_trace=False)
+    names = [r["layer"] for r in table.rows]
+    assert "transformer.h.0.attn.c_attn" in names and "lm_head" in names
+    assert all(math.isfinite(r["kappa"]) and (r["method"] != "stochastic" or r["kappa_stderr"] > 0) for r in table.rows)

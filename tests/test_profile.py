@@ -40,14 +40,21 @@ def test_cnn_profile_has_every_layer_and_equals_single_calls(tmp_path):
     table = rf.profile(model, x, y, rel_tol=0.2, max_probes=128, seed=0, progress=False)
     assert_unchanged(model, before)
     assert [r["layer"] for r in table.rows] == ["0", "3", "7", "9", "11"]
-    assert [r["method"] for r in table.rows] == ["stochastic", "stochastic", "exact", "exact", "closed_form"]
-    for r in table.rows:
+    assert [r["method"] for r in table.rows] == ["stochastic-shared"] * 2 + ["exact", "exact", "closed_form"]
+    per_layer = rf.profile(model, x, y, probes="per_layer", rel_tol=0.2, max_probes=128, seed=0, progress=False)
+    assert [r["method"] for r in per_layer.rows] == ["stochastic", "stochastic", "exact", "exact", "closed_form"]
+    for r, p in zip(table.rows, per_layer.rows):
         single = rf.relative_flatness(model, r["layer"], x, y, rel_tol=0.2, max_probes=128, seed=0)
-        assert r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
+        assert p["kappa"] == pytest.approx(single.kappa, rel=1e-10)
+        if r["method"] == "stochastic-shared":  # the two ways agree within their error bars
+            assert abs(r["kappa"] - p["kappa"]) <= 4 * math.hypot(r["kappa_stderr"], p["kappa_stderr"])
+            assert r["probes"] <= 128 and r["hessian_trace_stderr"] > 0
+        else:
+            assert r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
         weight = dict(model.named_modules())[r["layer"]].weight.detach()
         assert r["weight_norm_sq"] == pytest.approx(float(weight.pow(2).sum()))
         assert r["hessian_trace"] is not None and r["samples"] == 48
-    assert all(r["kappa_normalized"] is not None for r in table.rows if r["method"] != "stochastic")
+    assert all(r["kappa_normalized"] is not None for r in table.rows if not r["method"].startswith("stochastic"))
     hess, _ = rf.layer_hessian(model, "11", x, y, vectorize=True)  # Tr(H) from the block traces == dense
     assert table.rows[-1]["hessian_trace"] == pytest.approx(torch.trace(hess).item(), rel=1e-8)
     text = str(table)
@@ -64,12 +71,18 @@ def test_transformer_block_profile():
     model = Block().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(30, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    table = rf.profile(model, x, y, rel_tol=0.2, max_probes=64, progress=False)
+    table = rf.profile(model, x, y, rel_tol=0.2, max_probes=64, progress=False, probes="per_layer")
     assert [r["layer"] for r in table.rows] == ["q", "mlp.0", "mlp.2", "head"]
     assert [r["method"] for r in table.rows] == ["stochastic", "stochastic", "stochastic", "closed_form"]
     for r in table.rows:
         single = rf.relative_flatness(model, r["layer"], x, y, rel_tol=0.2, max_probes=64, seed=0)
         assert math.isfinite(r["kappa"]) and r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
+    shared = rf.profile(model, x, y, rel_tol=0.05, max_probes=400, progress=False)
+    for r in shared.rows[:3]:
+        exact = rf.relative_flatness(model, r["layer"], x, y, method="autograd").kappa
+        assert r["method"] == "stochastic-shared" and abs(r["kappa"] - exact) <= 4 * r["kappa_stderr"]
+    with pytest.raises(ValueError, match="probes must be one of"):
+        rf.profile(model, x, y, probes="joint", progress=False)
 
 
 def test_profile_names_and_errors():

@@ -66,28 +66,31 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     return result
 
 
-def _dispatch(problem: Problem, method: str, options: Options) -> FlatnessResult:
+def _dispatch(problem: Problem, method: str, options: Options,
+              estimate: Callable[[Problem, Options, str], object] = stochastic.run):
+    """Runs the path for ``method``; where the estimator is the one to use, calls ``estimate(problem,
+    options, reason)`` (the profile defers those layers to one shared estimate)."""
     if method == "autograd":
         return autograd.run(problem, options)
     try:
         path, plan, reason = choose_path(problem, method, options)
         if path == "stochastic":
-            return stochastic.run(problem, options, reason)
+            return estimate(problem, options, reason)
         return PATHS[path](problem, options, plan, reason)
     except NotVectorFeatures:
         if method != "auto":
             raise
-        return stochastic.run(problem, options, "stochastic: the layer's input is not (n, m)")
+        return estimate(problem, options, "stochastic: the layer's input is not (n, m)")
     except SharedLayer:
         if method != "auto":
             raise
-        return stochastic.run(problem, options, "stochastic: the layer runs more than once per forward pass, and "
-                                                "every use counts (the exact paths see one)")
+        return estimate(problem, options, "stochastic: the layer runs more than once per forward pass, and every use "
+                                          "counts (the exact paths see one)")
     except LayerNotCalled:
         if method != "auto":
             raise
-        return stochastic.run(problem, options, "stochastic: the model uses the layer's weight without calling its "
-                                                "forward (no per-sample features to see)")
+        return estimate(problem, options, "stochastic: the model uses the layer's weight without calling its forward "
+                                          "(no per-sample features to see)")
 
 
 def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, Optional[_tail.TailPlan], str]:
@@ -141,7 +144,7 @@ def _produces_output(problem: Problem) -> bool:
     x, _ = next(iter(problem.batches()))
     with preserved(problem.model), tapped(problem.module, problem.name, replace_output=False) as tap, \
             torch.no_grad():
-        out = problem.model(x)
+        out = problem.forward(x)
     return out is tap.raw_output
 
 

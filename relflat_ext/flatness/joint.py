@@ -1,13 +1,27 @@
-"""One probe set for many layers. With independent multiplicative probes ``A_l`` for every layer,
-one Hessian-vector product of the whole loss in the joint direction ``(W_1 A_1, ..., W_L A_L)``
-gives ``<W_l A_l, (H v)_l>`` for every l, an unbiased estimate of each layer's kappa: the
-cross-layer terms ``<W_l A_l, H_{l,k} W_k A_k>`` have zero mean because the ``A`` are independent
-and centred. They add variance, which the per-layer standard errors include."""
+"""One probe set for every layer: every Hessian-vector product of the whole network serves all the
+layers at once, and a low-rank sketch removes the cross-layer terms that would otherwise dominate.
+
+Each layer's kappa is a partial trace. With ``F_l`` a (d, r) factor of ``W_l W_l^T`` (``W_l``
+itself when m <= d, else the symmetric square root, so r = min(d, m)) and probe coordinates
+``P_l`` (r, m) mapped to the weight as ``V_l = F_l P_l``, the operator
+``M = R^T H R`` (R the block-diagonal map P -> V, H the Hessian of the loss in all the measured
+weights) has ``Tr(M_ll) = Tr(H_ll W_l W_l^T) = kappa_l`` (with ``F_l = I`` the same gives the
+Hessian trace of the layer). Plain joint probes ``<p_l, (M p)_l>`` are unbiased, but the
+cross-layer terms ``<p_l, M_lk p_k>`` make their variance 10-1000x the per-layer one
+(docs/design.md, "Shared probes"). Deflation (Hutch++, Meyer et al. 2021, per block):
+with Q an orthonormal basis of ``M S`` for k random columns S,
+
+    kappa_l = Tr(Q_l^T (M Q)_l) + E[<u_l, (M u)_l>],   u = (I - Q Q^T) g,  g ~ N(0, I),
+
+the first term exact given Q and the second an unbiased estimate whose variance comes only from
+the part of M outside Q's span. At a minimum the Hessian is close to the Gauss-Newton matrix,
+whose rank is at most the number of outputs, so the residual is small: on trained networks the
+variance per probe falls far below even the per-layer estimator's (bench/RESULTS.md)."""
 from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -15,21 +29,30 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention
-from ..core.layers import LayerSpec, matrix_view, resolve_weight_layer
-from ..core.losses import Loss, LossSpec
+from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
+from ..core.losses import LossSpec
 from .problem import Problem
-from .stochastic import QUANTITIES, StochasticEstimate, _directions
+from .stochastic import QUANTITIES, StochasticEstimate
+
+SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
 
 
 def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], inputs, targets=None, *,
                                loss: LossSpec = "cross_entropy", quantity: str = "kappa", rel_tol: float = 0.05,
-                               max_probes: int = 1000, probes_per_round: int = 32, seed: Optional[int] = None,
-                               batch_size: Optional[int] = None, distributed: Optional[bool] = None
-                               ) -> Dict[str, StochasticEstimate]:
+                               max_probes: int = 1000, probes_per_round: int = 32, sketch: Union[str, int] = "auto",
+                               seed: Optional[int] = None, batch_size: Optional[int] = None,
+                               distributed: Optional[bool] = None,
+                               progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, StochasticEstimate]:
     """Unbiased estimates of kappa_Tr (or of each layer's Hessian trace) for every layer at once,
-    one Hessian-vector product of the whole network per probe, in rounds until every layer's
-    relative standard error reaches ``rel_tol`` or ``max_probes``. Layers as for
-    :func:`stochastic_estimate` (Linear, Conv, or a 2-D parameter by name), each its own weight."""
+    each Hessian-vector product of the whole network serving all of them. ``sketch`` columns (k)
+    first deflate the dominant part of the Hessian (2k products, "auto": up to 32 within
+    ``max_probes // 4`` and 1 GiB; 0: plain joint probes); then rounds of ``probes_per_round``
+    residual probes until every layer's relative standard error reaches ``rel_tol`` or the products
+    reach ``max_probes`` (the sketch's included). Layers as for :func:`stochastic_estimate`
+    (Linear, Conv, transformers' Conv1D, or a 2-D parameter by name), each its own weight.
+    ``progress(done, budget)`` is called after each block of products. Returns, by layer name,
+    the estimate; its ``samples`` are the per-probe values (exact part plus residual), its
+    ``probes`` the products used in all."""
     start = time.perf_counter()
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
@@ -41,6 +64,8 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             or probes_per_round < 2:
         raise ValueError(f"max_probes and probes_per_round must be integers >= 2, got {max_probes!r}, "
                          f"{probes_per_round!r}")
+    if not (sketch == "auto" or (isinstance(sketch, int) and not isinstance(sketch, bool) and sketch >= 0)):
+        raise ValueError(f"sketch must be 'auto' or a number of columns >= 0, got {sketch!r}")
     problem = Problem.build(model, layers[0], inputs, targets, loss, batch_size, distributed)
     resolved = [resolve_weight_layer(problem.model, layer) for layer in layers]
     names = [name for name, _ in resolved]
@@ -48,60 +73,147 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
     if len({id(w) for w in weights}) < len(weights):
         raise ValueError("two of the layers share one weight: name each weight once")
     views = [matrix_view(module, name) for name, module in resolved]
-    mats = [view.to_matrix(w.detach()) for view, w in zip(views, weights)]
-    device = mats[0].device
-    if problem.distributed:
-        base_seed = dist.shared_seed(seed, device)
-    else:
-        base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-    samples: List[List[torch.Tensor]] = [[] for _ in names]
-    done = [False] * len(names)
-    n = 0
+    space = _ProbeSpace([view.to_matrix(w.detach()) for view, w in zip(views, weights)], views, quantity)
+    if sketch == "auto":
+        fits = SKETCH_MEMORY_BYTES // (2 * space.dim * space.dtype.itemsize)
+        sketch = min(32, max_probes // 4, fits)
+        sketch = sketch if sketch >= 4 else 0
+    if 2 * sketch >= max_probes:
+        raise ValueError(f"sketch={sketch} needs {2 * sketch} Hessian-vector products, max_probes={max_probes} allows "
+                         "fewer: raise max_probes or lower sketch")
+    sketch = min(sketch, space.dim)
+    device = space.device
+    base_seed = (dist.shared_seed(seed, device) if problem.distributed else
+                 int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed))
+    gen = torch.Generator(device=device).manual_seed(base_seed)
+    used, samples = 0, []
+    exact = torch.zeros(len(names), dtype=torch.float64, device=device)
+    converged = [False] * len(names)
     with preserved(problem.model):
         for w in weights:
             w.requires_grad_(True)
-        for rnd in range(math.ceil(max_probes / probes_per_round)):
-            count = min(probes_per_round, max_probes - rnd * probes_per_round)
-            dirs = [_directions(quantity, mat, view, count,
-                                torch.Generator(device=device).manual_seed(((base_seed + rnd) * 1000003 + l) % 2**63),
-                                None) for l, (mat, view) in enumerate(zip(mats, views))]
-            total, n = torch.zeros((len(names), count), dtype=torch.float64, device=device), 0
-            for x, y in problem.batches():
-                total += _joint_forms(problem.model, weights, x, y, problem.loss, dirs)
-                n += x.shape[0]
-            if problem.distributed:
-                count_t = torch.tensor(float(n), dtype=torch.float64, device=device)
-                dist.all_reduce_sum([total, count_t])
-                n = int(count_t.item())
-            for l in range(len(names)):
-                samples[l].append(total[l] / n)
-                allq = torch.cat(samples[l])
-                done[l] = float(allq.std() / math.sqrt(allq.numel())) <= rel_tol * abs(float(allq.mean()))
-            if all(done):
+        operator = _Operator(problem, weights, space)
+        basis = None
+        if sketch:
+            basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
+            used += sketch
+            exact = space.partial_dots(basis, operator(basis)).sum(0)
+            used += sketch
+            if progress:
+                progress(used, max_probes)
+        while used < max_probes:
+            count = min(probes_per_round, max_probes - used)
+            u = space.randn(count, gen)
+            if basis is not None:
+                u = u - (u @ basis.T) @ basis
+            samples.append(space.partial_dots(u, operator(u)))  # (count, L)
+            used += count
+            if progress:
+                progress(used, max_probes)
+            allq = torch.cat(samples)
+            if allq.shape[0] < 2:
+                continue
+            values = exact + allq.mean(0)
+            errors = allq.std(0) / math.sqrt(allq.shape[0])
+            converged = [bool(e <= rel_tol * abs(v)) for e, v in zip(errors, values)]
+            if all(converged):
                 break
     seconds = time.perf_counter() - start
+    allq = torch.cat(samples) + exact
     out = {}
     for l, name in enumerate(names):
-        allq = torch.cat(samples[l])
-        out[name] = StochasticEstimate(float(allq.mean()), float(allq.std() / math.sqrt(allq.numel())), allq.numel(),
-                                       allq.to(mats[l].dtype), done[l], n, seconds)
+        q = allq[:, l]
+        out[name] = StochasticEstimate(float(q.mean()), float(q.std() / math.sqrt(q.numel())), used,
+                                       q.to(space.dtype), converged[l], operator.n, seconds)
     return out
 
 
-def _joint_forms(model, weights: List[torch.Tensor], x, y, loss: Loss, dirs: List[torch.Tensor]) -> torch.Tensor:
-    """(L, K): n_b <V_lk, (H_b V_k)_l> for every layer l and probe k, V_k = (V_1k, ..., V_Lk)."""
-    quad = torch.zeros((len(weights), dirs[0].shape[0]), dtype=torch.float64, device=dirs[0].device)
+class _ProbeSpace:
+    """Concatenated probe coordinates of all layers, and the maps between them and the weights."""
+
+    def __init__(self, mats: List[torch.Tensor], views: List[WeightView], quantity: str):
+        self.views, self.factors, self.shapes = views, [], []
+        for w in mats:
+            d, m = w.shape
+            if quantity == "hessian_trace":
+                factor = torch.eye(d, dtype=w.dtype, device=w.device)
+            elif m <= d:
+                factor = w  # P (m, m): V = W P, the multiplicative probe
+            else:  # P (d, m): V = (W W^T)^{1/2} P, the smaller space
+                lam, vec = torch.linalg.eigh(w.double() @ w.double().T)
+                factor = ((vec * lam.clamp_min(0).sqrt()) @ vec.T).to(w.dtype)
+            self.factors.append(factor)
+            self.shapes.append((factor.shape[1], m))
+        self.sizes = [r * m for r, m in self.shapes]
+        self.dim = sum(self.sizes)
+        self.dtype, self.device = mats[0].dtype, mats[0].device
+
+    def randn(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn((count, self.dim), generator=gen, dtype=self.dtype, device=self.device)
+
+    def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
+        """(k, dim) -> per layer, (k, *weight.shape) directions R p."""
+        return [torch.stack([view.from_matrix(f @ c.reshape(shape)) for c in block])
+                for block, f, shape, view in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes,
+                                                  self.views)]
+
+    def from_weights(self, hv: List[torch.Tensor]) -> torch.Tensor:
+        """Per layer (k, *weight.shape) -> (k, dim), the adjoint map R^T."""
+        return torch.cat([torch.stack([(f.T @ view.to_matrix(h)).reshape(-1) for h in block])
+                          for block, f, view in zip(hv, self.factors, self.views)], dim=1)
+
+    def partial_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(k, dim) x (k, dim) -> (k, L): each layer's block of the row-wise inner products."""
+        return torch.stack([(x * y).sum(1) for x, y in zip(torch.split(a, self.sizes, dim=1),
+                                                            torch.split(b, self.sizes, dim=1))], dim=1).double()
+
+
+class _Operator:
+    """p -> M p = R^T H R p for the mean loss over all the data (batches weighted by their terms,
+    summed over ranks under torch.distributed)."""
+
+    def __init__(self, problem: Problem, weights: List[torch.Tensor], space: _ProbeSpace):
+        self.problem, self.weights, self.space, self.n = problem, weights, space, 0
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        dirs = self.space.to_weights(p)
+        total = [torch.zeros_like(d) for d in dirs]
+        n = 0
+        for x, y in self.problem.batches():
+            count = self.problem.count(y)
+            if count == 0:
+                continue
+            for acc, hv in zip(total, _batch_hvps(self.problem, self.weights, x, y, dirs)):
+                if hv is not None:
+                    acc += hv * count
+            n += count
+        if self.problem.distributed:
+            count_t = torch.tensor(float(n), dtype=torch.float64, device=p.device)
+            dist.all_reduce_sum([*total, count_t])
+            n = int(count_t.item())
+        self.n = n
+        return self.space.from_weights([t / n for t in total])
+
+
+def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]
+                ) -> List[Optional[torch.Tensor]]:
+    """Per layer (k, *weight.shape): H_b V for the k joint directions V = (dirs[0][j], ...), H_b the
+    Hessian of the batch's mean loss; None for a weight the loss does not depend on twice."""
+    loss = problem.loss
     with torch.enable_grad(), differentiable_attention():
-        out = model(x)
+        out = problem.forward(x)
         loss.check(out, y)
         grads = torch.autograd.grad(loss.for_derivatives(out, y), weights, create_graph=True, allow_unused=True)
-    live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]
-    if not live:  # the loss is linear in every weight
-        return quad
-    for k in range(quad.shape[1]):
-        hv = torch.autograd.grad([grads[l] for l in live], [weights[l] for l in live],
-                                 grad_outputs=[dirs[l][k] for l in live], retain_graph=True, allow_unused=True)
-        for l, h in zip(live, hv):
-            if h is not None:
-                quad[l, k] = (h * dirs[l][k]).sum().double()
-    return quad * x.shape[0]
+        live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]
+        result: List[Optional[torch.Tensor]] = [None] * len(weights)
+        if not live:  # the loss is linear in every weight
+            return result
+        rows = [[] for _ in live]
+        for j in range(dirs[0].shape[0]):
+            hv = torch.autograd.grad([grads[l] for l in live], [weights[l] for l in live],
+                                     grad_outputs=[dirs[l][j] for l in live], retain_graph=True, allow_unused=True)
+            for r, (l, h) in enumerate(zip(live, hv)):
+                rows[r].append(torch.zeros_like(weights[l]) if h is None else h.detach())
+    for r, l in enumerate(live):
+        result[l] = torch.stack(rows[r])
+    return result

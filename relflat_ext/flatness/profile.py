@@ -1,6 +1,11 @@
 """Per-layer profiles: relative flatness of every weight layer of a model (or the ones named), with
 the path each one took, its error bar where it is an estimate, the Hessian trace, the squared weight
-norm, time and peak memory; printed as an aligned table, saved as CSV/JSON, plotted."""
+norm, time and peak memory; printed as an aligned table, saved as CSV/JSON, plotted.
+
+Layers the exact paths can measure are measured exactly, one by one. The others are estimated
+together by default (``probes="shared"``): every Hessian-vector product of the whole network
+serves all of them, deflated by a low-rank sketch (:func:`~.joint.stochastic_estimate_layers`);
+``probes="per_layer"`` estimates each on its own."""
 from __future__ import annotations
 
 import csv
@@ -17,11 +22,14 @@ from torch import nn
 
 from ..core.layers import ParameterLayer, resolve_weight_layer, weight_layers
 from ..core.losses import LossSpec
-from .api import relative_flatness
+from .api import _dispatch, relative_flatness
+from .joint import stochastic_estimate_layers
+from .problem import Options, Problem
 from .stochastic import stochastic_estimate
 
 COLUMNS = ("layer", "type", "shape", "kappa", "kappa_stderr", "kappa_normalized", "hessian_trace",
            "hessian_trace_stderr", "weight_norm_sq", "method", "samples", "probes", "seconds", "peak_memory_mib")
+PROBE_MODES = ("shared", "per_layer")
 
 
 @dataclasses.dataclass
@@ -64,7 +72,7 @@ class ProfileTable:
         kappa = [max(r["kappa"], 1e-300) for r in self.rows]
         err = [r["kappa_stderr"] or 0.0 for r in self.rows]
         fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 4))
-        colors = ["tab:orange" if r["method"] == "stochastic" else "tab:blue" for r in self.rows]
+        colors = ["tab:orange" if r["method"].startswith("stochastic") else "tab:blue" for r in self.rows]
         ax.bar(range(len(names)), kappa, yerr=err, color=colors, capsize=3)
         ax.set_yscale("log")
         ax.set_xticks(range(len(names)))
@@ -83,51 +91,116 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
-            layers: Union[str, Sequence[str]] = "auto", rel_tol: float = 0.05, max_probes: int = 1000,
-            seed: Optional[int] = 0, batch_size: Optional[int] = None, hessian_trace: bool = True,
-            progress: bool = True, distributed: Optional[bool] = None) -> ProfileTable:
-    """Measures every Linear/Conv layer (``layers="auto"``) or the named ones, each through
-    ``relative_flatness(method="auto")``: exact where possible, the stochastic estimator otherwise
-    (to ``rel_tol``). Adds Theorem 4's normalized kappa where it is defined (Linear layers on (n, m)
-    features), the Hessian trace (exact from the block traces, else estimated), and ``||W||_F^2``.
-    Peak memory: CUDA's peak allocation during the layer, or on the CPU the process's resident
-    high-water mark. Progress goes to stderr, one line per layer."""
+            layers: Union[str, Sequence[str]] = "auto", probes: str = "shared", rel_tol: float = 0.05,
+            max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
+            batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,
+            distributed: Optional[bool] = None) -> ProfileTable:
+    """Measures every Linear/Conv layer (``layers="auto"``, transformers' Conv1D and packed
+    attention projections included) or the named ones: exactly where ``relative_flatness``
+    (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, all of them
+    with one shared set of Hessian-vector products (``probes="shared"``, method
+    "stochastic-shared", ``sketch`` as in :func:`stochastic_estimate_layers`; ``max_probes``
+    bounds the products) or each on its own (``"per_layer"``). Adds Theorem 4's normalized kappa
+    where it is defined (Linear layers on per-sample features), the Hessian trace (exact from the
+    block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's
+    peak allocation, or on the CPU the process's resident high-water mark. Progress goes to
+    stderr: a line per exact layer, a running count of products for the shared estimate."""
+    if probes not in PROBE_MODES:
+        raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
     names = weight_layers(model) if layers == "auto" else list(layers)
     if not names:
         raise ValueError("the model has no Linear or Conv layers to profile; name the layers to measure")
-    rows = []
-    for k, name in enumerate(names, 1):
-        name, module = resolve_weight_layer(model, name)
+    resolved = [resolve_weight_layer(model, name) for name in names]
+    rows: Dict[str, Dict] = {}
+    deferred: List[str] = []
+    common = dict(loss=loss, batch_size=batch_size, distributed=distributed)
+    for k, (name, module) in enumerate(resolved, 1):
         device = module.weight.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        res = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size, rel_tol=rel_tol,
-                                max_probes=max_probes, seed=seed, distributed=distributed,
-                                block_trace=hessian_trace)  # Tr(H) = Tr(T) where the exact path runs
+        if probes == "shared":
+            problem = Problem.build(model, name, inputs, targets, loss, batch_size, distributed)
+            res = _dispatch(problem, "auto", Options(block_trace=hessian_trace), estimate=lambda *args: None)
+            if res is None:  # the estimator's layer: measured with the others below
+                deferred.append(name)
+                continue
+        else:
+            res = relative_flatness(model, name, inputs, targets, rel_tol=rel_tol, max_probes=max_probes, seed=seed,
+                                    block_trace=hessian_trace, **common)  # Tr(H) = Tr(T) where exact
         normalized = trace = trace_se = None
         if res.method != "stochastic":
-            normalized = relative_flatness(model, name, inputs, targets, loss=loss, batch_size=batch_size,
-                                           normalize_features=True, block_trace=False, distributed=distributed).kappa
+            normalized = relative_flatness(model, name, inputs, targets, normalize_features=True, **common).kappa
             trace = _trace_from_block_traces(res)
         elif hessian_trace:
-            est = stochastic_estimate(model, name, inputs, targets, loss=loss, quantity="hessian_trace",
-                                      rel_tol=rel_tol, max_probes=max_probes, seed=seed, batch_size=batch_size,
-                                      distributed=distributed)
+            est = stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
+                                      max_probes=max_probes, seed=seed, **common)
             trace, trace_se = est.value, est.stderr
-        kind = "Parameter" if isinstance(module, ParameterLayer) else type(module).__name__
-        row = {"layer": name, "type": kind, "shape": list(module.weight.shape), "kappa": res.kappa,
-               "kappa_stderr": res.kappa_stderr, "kappa_normalized": normalized, "hessian_trace": trace,
-               "hessian_trace_stderr": trace_se,
-               "weight_norm_sq": float(module.weight.detach().double().pow(2).sum()), "method": res.method,
-               "samples": res.n, "probes": res.probes, "seconds": time.perf_counter() - start,
-               "peak_memory_mib": _peak_mib(device)}
-        rows.append(row)
+        rows[name] = _row(name, module, res.kappa, res.kappa_stderr, normalized, trace, trace_se, res.method, res.n,
+                          res.probes, time.perf_counter() - start)
         if progress:
             err = f" +- {res.kappa_stderr:.2g}" if res.kappa_stderr is not None else ""
-            print(f"[{k}/{len(names)}] {name} ({row['type']} {'x'.join(map(str, row['shape']))}): kappa "
-                  f"{res.kappa:.5g}{err} [{res.method}] {row['seconds']:.2f} s", file=sys.stderr, flush=True)
-    return ProfileTable(rows)
+            print(f"[{k}/{len(names)}] {name} ({rows[name]['type']} {'x'.join(map(str, rows[name]['shape']))}): "
+                  f"kappa {res.kappa:.5g}{err} [{res.method}] {rows[name]['seconds']:.2f} s", file=sys.stderr,
+                  flush=True)
+    if deferred:
+        rows.update(_shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_probes, sketch, seed,
+                            hessian_trace, progress))
+    return ProfileTable([rows[name] for name, _ in resolved])
+
+
+def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:
+    kind = "Parameter" if isinstance(module, ParameterLayer) else type(module).__name__
+    return {"layer": name, "type": kind, "shape": list(module.weight.shape), "kappa": kappa, "kappa_stderr": stderr,
+            "kappa_normalized": normalized, "hessian_trace": trace, "hessian_trace_stderr": trace_se,
+            "weight_norm_sq": float(module.weight.detach().double().pow(2).sum()), "method": method, "samples": n,
+            "probes": probe_count, "seconds": seconds, "peak_memory_mib": _peak_mib(module.weight.device)}
+
+
+def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_probes, sketch, seed, hessian_trace,
+            progress) -> Dict[str, Dict]:
+    """The estimator's layers, all from one shared set of Hessian-vector products (and a second set
+    for the Hessian traces); each row's seconds are the shared run's."""
+    modules = dict(resolved)
+    device = modules[deferred[0]].weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    runs = [("kappa", "kappa")] + ([("hessian_trace", "Hessian trace")] if hessian_trace else [])
+    results = {}
+    for quantity, label in runs:
+        report = _ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
+        results[quantity] = stochastic_estimate_layers(model, deferred, inputs, targets, quantity=quantity,
+                                                       rel_tol=rel_tol, max_probes=max_probes, sketch=sketch,
+                                                       seed=seed, progress=report, **common)
+        if report:
+            report.close()
+    seconds = time.perf_counter() - start
+    rows = {}
+    for name in deferred:
+        est = results["kappa"][name]
+        trace = results.get("hessian_trace", {}).get(name)
+        rows[name] = _row(name, modules[name], est.value, est.stderr, None, trace.value if trace else None,
+                          trace.stderr if trace else None, "stochastic-shared", est.n, est.probes, seconds)
+        if progress and not est.converged:
+            print(f"relflat profile: {name}: relative standard error {est.stderr / max(abs(est.value), 1e-300):.2g} "
+                  f"after {est.probes} products (rel_tol={rel_tol}); raise max_probes for more", file=sys.stderr)
+    return rows
+
+
+class _ProgressLine:
+    """A progress bar on stderr, rewritten in place: products done of the budget."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.perf_counter()
+
+    def __call__(self, done: int, budget: int) -> None:
+        filled = int(30 * done / max(budget, 1))
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{budget} Hessian-vector products ({self.label}, "
+              f"{time.perf_counter() - self.start:.1f} s)", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
 
 
 def _trace_from_block_traces(res) -> Optional[float]:

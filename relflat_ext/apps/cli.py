@@ -39,16 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="write the report as JSON to this file")
     prof = sub.add_parser("profile", help="relative flatness of every weight layer of a model")
     prof.add_argument("--model", default="lenet5",
-                      help="'lenet5' (built in, trained on the data first), a torchvision model name, or module:function")
+                      help="'lenet5' (built in, trained on the data first), 'gpt2-small-random' or 'gpt2-tiny-random' "
+                           "(transformers, random weights), a torchvision model name, or module:function")
     prof.add_argument("--weights", default=None, help="a local state_dict file for the model")
-    prof.add_argument("--data", default="digits",
-                      help="'digits', 'digits-flat', 'synthetic-imagenet', or module:function returning a DataLoader")
+    prof.add_argument("--data", default=None,
+                      help="'digits' (the default), 'digits-flat', 'synthetic-imagenet', 'synthetic-tokens' (the "
+                           "default for GPT-2), or module:function returning a DataLoader")
+    prof.add_argument("--seq-len", type=POSITIVE, default=128, help="tokens per sequence for synthetic-tokens")
     prof.add_argument("--samples", type=POSITIVE, default=None, help="use the first N samples")
     prof.add_argument("--batch-size", type=POSITIVE, default=256)
     prof.add_argument("--layers", nargs="*", default=None, help="layer names (default: every Linear/Conv layer)")
     prof.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     prof.add_argument("--rel-tol", type=TOLERANCE, default=0.05)
     prof.add_argument("--max-probes", type=PROBES, default=1000)
+    prof.add_argument("--probes", choices=["shared", "per_layer"], default="shared",
+                      help="estimated layers: one shared, deflated set of Hessian-vector products, or each on its own")
+    prof.add_argument("--sketch", type=NON_NEGATIVE, default=None,
+                      help="columns of the shared probes' low-rank sketch (default: auto; 0: none)")
     prof.add_argument("--train-epochs", type=NON_NEGATIVE, default=None,
                       help="train the model first (default: 30 epochs for lenet5, none otherwise)")
     prof.add_argument("--seed", type=int, default=0)
@@ -120,20 +127,24 @@ def _profile(args) -> None:
     from .training import fit
     from .zoo import load_data, load_model
 
-    loader = load_data(args.data, batch_size=args.batch_size, samples=args.samples, seed=args.seed)
     model = load_model(args.model, args.weights, seed=args.seed)
+    config = getattr(model, "config", None)
+    data = args.data or ("synthetic-tokens" if args.model.startswith("gpt2-") else "digits")
+    loader = load_data(data, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+                       vocab=getattr(config, "vocab_size", 1000), seq_len=args.seq_len)
     epochs = args.train_epochs if args.train_epochs is not None else (30 if args.model == "lenet5" else 0)
     if epochs:
-        print(f"training {args.model} on {args.data} for {epochs} epochs ...")
+        print(f"training {args.model} on {data} for {epochs} epochs ...")
         fit(model, loader, epochs, log=print)
     device = torch.device(args.device)
     model = model.to(device).eval()
     if device.type != "cpu":
-        loader = [(x.to(device), y.to(device)) for x, y in loader]
+        loader = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else (b[0].to(device), b[1].to(device))
+                  for b in loader]
     start = time.perf_counter()
     table = profile(model, loader, layers=args.layers or "auto", rel_tol=args.rel_tol, max_probes=args.max_probes,
-                    seed=args.seed)
-    print(f"\n{args.model} on {args.data} ({table.rows[0]['samples']} samples, {args.device}): "
+                    probes=args.probes, sketch="auto" if args.sketch is None else args.sketch, seed=args.seed)
+    print(f"\n{args.model} on {data} ({table.rows[0]['samples']} samples, {args.device}): "
           f"{time.perf_counter() - start:.1f} s\n")
     print(table)
     table.to_csv(os.path.join(args.out, "profile.csv"))

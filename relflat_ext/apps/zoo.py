@@ -4,14 +4,18 @@ torchvision architectures, and anything importable as ``module:function``."""
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..datasets import load_digits, synthetic_images
 
-BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet")
+BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet", "synthetic-tokens")
+# GPT-2 configurations with random weights (nothing downloaded): the real small model, and a tiny
+# one for smoke tests.
+GPT2_CONFIGS = {"gpt2-small-random": {},
+                "gpt2-tiny-random": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=256)}
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -51,12 +55,25 @@ def _import(spec: str):
         raise ValueError(f"cannot import {spec!r} ({exc}); expected module:function") from exc
 
 
-def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, seed: int = 0):
+def synthetic_tokens(samples: int, seq_len: int, vocab: int, batch_size: int, seed: int = 0) -> List[Dict]:
+    """Uniform random token sequences as language-model dict batches ``{"input_ids", "labels"}``
+    (labels = input_ids; a causal LM shifts them), ``batch_size`` sequences per batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (samples, seq_len), generator=g)
+    return [{"input_ids": ids[s:s + batch_size], "labels": ids[s:s + batch_size]} for s in range(0, samples, batch_size)]
+
+
+def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, seed: int = 0, vocab: int = 1000,
+              seq_len: int = 128):
     """A DataLoader for a built-in data set ("digits": scikit-learn's 1797 8x8 images as (1, 8, 8);
     "digits-flat": the same as 64-vectors; "synthetic-imagenet": Gaussian 3x224x224 images with
-    random labels, 512 unless ``samples``), or ``module:function`` returning a DataLoader."""
+    random labels, 512 unless ``samples``; "synthetic-tokens": random sequences of ``seq_len``
+    tokens below ``vocab`` as dict batches, 64 unless ``samples``), or ``module:function``
+    returning a DataLoader."""
     if ":" in spec:
         return _import(spec)()
+    if spec == "synthetic-tokens":
+        return synthetic_tokens(samples or 64, seq_len, vocab, batch_size, seed)
     if spec in ("digits", "digits-flat"):
         x, y = load_digits(image=spec == "digits")
     elif spec == "synthetic-imagenet":
@@ -68,14 +85,30 @@ def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, s
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
+def gpt2_random(spec: str = "gpt2-small-random") -> nn.Module:
+    """transformers' GPT2LMHeadModel with random weights, in eval mode: "gpt2-small-random" is
+    GPT-2 small (12 layers, width 768, 50257 tokens, embeddings tied to the head)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ValueError(f"model {spec!r} needs transformers (pip install transformers)") from exc
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.GPT2Config(**GPT2_CONFIGS[spec])
+    config.bos_token_id = config.eos_token_id = config.vocab_size - 1
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 def load_model(spec: str, weights: Optional[str] = None, seed: int = 0) -> nn.Module:
-    """"lenet5" (built in), a torchvision model name (random weights unless ``weights``, a local
-    state_dict file), or ``module:function`` returning an nn.Module."""
+    """"lenet5" (built in), "gpt2-small-random" / "gpt2-tiny-random" (transformers, random
+    weights), a torchvision model name (random weights unless ``weights``, a local state_dict
+    file), or ``module:function`` returning an nn.Module."""
     torch.manual_seed(seed)
     if ":" in spec:
         model = _import(spec)()
     elif spec == "lenet5":
         model = lenet5()
+    elif spec in GPT2_CONFIGS:
+        model = gpt2_random(spec)
     else:
         try:
             import torchvision

@@ -178,14 +178,34 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
     seconds = time.perf_counter() - start
     rows = {}
     for name in deferred:
-        est = results["kappa"][name]
+        est, method = results["kappa"][name], "stochastic-shared"
         trace = results.get("hessian_trace", {}).get(name)
+        products = est.probes
+        if not est.converged:
+            # Far from a minimum the Hessian is not low-rank and the cross-layer terms survive the
+            # sketch: go on with this layer's own probes, pooling both unbiased estimates.
+            own = stochastic_estimate(model, name, inputs, targets, rel_tol=rel_tol, max_probes=max_probes,
+                                      seed=None if seed is None else seed + 1, **common)
+            est, method, products = _pooled(est, own, rel_tol), "stochastic-shared+own", products + own.probes
+            if progress:
+                print(f"relflat profile: {name}: not converged with shared probes; {own.probes} of its own "
+                      f"({own.seconds:.1f} s)", file=sys.stderr, flush=True)
         rows[name] = _row(name, modules[name], est.value, est.stderr, None, trace.value if trace else None,
-                          trace.stderr if trace else None, "stochastic-shared", est.n, est.probes, seconds)
+                          trace.stderr if trace else None, method, est.n, products, seconds)
         if progress and not est.converged:
             print(f"relflat profile: {name}: relative standard error {est.stderr / max(abs(est.value), 1e-300):.2g} "
-                  f"after {est.probes} products (rel_tol={rel_tol}); raise max_probes for more", file=sys.stderr)
+                  f"(rel_tol={rel_tol}); raise max_probes for more", file=sys.stderr)
     return rows
+
+
+def _pooled(a, b, rel_tol: float):
+    """Inverse-variance pooling of two independent unbiased estimates."""
+    if a.stderr == 0 or b.stderr == 0:
+        return a if a.stderr == 0 else b
+    wa, wb = a.stderr ** -2, b.stderr ** -2
+    value, stderr = (wa * a.value + wb * b.value) / (wa + wb), (wa + wb) ** -0.5
+    return dataclasses.replace(b, value=value, stderr=stderr, probes=a.probes + b.probes,
+                               converged=stderr <= rel_tol * abs(value))
 
 
 class _ProgressLine:

@@ -119,9 +119,10 @@ def test_layers_the_shared_probes_leave_unconverged_get_their_own():
     model = Block().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(30, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    table = rf.profile(model, x, y, layers=["q", "mlp.0"], rel_tol=1e-3, max_probes=40, hessian_trace=False,
+    table = rf.profile(model, x, y, layers=["q", "mlp.0"], rel_tol=1e-3, max_probes=200, hessian_trace=False,
                        progress=False)
     for r in table.rows:
         exact = rf.relative_flatness(model, r["layer"], x, y, method="autograd").kappa
-        assert r["method"] == "stochastic-shared+own" and r["probes"] == 80
+        # the shared run gives up as soon as no layer is on course (well before its 200 products)
+        assert r["method"] == "stochastic-shared+own" and 200 < r["probes"] < 300
         assert abs(r["kappa"] - exact) <= 4 * r["kappa_stderr"]

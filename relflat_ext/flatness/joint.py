@@ -42,7 +42,8 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
                                max_probes: int = 1000, probes_per_round: int = 32, sketch: Union[str, int] = "auto",
                                seed: Optional[int] = None, batch_size: Optional[int] = None,
                                distributed: Optional[bool] = None,
-                               progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, StochasticEstimate]:
+                               progress: Optional[Callable[[int, int], None]] = None,
+                               give_up: bool = False) -> Dict[str, StochasticEstimate]:
     """Unbiased estimates of kappa_Tr (or of each layer's Hessian trace) for every layer at once,
     each Hessian-vector product of the whole network serving all of them. ``sketch`` columns (k)
     first deflate the dominant part of the Hessian (2k products, "auto": up to 32 within
@@ -50,7 +51,9 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
     residual probes until every layer's relative standard error reaches ``rel_tol`` or the products
     reach ``max_probes`` (the sketch's included). Layers as for :func:`stochastic_estimate`
     (Linear, Conv, transformers' Conv1D, or a 2-D parameter by name), each its own weight.
-    ``progress(done, budget)`` is called after each block of products. Returns, by layer name,
+    ``progress(done, budget)`` is called after each block of products. ``give_up``: stop early once
+    no unconverged layer is on course to converge within the remaining products (predicted from
+    its variance so far), leaving those layers to another estimator. Returns, by layer name,
     the estimate; its ``samples`` are the per-probe values (exact part plus residual), its
     ``probes`` the products used in all."""
     start = time.perf_counter()
@@ -118,6 +121,12 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             converged = [bool(e <= rel_tol * abs(v)) for e, v in zip(errors, values)]
             if all(converged):
                 break
+            if give_up:  # residual probes each layer needs in all: variance / (rel_tol * value)^2
+                needed = allq.var(0) / (rel_tol * values).pow(2).clamp_min(1e-300)
+                on_course = [not c and float(k) <= max_probes - used + allq.shape[0]
+                             for c, k in zip(converged, needed)]
+                if not any(on_course):
+                    break
     seconds = time.perf_counter() - start
     allq = torch.cat(samples) + exact
     out = {}

@@ -172,7 +172,7 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
         report = _ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
         results[quantity] = stochastic_estimate_layers(model, deferred, inputs, targets, quantity=quantity,
                                                        rel_tol=rel_tol, max_probes=max_probes, sketch=sketch,
-                                                       seed=seed, progress=report, **common)
+                                                       seed=seed, progress=report, give_up=True, **common)
         if report:
             report.close()
     seconds = time.perf_counter() - start

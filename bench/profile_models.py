@@ -1,0 +1,89 @@
+"""Whole-model profiles with their times (issue: profiling on the architectures people use):
+
+* ``transformer``: a 6-layer nn.TransformerEncoder classifier of width ``--width`` (384 by
+  default) on 8 sequences of 64 tokens, at random initialization and trained to a minimum;
+* ``resnet18``: torchvision's ResNet-18 on 32 images of 32x32, trained to a minimum (needs
+  torchvision: CI's torch 2.14.1 environment);
+* ``gpt2``: GPT-2 small with random weights on 64 sequences of 128 tokens (a GPU's job);
+* ``gpt2-tiny``: the 2-layer GPT-2 of the CLI's smoke test.
+
+Every layer to ``--rel-tol`` relative standard error with the profile's defaults (shared deflated
+probes, the Hessian trace too), capped at ``--max-probes`` products per estimate.
+
+    python -m bench.profile_models [--models transformer resnet18] [--device cpu] [--rel-tol 0.1]
+
+Writes bench/results/profile-<model>.json (the table and the times)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+import relflat_ext as rf
+from bench.shared_probes import TokenClassifier, _train
+from relflat_ext.apps.zoo import gpt2_random, synthetic_tokens
+
+
+def models(names, width, device):
+    g = torch.Generator().manual_seed(0)
+    if "transformer" in names:
+        tokens, labels = torch.randint(0, 100, (8, 64), generator=g), torch.randint(0, 10, (8,), generator=g)
+        torch.manual_seed(0)
+        yield "transformer-init", f"6-layer transformer, width {width}, 8 x 64 tokens, random init", \
+            TokenClassifier(width=width).eval(), tokens, labels
+        torch.manual_seed(0)
+        model, loss = _train(TokenClassifier(width=width), tokens, labels, 100, 3e-4)
+        yield "transformer-trained", f"6-layer transformer, width {width}, 8 x 64 tokens, trained (loss {loss:.1e})", \
+            model, tokens, labels
+    if "resnet18" in names:
+        import torchvision
+        images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+        torch.manual_seed(0)
+        model, loss = _train(torchvision.models.resnet18(num_classes=10), images, labels, 30, 1e-3)
+        yield "resnet18-trained", f"ResNet-18, 32 images 32x32, trained (loss {loss:.1e})", model, images, labels
+    for spec, n, seq in (("gpt2", 64, 128), ("gpt2-tiny", 8, 32)):
+        if spec in names:
+            torch.manual_seed(0)
+            model = gpt2_random("gpt2-small-random" if spec == "gpt2" else "gpt2-tiny-random")
+            batches = synthetic_tokens(n, seq, model.config.vocab_size, batch_size=16 if spec == "gpt2" else 8)
+            yield spec + "-random", f"{spec} random weights, {n} x {seq} tokens", model, batches, None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=["transformer"])
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rel-tol", type=float, default=0.1)
+    parser.add_argument("--max-probes", type=int, default=400)
+    parser.add_argument("--out", default=os.path.join("bench", "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    os.makedirs(args.out, exist_ok=True)
+    for key, label, model, x, y in models(args.models, args.width, device):
+        model = model.to(device)
+        if isinstance(x, list):
+            x = [{k: v.to(device) for k, v in b.items()} for b in x]
+        else:
+            x, y = x.to(device), y.to(device)
+        start = time.perf_counter()
+        table = rf.profile(model, x, y, rel_tol=args.rel_tol, max_probes=args.max_probes)
+        seconds = time.perf_counter() - start
+        worst = max(r["kappa_stderr"] / abs(r["kappa"]) for r in table.rows if r["kappa_stderr"])
+        converged = sum(1 for r in table.rows if not r["kappa_stderr"] or r["kappa_stderr"] <= args.rel_tol * abs(r["kappa"]))
+        print(f"\n{label} on {where}, torch {torch.__version__}: {len(table.rows)} layers in {seconds:.1f} s; "
+              f"{converged}/{len(table.rows)} within rel_tol {args.rel_tol} (worst {worst:.2g})\n{table}")
+        with open(os.path.join(args.out, f"profile-{key}.json"), "w") as fh:
+            json.dump({"model": label, "device": where, "torch": torch.__version__, "rel_tol": args.rel_tol,
+                       "max_probes": args.max_probes, "seconds": seconds, "converged": converged,
+                       "worst_rel_stderr": worst, "rows": table.rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -106,6 +106,20 @@ def test_cli_profile_on_builtin_digits(tmp_path, capsys):
     assert len(rows) == 5 and (tmp_path / "profile.png").exists() and (tmp_path / "profile.csv").exists()
 
 
+def test_cli_profile_of_a_random_gpt2(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    code = cli_main(["profile", "--model", "gpt2-tiny-random", "--samples", "4", "--seq-len", "16", "--batch-size", "2",
+                     "--rel-tol", "0.5", "--max-probes", "24", "--out", str(tmp_path)])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert "gpt2-tiny-random on synthetic-tokens (60 samples" in out  # 4 x 15 next-token targets
+    assert "Hessian-vector products" in err  # the progress bar
+    rows = json.load(open(tmp_path / "profile.json"))
+    assert [r["layer"] for r in rows][:2] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+    assert rows[-1]["layer"] == "lm_head" and "tied" not in rows[-1]["method"]
+    assert all(r["method"].startswith("stochastic-shared") for r in rows)
+
+
 def test_cli_rejects_unknown_model_and_data(tmp_path, capsys):
     assert cli_main(["profile", "--model", "no_such_net", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

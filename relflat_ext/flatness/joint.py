@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -34,7 +35,10 @@ from ..core.losses import LossSpec
 from .problem import Problem
 from .stochastic import QUANTITIES, StochasticEstimate
 
+_BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
+# Directions per vmap'd backward pass (is_grads_batched) on GPUs; the CPU loops (bench/RESULTS.md).
+BATCHED_DIRECTIONS = 8
 
 
 def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], inputs, targets=None, *,
@@ -204,10 +208,14 @@ class _Operator:
         return self.space.from_weights([t / n for t in total])
 
 
-def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]
-                ) -> List[Optional[torch.Tensor]]:
+def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
+                batched: Optional[bool] = None) -> List[Optional[torch.Tensor]]:
     """Per layer (k, *weight.shape): H_b V for the k joint directions V = (dirs[0][j], ...), H_b the
-    Hessian of the batch's mean loss; None for a weight the loss does not depend on twice."""
+    Hessian of the batch's mean loss; None for a weight the loss does not depend on twice.
+    ``batched`` (default: on CUDA) runs blocks of directions through one vmap'd backward pass,
+    falling back to one pass per direction where an op has no batching rule."""
+    global _BATCHED_OK
+    batched = dirs[0].is_cuda if batched is None else batched
     loss = problem.loss
     with torch.enable_grad(), differentiable_attention():
         out = problem.forward(x)
@@ -218,7 +226,24 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
         if not live:  # the loss is linear in every weight
             return result
         rows = [[] for _ in live]
-        for j in range(dirs[0].shape[0]):
+        k = dirs[0].shape[0]
+        if batched and _BATCHED_OK:
+            try:
+                for j0 in range(0, k, BATCHED_DIRECTIONS):
+                    hv = torch.autograd.grad([grads[l] for l in live], [weights[l] for l in live],
+                                             grad_outputs=[dirs[l][j0:j0 + BATCHED_DIRECTIONS] for l in live],
+                                             retain_graph=True, allow_unused=True, is_grads_batched=True)
+                    for r, (l, h) in enumerate(zip(live, hv)):
+                        block = min(BATCHED_DIRECTIONS, k - j0)
+                        rows[r].extend(torch.zeros((block, *weights[l].shape), dtype=weights[l].dtype,
+                                                   device=weights[l].device) if h is None else h.detach())
+                k = 0  # done
+            except RuntimeError as exc:
+                _BATCHED_OK = False
+                rows = [[] for _ in live]
+                warnings.warn(f"relflat_ext: batched Hessian-vector products failed ({exc}); falling back to one "
+                              "backward pass per direction (same result, slower)", RuntimeWarning)
+        for j in range(k):
             hv = torch.autograd.grad([grads[l] for l in live], [weights[l] for l in live],
                                      grad_outputs=[dirs[l][j] for l in live], retain_graph=True, allow_unused=True)
             for r, (l, h) in enumerate(zip(live, hv)):

@@ -55,7 +55,7 @@ def _train(model, x, y, steps, lr):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-    return model.eval(), float(loss)
+    return model.eval(), loss.item()
 
 
 def cases(names, width):

@@ -32,7 +32,8 @@ def measure_layers(model, x, y, seed: int) -> Dict[str, Dict]:
     """{layer name: {"kappa", "stderr" (None where exact), "method"}} for every weight layer."""
     out = {}
     estimates = stochastic_estimate_layers(model.float(), list(CONV_LAYERS), x.float(), y, rel_tol=CONV_REL_TOL,
-                                           max_probes=CONV_MAX_PROBES, probes_per_round=CONV_MAX_PROBES, seed=seed)
+                                           max_probes=CONV_MAX_PROBES, probes_per_round=CONV_MAX_PROBES, seed=seed,
+                                           sketch=0)  # plain joint probes: the protocol docs/reproduction.md reports
     for key in CONV_LAYERS:
         est = estimates[key]
         out[LAYERS[key]] = {"kappa": est.value, "stderr": est.stderr, "probes": est.probes, "method": "stochastic"}

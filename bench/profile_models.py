@@ -79,6 +79,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rel-tol", type=float, default=0.1)
     parser.add_argument("--max-probes", type=int, default=400)
+    parser.add_argument("--compare", action="store_true",
+                        help="kappa only, shared probes against per_layer, both timed")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -91,6 +93,21 @@ def main(argv=None):
             x = [{k: v.to(device) for k, v in b.items()} for b in x]
         else:
             x, y = x.to(device), y.to(device)
+        if args.compare:
+            times = {}
+            for mode in ("shared", "per_layer"):
+                start = time.perf_counter()
+                table = rf.profile(model, x, y, rel_tol=args.rel_tol, max_probes=args.max_probes, probes=mode,
+                                   hessian_trace=False, progress=False)
+                times[mode] = {"seconds": time.perf_counter() - start,
+                               "products": sum(r["probes"] or 0 for r in table.rows) if mode == "per_layer" else
+                               max(r["probes"] or 0 for r in table.rows),
+                               "worst_rel_stderr": max(r["kappa_stderr"] / abs(r["kappa"]) for r in table.rows
+                                                       if r["kappa_stderr"])}
+            print(f"{label} on {where}: kappa of every layer to rel_tol {args.rel_tol}: {times}")
+            with open(os.path.join(args.out, f"profile-compare-{key}.json"), "w") as fh:
+                json.dump({"model": label, "device": where, "rel_tol": args.rel_tol, **times}, fh, indent=2)
+            continue
         start = time.perf_counter()
         table = rf.profile(model, x, y, rel_tol=args.rel_tol, max_probes=args.max_probes)
         seconds = time.perf_counter() - start

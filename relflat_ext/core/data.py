@@ -62,8 +62,12 @@ def is_causal_lm(model: nn.Module) -> bool:
     label at t + 1, which :func:`shift_labels` reproduces."""
     if not type(model).__module__.startswith("transformers."):
         return False
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # a transformers without the registry: its naming convention
+        return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return type(model).__name__ in {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                                    for name in ((names,) if isinstance(names, str) else names)}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -165,14 +165,15 @@ class _ProbeSpace:
         return torch.randn((count, self.dim), generator=gen, dtype=self.dtype, device=self.device)
 
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
-        """(k, dim) -> per layer, (k, *weight.shape) directions R p."""
-        return [torch.stack([view.from_matrix(f @ c.reshape(shape)) for c in block])
+        """(k, dim) -> per layer, (k, *weight.shape) directions R p (one batched product a layer)."""
+        k = p.shape[0]
+        return [torch.vmap(view.from_matrix)(f @ block.reshape(k, *shape))
                 for block, f, shape, view in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes,
                                                   self.views)]
 
     def from_weights(self, hv: List[torch.Tensor]) -> torch.Tensor:
         """Per layer (k, *weight.shape) -> (k, dim), the adjoint map R^T."""
-        return torch.cat([torch.stack([(f.T @ view.to_matrix(h)).reshape(-1) for h in block])
+        return torch.cat([(f.T @ torch.vmap(view.to_matrix)(block)).reshape(block.shape[0], -1)
                           for block, f, view in zip(hv, self.factors, self.views)], dim=1)
 
     def partial_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@
 * ``gpt2``: GPT-2 small with random weights on 64 sequences of 128 tokens (a GPU's job);
 * ``gpt2-tiny``: the 2-layer GPT-2 of the CLI's smoke test.
 
-Every layer to ``--rel-tol`` relative standard error with the profile's defaults (shared deflated
-probes, the Hessian trace too), capped at ``--max-probes`` products per estimate.
+Every layer to ``--rel-tol`` relative standard error (``--probes``: shared deflated probes by
+default, the Hessian trace too), capped at ``--max-probes`` products per estimate; ``--compare``
+times kappa alone both ways.
 
     python -m bench.profile_models [--models transformer resnet18] [--device cpu] [--rel-tol 0.1]
 
@@ -79,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rel-tol", type=float, default=0.1)
     parser.add_argument("--max-probes", type=int, default=400)
+    parser.add_argument("--probes", choices=["shared", "per_layer"], default="shared")
     parser.add_argument("--compare", action="store_true",
                         help="kappa only, shared probes against per_layer, both timed")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
@@ -109,7 +111,7 @@ def main(argv=None):
                 json.dump({"model": label, "device": where, "rel_tol": args.rel_tol, **times}, fh, indent=2)
             continue
         start = time.perf_counter()
-        table = rf.profile(model, x, y, rel_tol=args.rel_tol, max_probes=args.max_probes)
+        table = rf.profile(model, x, y, rel_tol=args.rel_tol, max_probes=args.max_probes, probes=args.probes)
         seconds = time.perf_counter() - start
         worst = max(r["kappa_stderr"] / abs(r["kappa"]) for r in table.rows if r["kappa_stderr"])
         converged = sum(1 for r in table.rows if not r["kappa_stderr"] or r["kappa_stderr"] <= args.rel_tol * abs(r["kappa"]))

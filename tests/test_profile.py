@@ -37,11 +37,11 @@ def test_cnn_profile_has_every_layer_and_equals_single_calls(tmp_path):
     model = lenet5().double()
     x, y = _digits_like()
     before = snapshot(model)
-    table = rf.profile(model, x, y, rel_tol=0.2, max_probes=128, seed=0, progress=False)
+    table = rf.profile(model, x, y, probes="shared", rel_tol=0.2, max_probes=128, seed=0, progress=False)
     assert_unchanged(model, before)
     assert [r["layer"] for r in table.rows] == ["0", "3", "7", "9", "11"]
     assert [r["method"][:17] for r in table.rows] == ["stochastic-shared"] * 2 + ["exact", "exact", "closed_form"]
-    per_layer = rf.profile(model, x, y, probes="per_layer", rel_tol=0.2, max_probes=128, seed=0, progress=False)
+    per_layer = rf.profile(model, x, y, rel_tol=0.2, max_probes=128, seed=0, progress=False)  # the default
     assert [r["method"] for r in per_layer.rows] == ["stochastic", "stochastic", "exact", "exact", "closed_form"]
     for r, p in zip(table.rows, per_layer.rows):
         single = rf.relative_flatness(model, r["layer"], x, y, rel_tol=0.2, max_probes=128, seed=0)
@@ -77,7 +77,7 @@ def test_transformer_block_profile():
     for r in table.rows:
         single = rf.relative_flatness(model, r["layer"], x, y, rel_tol=0.2, max_probes=64, seed=0)
         assert math.isfinite(r["kappa"]) and r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
-    shared = rf.profile(model, x, y, rel_tol=0.05, max_probes=400, progress=False)
+    shared = rf.profile(model, x, y, probes="shared", rel_tol=0.05, max_probes=400, progress=False)
     for r in shared.rows[:3]:
         exact = rf.relative_flatness(model, r["layer"], x, y, method="autograd").kappa
         assert r["method"].startswith("stochastic-shared") and abs(r["kappa"] - exact) <= 4 * r["kappa_stderr"]
@@ -109,7 +109,7 @@ def test_cli_profile_on_builtin_digits(tmp_path, capsys):
 def test_cli_profile_of_a_random_gpt2(tmp_path, capsys):
     pytest.importorskip("transformers")
     code = cli_main(["profile", "--model", "gpt2-tiny-random", "--samples", "4", "--seq-len", "16", "--batch-size", "2",
-                     "--rel-tol", "0.5", "--max-probes", "24", "--out", str(tmp_path)])
+                     "--rel-tol", "0.5", "--max-probes", "24", "--probes", "shared", "--out", str(tmp_path)])
     assert code == 0
     out, err = capsys.readouterr()
     assert "gpt2-tiny-random on synthetic-tokens (60 samples" in out  # 4 x 15 next-token targets
@@ -133,8 +133,8 @@ def test_layers_the_shared_probes_leave_unconverged_get_their_own():
     model = Block().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(30, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    table = rf.profile(model, x, y, layers=["q", "mlp.0"], rel_tol=1e-3, max_probes=200, hessian_trace=False,
-                       progress=False)
+    table = rf.profile(model, x, y, probes="shared", layers=["q", "mlp.0"], rel_tol=1e-3, max_probes=200,
+                       hessian_trace=False, progress=False)
     for r in table.rows:
         exact = rf.relative_flatness(model, r["layer"], x, y, method="autograd").kappa
         # the shared run gives up as soon as no layer is on course (well before its 200 products)

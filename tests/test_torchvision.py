@@ -17,8 +17,8 @@ from relflat_ext.datasets import synthetic_images  # noqa: E402
 def test_resnet18_profile_takes_the_right_path_per_layer():
     model = load_model("resnet18", seed=0).eval()
     x, y = synthetic_images(8, seed=0, size=64)
-    table = rf.profile(model, x, y, layers=["conv1", "layer4.1.conv2", "fc"], max_probes=8, rel_tol=0.5,
-                       hessian_trace=False, progress=False)
+    table = rf.profile(model, x, y, probes="shared", layers=["conv1", "layer4.1.conv2", "fc"], max_probes=8,
+                       rel_tol=0.5, hessian_trace=False, progress=False)
     methods = {r["layer"]: r["method"][:17] for r in table.rows}  # shared probes (and maybe their own)
     assert methods == {"conv1": "stochastic-shared", "layer4.1.conv2": "stochastic-shared", "fc": "closed_form"}
     assert all(math.isfinite(r["kappa"]) for r in table.rows)

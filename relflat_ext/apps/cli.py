@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     prof.add_argument("--rel-tol", type=TOLERANCE, default=0.05)
     prof.add_argument("--max-probes", type=PROBES, default=1000)
-    prof.add_argument("--probes", choices=["shared", "per_layer"], default="shared",
+    prof.add_argument("--probes", choices=["shared", "per_layer"], default="per_layer",
                       help="estimated layers: one shared, deflated set of Hessian-vector products, or each on its own")
     prof.add_argument("--sketch", type=NON_NEGATIVE, default=None,
                       help="columns of the shared probes' low-rank sketch (default: auto; 0: none)")

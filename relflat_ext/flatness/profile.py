@@ -3,9 +3,12 @@ the path each one took, its error bar where it is an estimate, the Hessian trace
 norm, time and peak memory; printed as an aligned table, saved as CSV/JSON, plotted.
 
 Layers the exact paths can measure are measured exactly, one by one. The others are estimated
-together by default (``probes="shared"``): every Hessian-vector product of the whole network
-serves all of them, deflated by a low-rank sketch (:func:`~.joint.stochastic_estimate_layers`);
-``probes="per_layer"`` estimates each on its own."""
+each on its own by default (``probes="per_layer"``), or together (``probes="shared"``): every
+Hessian-vector product of the whole network serves all of them, deflated by a low-rank sketch
+(:func:`~.joint.stochastic_estimate_layers`). Per layer is the default because it was faster to a
+given tolerance on the CPU for the wide transformer and the ResNet-18 measured (bench/RESULTS.md):
+a joint product costs 3-10x the deepest layer's there. Shared probes win on small networks and
+give far smaller error bars where the Hessian is near low rank."""
 from __future__ import annotations
 
 import csv
@@ -91,16 +94,16 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
-            layers: Union[str, Sequence[str]] = "auto", probes: str = "shared", rel_tol: float = 0.05,
+            layers: Union[str, Sequence[str]] = "auto", probes: str = "per_layer", rel_tol: float = 0.05,
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
             batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,
             distributed: Optional[bool] = None) -> ProfileTable:
     """Measures every Linear/Conv layer (``layers="auto"``, transformers' Conv1D and packed
     attention projections included) or the named ones: exactly where ``relative_flatness``
-    (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, all of them
-    with one shared set of Hessian-vector products (``probes="shared"``, method
-    "stochastic-shared", ``sketch`` as in :func:`stochastic_estimate_layers`; ``max_probes``
-    bounds the products) or each on its own (``"per_layer"``). Adds Theorem 4's normalized kappa
+    (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, each on its
+    own (``probes="per_layer"``) or all with one shared set of Hessian-vector products
+    (``"shared"``, method "stochastic-shared", ``sketch`` as in
+    :func:`stochastic_estimate_layers`; ``max_probes`` bounds the products). Adds Theorem 4's normalized kappa
     where it is defined (Linear layers on per-sample features), the Hessian trace (exact from the
     block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's
     peak allocation, or on the CPU the process's resident high-water mark. Progress goes to

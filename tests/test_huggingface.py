@@ -146,3 +146,20 @@ def test_profile_of_gpt2_from_dict_batches():
     names = [r["layer"] for r in table.rows]
     assert "transformer.h.0.attn.c_attn" in names and "lm_head" in names
     assert all(math.isfinite(r["kappa"]) and (r["method"] != "stochastic" or r["kappa_stderr"] > 0) for r in table.rows)
+
+
+def test_float32_gpt2_head_in_tokens_matches_the_float64_baseline():
+    """The model as users run it (float32, trained a little so the logits are confident) against the
+    float64 full Hessian of the same weights."""
+    model = _gpt2(tied=False).float().train()
+    batch = _lm_batch(n=4, seq=9)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    res = rf.relative_flatness(model, "lm_head", batch)
+    assert res.method == "closed_form" and "tokens as samples" in res.reason
+    base = rf.relative_flatness(model.double(), "lm_head", batch, method="autograd").kappa
+    torch.testing.assert_close(res.kappa, base, rtol=1e-5, atol=0)

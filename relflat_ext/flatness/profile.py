@@ -183,18 +183,19 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
     for name in deferred:
         est, method = results["kappa"][name], "stochastic-shared"
         trace = results.get("hessian_trace", {}).get(name)
-        products = est.probes
+        products, row_seconds = est.probes, seconds
         if not est.converged:
             # Far from a minimum the Hessian is not low-rank and the cross-layer terms survive the
             # sketch: go on with this layer's own probes, pooling both unbiased estimates.
             own = stochastic_estimate(model, name, inputs, targets, rel_tol=rel_tol, max_probes=max_probes,
                                       seed=None if seed is None else seed + 1, **common)
             est, method, products = _pooled(est, own, rel_tol), "stochastic-shared+own", products + own.probes
+            row_seconds += own.seconds
             if progress:
                 print(f"relflat profile: {name}: not converged with shared probes; {own.probes} of its own "
                       f"({own.seconds:.1f} s)", file=sys.stderr, flush=True)
         rows[name] = _row(name, modules[name], est.value, est.stderr, None, trace.value if trace else None,
-                          trace.stderr if trace else None, method, est.n, products, seconds)
+                          trace.stderr if trace else None, method, est.n, products, row_seconds)
         if progress and not est.converged:
             print(f"relflat profile: {name}: relative standard error {est.stderr / max(abs(est.value), 1e-300):.2g} "
                   f"(rel_tol={rel_tol}); raise max_probes for more", file=sys.stderr)

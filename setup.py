@@ -52,7 +52,7 @@ def nvidia_wheel_paths():
 
 def make_extension():
     build_cuda, reason = choose_cuda()
-    sources = ["csrc/relflat.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/relflat.cpp", "csrc/autograd.cpp", "csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
     macros = [("RELFLAT_VERSION", f'"{VERSION}"'), ("RELFLAT_TORCH_VERSION", f'"{torch_version}"')]
     # -fopenmp: at::parallel_for is inline OpenMP code in ATen's headers and runs serially without

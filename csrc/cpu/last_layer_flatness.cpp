@@ -22,37 +22,6 @@ namespace relflat {
 namespace {
 
 constexpr int64_t kRegisterBlockedMaxOutputs = 32;
-constexpr int kRowsPerTile = 4;
-
-template <typename T>
-RELFLAT_INLINE T dot(const T* a, const T* b, int64_t len) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < len; ++j) acc += a[j] * b[j];
-  return acc;
-}
-
-// logits[r, :d] = bias + x[r] W^T for R rows, with W^T zero-padded to (m, DP): the DP partial
-// sums of each row stay in vector registers while the row streams through once.
-template <typename T, int DP, int R>
-RELFLAT_INLINE void logits_tile(const T* x, int64_t m, const T* wt, const T* bias_pad, int64_t d, T* logits,
-                                T* sq_norms) {
-  T acc[R][DP];
-  for (int r = 0; r < R; ++r)
-    for (int s = 0; s < DP; ++s) acc[r][s] = bias_pad[s];
-  for (int64_t j = 0; j < m; ++j) {
-    const T* w = wt + j * DP;
-    for (int r = 0; r < R; ++r) {
-      const T xr = x[r * m + j];
-#pragma omp simd
-      for (int s = 0; s < DP; ++s) acc[r][s] += xr * w[s];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int64_t s = 0; s < d; ++s) logits[r * d + s] = acc[r][s];
-    sq_norms[r] = dot(x + r * m, x + r * m, m);
-  }
-}
 
 // logits[i] = bias + x_i W^T and sq_norms[i] = ||x_i||^2 for rows [begin, end), W^T zero-padded
 // to (m, DP) (DP <= 32).
@@ -70,8 +39,9 @@ struct LogitsRows {
   RELFLAT_INLINE void run() const {
     int64_t i = begin;
     for (; i + kRowsPerTile <= end; i += kRowsPerTile)
-      logits_tile<T, DP, kRowsPerTile>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, sq_norms + i);
-    for (; i < end; ++i) logits_tile<T, DP, 1>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, sq_norms + i);
+      logits_tile<T, DP, kRowsPerTile>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, d,
+                                        sq_norms + i);
+    for (; i < end; ++i) logits_tile<T, DP, 1>(features + i * m, m, weight_t_pad, bias_pad, d, logits + i * d, d, sq_norms + i);
   }
 };
 
@@ -123,13 +93,14 @@ struct TermsRows {
   }
 };
 
-// Small batches (a training step's penalty): per_sample[i] for rows [begin, end) in one pass per
-// row, from the head's geometry mat (D for cross entropy, ||w_s||^2 for BCE; small_head.h).
-template <typename T>
+// Small batches (a training step's penalty): per_sample[i] for rows [begin, end) in one pass over
+// tiles of rows, from W^T padded to (m, DP) and the head's geometry mat (D for cross entropy,
+// ||w_s||^2 for BCE; small_head.h).
+template <typename T, int DP>
 struct SmallBatchTerms {
   const T* phi;
-  const T* w;
-  const T* b;
+  const T* weight_t_pad;
+  const T* bias_pad;
   const T* mat;
   int64_t m, d;
   bool cross_entropy;
@@ -140,19 +111,27 @@ struct SmallBatchTerms {
 
   template <bool kAvx2>
   RELFLAT_INLINE void run() const {
-    T z[kSmallHeadMaxOutputs], dp[kSmallHeadMaxOutputs];
-    for (int64_t i = begin; i < end; ++i) {
-      const T a = row_logits(phi + i * m, w, b, d, m, z);
-      T* hi = h + i * d;
+    int64_t i = begin;
+    for (; i + kRowsPerTile <= end; i += kRowsPerTile) tile<kAvx2, kRowsPerTile>(i);
+    for (; i < end; ++i) tile<kAvx2, 1>(i);
+  }
+
+  template <bool kAvx2, int R>
+  RELFLAT_INLINE void tile(int64_t i) const {
+    T z[R][DP], dp[DP];
+    logits_tile<T, DP, R>(phi + i * m, m, weight_t_pad, bias_pad, d, &z[0][0], DP, sq_norms + i);
+    for (int r = 0; r < R; ++r) {
+      T* hi = h + (i + r) * d;
       T c = 0;
       if (cross_entropy) {
-        softmax_row(z, hi, d);
-        c = half_quadratic(mat, hi, d, dp);
+        T p[DP] = {};
+        softmax_row<T, kAvx2>(z[r], p, d);
+        c = half_quadratic<T, DP>(mat, p, d, dp);
+        std::copy(p, p + d, hi);
       } else {
-        for (int64_t s = 0; s < d; ++s) c += (hi[s] = bce_curvature(z[s], d)) * mat[s];
+        for (int64_t s = 0; s < d; ++s) c += (hi[s] = bce_curvature(z[r][s], d)) * mat[s];
       }
-      per_sample[i] = a * c;
-      sq_norms[i] = a;
+      per_sample[i + r] = sq_norms[i + r] * c;
     }
   }
 };
@@ -162,27 +141,20 @@ struct SmallBatchTerms {
 // logits and the row pass below, whose fixed costs are then paid back.
 constexpr int64_t kSmallBatchRows = 4096;
 
-int64_t padded_width(int64_t d) { return d <= 8 ? 8 : (d <= 16 ? 16 : 32); }
-
 // Logits and squared norms with the register-blocked loop (d <= 32).
 template <typename T>
 void register_blocked_logits(const at::Tensor& features, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, at::Tensor& logits, at::Tensor& sq_norms) {
   const int64_t n = features.size(0), m = features.size(1), d = weight.size(0);
-  const int64_t dp = padded_width(d);
-  at::Tensor wt = at::zeros({m, dp}, weight.options());
-  wt.narrow(1, 0, d).copy_(weight.t());
-  at::Tensor bp = at::zeros({dp}, weight.options());
-  if (bias.has_value()) bp.narrow(0, 0, d).copy_(*bias);
   const T* x = features.data_ptr<T>();
-  const T* weight_t_pad = wt.data_ptr<T>();
-  const T* bias_pad = bp.data_ptr<T>();
   T* out = logits.data_ptr<T>();
   T* norms = sq_norms.data_ptr<T>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    if (dp == 8) run_best_isa(LogitsRows<T, 8>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
-    else if (dp == 16) run_best_isa(LogitsRows<T, 16>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
-    else run_best_isa(LogitsRows<T, 32>{x, m, weight_t_pad, bias_pad, d, begin, end, out, norms});
+  with_padded_width(d, [&](auto width) {
+    constexpr int DP = decltype(width)::value;
+    const PaddedHead<T> head(weight.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, d, m, DP);
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      run_best_isa(LogitsRows<T, DP>{x, m, head.weight_t.data(), head.bias.data(), d, begin, end, out, norms});
+    });
   });
 }
 
@@ -282,17 +254,20 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
   }
 
   if (d <= kSmallHeadMaxOutputs && n <= kSmallBatchRows) {
-    const at::Tensor mat = head_geometry(weight, loss);
     at::Tensor h = at::empty({n, d}, opts);
     const std::optional<at::Tensor> b = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous())
                                                             : std::nullopt;
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
       using T = scalar_t;
-      const T* bp = b.has_value() ? b->data_ptr<T>() : nullptr;
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-        run_best_isa(SmallBatchTerms<T>{features.data_ptr<T>(), weight.data_ptr<T>(), bp, mat.data_ptr<T>(), m, d,
-                                        loss == kCrossEntropy, begin, end, per_sample.data_ptr<T>(),
-                                        h.data_ptr<T>(), sq_norms.data_ptr<T>()});
+            with_padded_width(d, [&](auto width) {
+        constexpr int DP = decltype(width)::value;
+        const std::vector<T> mat = head_geometry<T, DP>(weight.data_ptr<T>(), d, m, loss);
+        const PaddedHead<T> head(weight.data_ptr<T>(), b.has_value() ? b->data_ptr<T>() : nullptr, d, m, DP);
+        at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+          run_best_isa(SmallBatchTerms<T, DP>{features.data_ptr<T>(), head.weight_t.data(), head.bias.data(), mat.data(),
+                                              m, d, loss == kCrossEntropy, begin, end, per_sample.data_ptr<T>(),
+                                              h.data_ptr<T>(), sq_norms.data_ptr<T>()});
+        });
       });
     });
     if (block_trace || !want_per_sample) block = block_sum(h, sq_norms, loss);

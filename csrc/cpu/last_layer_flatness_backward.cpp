@@ -52,14 +52,19 @@ void row_pass_kernel(const RowPassArgs& args) {
 }
 
 // The fused pass over rows [begin, end) for d <= kSmallHeadMaxOutputs (cross entropy or BCE,
-// per-sample gradients only), a kernel for run_best_isa (simd.h). mat: D = ||w_s - w_t||^2 (d, d)
-// for cross entropy, diag(G) (d,) for BCE. Writes the feature gradient rows and adds to this
-// thread's sums: gw (d, m) = sum a u phi^T, gb (d) = sum a u, block (d, d) = sum g a Hz.
-template <typename T>
+// per-sample gradients only), a kernel for run_best_isa (simd.h), over tiles of R rows: their
+// logits from W^T padded to (m, DP), c_i and u_i per row, then the feature gradient rows and this
+// thread's weight-gradient sums in one sweep over the columns, so that W and the sums are read
+// once per tile, not once per row. mat: D = ||w_s - w_t||^2 (d, d) for cross entropy, diag(G) (d,)
+// for BCE. Writes the feature gradient rows and adds to this thread's sums: gw (d, m) = sum a u
+// phi^T, gb (d) = sum a u, block (d, DP) = sum g a Hz (rows padded to DP for fixed-width updates).
+template <typename T, int DP>
 struct BackwardRows {
+  static constexpr int kChunk = 32 / sizeof(T);  // one 256-bit register of columns
   const T* phi;
   const T* w;
-  const T* b;
+  const T* weight_t_pad;
+  const T* bias_pad;
   const T* g;
   const T* mat;
   int64_t m, d;
@@ -72,44 +77,72 @@ struct BackwardRows {
 
   template <bool kAvx2>
   RELFLAT_INLINE void run() const {
-    T z[kSmallHeadMaxOutputs], h[kSmallHeadMaxOutputs], u[kSmallHeadMaxOutputs];
-    for (int64_t i = begin; i < end; ++i) {
-      const T* __restrict__ x = phi + i * m;
-      const T a = row_logits(x, w, b, d, m, z);
-      const T c = cross_entropy ? softmax_terms(z, h, u, a, g[i]) : sigmoid_terms(z, u, a, g[i]);
-      // grad_phi_i = 2 c phi_i + W^T (a u); the weight and bias gradients' sums.
-      T* __restrict__ gfi = gf + i * m;
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) gfi[j] = 2 * c * x[j];
-      for (int64_t s = 0; s < d; ++s) {
-        const T us = u[s];
-        const T* __restrict__ ws = w + s * m;
-        T* __restrict__ gws = gw + s * m;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          gfi[j] += us * ws[j];
-          gws[j] += us * x[j];
-        }
-        gb[s] += us;
-      }
+    int64_t i = begin;
+    for (; i + kRowsPerTile <= end; i += kRowsPerTile) tile<kAvx2, kRowsPerTile>(i);
+    for (; i < end; ++i) tile<kAvx2, 1>(i);
+  }
+
+  template <bool kAvx2, int R>
+  RELFLAT_INLINE void tile(int64_t i) const {
+    T z[R][DP], u[R][DP], a[R], two_c[R];
+    const T* x = phi + i * m;
+    logits_tile<T, DP, R>(x, m, weight_t_pad, bias_pad, d, &z[0][0], DP, a);
+    for (int r = 0; r < R; ++r) {
+      const T c = cross_entropy ? softmax_terms<kAvx2>(z[r], u[r], a[r], g[i + r]) : sigmoid_terms(z[r], u[r], a[r], g[i + r]);
+      two_c[r] = 2 * c;
+      for (int64_t s = 0; s < d; ++s) gb[s] += u[r][s];
     }
+    int64_t j = 0;
+    for (; j + kChunk <= m; j += kChunk) columns<R>(x, gf + i * m, u, two_c, j, kChunk);
+    if (j < m) columns<R>(x, gf + i * m, u, two_c, j, m - j);
+  }
+
+  // Columns [j, j + len) of the tile: gf_r = 2 c_r x_r + sum_s u_rs w_s, gw_s += sum_r u_rs x_r.
+  template <int R>
+  RELFLAT_INLINE void columns(const T* x, T* gfr, const T (&u)[R][DP], const T* two_c, int64_t j, int64_t len) const {
+    T acc[R][kChunk], xs[R][kChunk];
+    for (int r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < len; ++jj) {
+        xs[r][jj] = x[r * m + j + jj];
+        acc[r][jj] = two_c[r] * xs[r][jj];
+      }
+    for (int64_t s = 0; s < d; ++s) {
+      const T* __restrict__ ws = w + s * m + j;
+      T* __restrict__ gws = gw + s * m + j;
+      T sum[kChunk];
+      for (int64_t jj = 0; jj < len; ++jj) sum[jj] = gws[jj];
+      for (int r = 0; r < R; ++r) {
+        const T us = u[r][s];
+#pragma omp simd
+        for (int64_t jj = 0; jj < len; ++jj) {
+          acc[r][jj] += us * ws[jj];
+          sum[jj] += us * xs[r][jj];
+        }
+      }
+      for (int64_t jj = 0; jj < len; ++jj) gws[jj] = sum[jj];
+    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < len; ++jj) gfr[r * m + j + jj] = acc[r][jj];
   }
 
   // Cross entropy: c = 1/2 p^T (g D) p, u = a p o (g D p - 2c); block += g a (diag(p) - p p^T)
   // with the diagonal from the accurate 1 - p (the other entries' sum at the row's maximum k).
-  RELFLAT_INLINE T softmax_terms(const T* z, T* h, T* u, T a, T gi) const {
-    const int64_t k = softmax_row(z, h, d);
-    T dp[kSmallHeadMaxOutputs];
-    const T c = gi * half_quadratic(mat, h, d, dp);
+  template <bool kAvx2>
+  RELFLAT_INLINE T softmax_terms(const T* z, T* u, T a, T gi) const {
+    T h[DP] = {}, dp[DP];
+    const int64_t k = softmax_row<T, kAvx2>(z, h, d);
+    const T c = gi * half_quadratic<T, DP>(mat, h, d, dp);
     for (int64_t s = 0; s < d; ++s) u[s] = a * h[s] * (gi * dp[s] - 2 * c);
     T rest = 0;
     for (int64_t t = 0; t < d; ++t) rest += t == k ? T(0) : h[t];
     const T beta = gi * a;
     for (int64_t s = 0; s < d; ++s) {
       const T bs = beta * h[s];
-      for (int64_t t = 0; t < d; ++t)
-        if (t != s) block[s * d + t] -= bs * h[t];
-      block[s * d + s] += bs * (s == k ? rest : T(1) - h[s]);  // never p_s - p_s^2: cancels at k
+      T* __restrict__ row = block + s * DP;
+      const T diagonal = row[s];
+#pragma omp simd
+      for (int t = 0; t < DP; ++t) row[t] -= bs * h[t];  // h is zero beyond d
+      row[s] = diagonal + bs * (s == k ? rest : T(1) - h[s]);  // never p_s - p_s^2: cancels at k
     }
     return c;
   }
@@ -122,31 +155,55 @@ struct BackwardRows {
       const T v = gi * mat[s];
       c += curvature * v;
       u[s] = a * curvature * std::tanh(T(-0.5) * z[s]) * v;
-      block[s * d + s] += gi * a * curvature;
+      block[s * DP + s] += gi * a * curvature;
     }
     return c;
   }
 };
 
+// Per-thread sums (gw, gb, block), added up after the pass; then grad_weight = gw + 2 block W.
 template <typename T>
 void fused_backward(const at::Tensor& g, const at::Tensor& features, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, LossCode loss, const at::Tensor& mat,
-                    at::Tensor& grad_features, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                    const std::optional<at::Tensor>& bias, LossCode loss, at::Tensor& grad_features,
+                    at::Tensor& grad_weight, at::Tensor& grad_bias) {
   const int64_t n = features.size(0), m = features.size(1), d = weight.size(0);
-  const int64_t width = d * m + d + d * d;  // per thread: gw, gb, block
-  at::Tensor partial = at::zeros({at::get_num_threads(), width}, features.options());
-  T* part = partial.data_ptr<T>();
+  const int64_t padded_block = d * kSmallHeadMaxOutputs;  // (d, DP) with DP <= 32
+  const int64_t width = d * m + d + padded_block;  // per thread: gw, gb, block
+  const int threads = at::get_num_threads();
+  std::vector<T> partial(threads * width, T(0));
+  const T* w = weight.data_ptr<T>();
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  at::parallel_for(0, n, 32, [&](int64_t begin, int64_t end) {
-    T* mine = part + at::get_thread_num() * width;
-    run_best_isa(BackwardRows<T>{features.data_ptr<T>(), weight.data_ptr<T>(), b, g.data_ptr<T>(), mat.data_ptr<T>(),
-                                 m, d, loss == kCrossEntropy, begin, end, grad_features.data_ptr<T>(), mine,
-                                 mine + d * m, mine + d * m + d});
+  with_padded_width(d, [&](auto padded) {
+    constexpr int DP = decltype(padded)::value;
+    const std::vector<T> mat = head_geometry<T, DP>(w, d, m, loss);
+    const PaddedHead<T> head(w, b, d, m, DP);
+    at::parallel_for(0, n, 32, [&](int64_t begin, int64_t end) {
+      T* mine = partial.data() + at::get_thread_num() * width;
+      run_best_isa(BackwardRows<T, DP>{features.data_ptr<T>(), w, head.weight_t.data(), head.bias.data(), g.data_ptr<T>(),
+                                       mat.data(), m, d, loss == kCrossEntropy, begin, end,
+                                       grad_features.data_ptr<T>(), mine, mine + d * m, mine + d * m + d});
+    });
   });
-  const at::Tensor sums = partial.size(0) == 1 ? partial.squeeze(0) : partial.sum(0);
-  const at::Tensor block = sums.narrow(0, d * m + d, d * d).view({d, d});
-  grad_weight = at::addmm(sums.narrow(0, 0, d * m).view({d, m}), block, weight, /*beta=*/1, /*alpha=*/2);
-  grad_bias = bias.has_value() ? sums.narrow(0, d * m, d).clone() : at::empty({0}, features.options());
+  T* sums = partial.data();
+  for (int t = 1; t < threads; ++t) {
+    const T* theirs = partial.data() + t * width;
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) sums[k] += theirs[k];
+  }
+  const T* block = sums + d * m + d;
+  const int64_t block_stride = padded_width(d);
+  T* gw = grad_weight.data_ptr<T>();
+  for (int64_t s = 0; s < d; ++s) {
+    T* __restrict__ out = gw + s * m;
+    std::copy(sums + s * m, sums + (s + 1) * m, out);
+    for (int64_t t = 0; t < d; ++t) {
+      const T coefficient = 2 * block[s * block_stride + t];
+      const T* __restrict__ wt = w + t * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) out[j] += coefficient * wt[j];
+    }
+  }
+  if (bias.has_value()) std::copy(sums + d * m, sums + d * m + d, grad_bias.data_ptr<T>());
 }
 
 void row_pass_cpu(RowPassArgs& args) {
@@ -162,10 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> last_layer_flatness_backward_cpu(
     check_backward_args(grad_per_sample, grad_block, features, weight, bias);
     const at::Tensor f = features.contiguous(), w = weight.contiguous(), g = grad_per_sample.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-    const at::Tensor mat = head_geometry(w, code);
-    at::Tensor grad_features = at::empty_like(f), grad_weight, grad_bias;
+    at::Tensor grad_features = at::empty_like(f), grad_weight = at::empty_like(w);
+    at::Tensor grad_bias = at::empty({b.has_value() ? w.size(0) : 0}, f.options());
     AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "last_layer_flatness_backward_cpu", [&] {
-      fused_backward<scalar_t>(g, f, w, b, code, mat, grad_features, grad_weight, grad_bias);
+      fused_backward<scalar_t>(g, f, w, b, code, grad_features, grad_weight, grad_bias);
     });
     return {grad_features, grad_weight, grad_bias};
   }

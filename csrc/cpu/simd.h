@@ -4,6 +4,9 @@
 // ATen's CPU_CAPABILITY builds, as one function). kAvx2 lets a body use intrinsics explicitly.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #if defined(__GNUC__)
 #define RELFLAT_INLINE inline __attribute__((always_inline))
 #else
@@ -88,3 +91,58 @@ RELFLAT_TARGET_AVX2 inline __m256d exp_nonpositive(__m256d x) {
 
 }  // namespace relflat
 #endif
+
+namespace relflat {
+
+// x[j] = exp(x[j] - shift) for x[j] <= shift; returns the sum of the results.
+template <typename T, bool kAvx2>
+struct ExpShiftedSum {
+  static RELFLAT_INLINE T apply(T* x, int64_t n, T shift) {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+
+#ifdef RELFLAT_HAVE_AVX2_CLONE
+template <>
+struct ExpShiftedSum<float, true> {
+  static RELFLAT_TARGET_AVX2 inline float apply(float* x, int64_t n, float shift) {
+    const __m256 s = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+      _mm256_storeu_ps(x + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float sum = 0;
+    for (float v : lanes) sum += v;
+    for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+template <>
+struct ExpShiftedSum<double, true> {
+  static RELFLAT_TARGET_AVX2 inline double apply(double* x, int64_t n, double shift) {
+    const __m256d s = _mm256_set1_pd(shift);
+    __m256d acc = _mm256_setzero_pd();
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const __m256d e = exp_nonpositive(_mm256_sub_pd(_mm256_loadu_pd(x + j), s));
+      _mm256_storeu_pd(x + j, e);
+      acc = _mm256_add_pd(acc, e);
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, acc);
+    double sum = 0;
+    for (double v : lanes) sum += v;
+    for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+    return sum;
+  }
+};
+#endif
+
+}  // namespace relflat

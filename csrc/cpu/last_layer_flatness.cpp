@@ -2,8 +2,8 @@
 // 1. logits (n, d) and squared feature norms. Few outputs (d <= 32): a register-blocked loop that
 //    reads each feature row once (BLAS is slow for such skinny products); many outputs: BLAS.
 // 2. softmax / sigmoid through ATen's vectorized kernels, in place.
-// (Batches of up to 4096 rows with d <= 32: one pass per row instead, SmallBatchTerms, since
-//  there the fixed costs of the steps below dominate; the block sum, if asked, from its rows.)
+// (Batches of up to 4096 rows with d <= 32: one pass over tiles of rows instead, SmallBatchTerms,
+//  since there the fixed costs of the steps below dominate; the block sum, if asked, from its rows.)
 // 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
 //    cancellation at confident rows; inline for d <= 64, else from the GEMM P D), or, when m < d,
 //    the argmax-centred form from the GEMM (P - e_k) W (common.h).
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
                                                             : std::nullopt;
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "last_layer_flatness_cpu", [&] {
       using T = scalar_t;
-            with_padded_width(d, [&](auto width) {
+      with_padded_width(d, [&](auto width) {
         constexpr int DP = decltype(width)::value;
         const std::vector<T> mat = head_geometry<T, DP>(weight.data_ptr<T>(), d, m, loss);
         const PaddedHead<T> head(weight.data_ptr<T>(), b.has_value() ? b->data_ptr<T>() : nullptr, d, m, DP);

@@ -1,7 +1,7 @@
 // CPU backward of last_layer_flatness. Few outputs (d <= 32) and no block gradient (the penalty's
-// case): one fused pass over the rows, each read once: logits, softmax / sigmoid, c_i and u_i, the
-// feature gradient row, and per-thread sums for the weight and bias gradients and for
-// sum_i g_i a_i Hz_i; then one d x d x m product. Otherwise the shared ATen driver
+// case): one fused pass over tiles of 4 rows, each row read once: logits, softmax / sigmoid, c_i
+// and u_i, the feature gradient rows, and per-thread sums for the weight and bias gradients and
+// for sum_i g_i a_i Hz_i; then one d x d x m product. Otherwise the shared ATen driver
 // (flatness_backward.h) around a fused row pass that turns each softmax / sigmoid row into c_i
 // and u_i.
 #include <ATen/Parallel.h>

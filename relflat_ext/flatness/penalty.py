@@ -101,7 +101,7 @@ def _checked(features, weight, bias):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != features.device:
             raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
     return cast(features), cast(weight), cast(bias)
 
 

@@ -14,7 +14,9 @@ from testing import DEVICES
 
 LOSSES = ["cross_entropy", "mse", "bce_with_logits"]
 OUTPUTS = [(False, True), (True, True), (True, False)]  # (block_trace, per_sample)
-SHAPES = [(7, 5, 4), (1, 3, 1), (30, 70, 120), (20, 9, 40)]  # d <= 32, d = 1, wide head, m < d
+# d <= 32 (padded to 8, 16 and 32 outputs, m below, at and beyond one vector of columns), d = 1,
+# wide head, m < d
+SHAPES = [(7, 5, 4), (9, 16, 9), (13, 37, 17), (1, 3, 1), (30, 70, 120), (20, 9, 40)]
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not built")
 
 
@@ -48,6 +50,21 @@ def test_backward_kernel_equals_autograd_through_the_specification(device, loss,
     f, w, b = _inputs(*shape, device, seed=sum(shape), bias=bias)
     got = _grads(_weighted_output(torch.ops.relflat.last_layer_flatness, f, w, b, loss, *outputs), (f, w, b))
     want = _grads(_weighted_output(ref.last_layer_flatness, f, w, b, loss, *outputs), (f, w, b))
+    for name, a, c in zip(("features", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12 * max(1.0, c.abs().max().item()), msg=name)
+
+
+@needs_extension
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("used", ["per_sample", "block"])
+@pytest.mark.parametrize("shape", [(9, 16, 9), (30, 70, 120)])
+def test_an_output_without_a_gradient_counts_as_none(loss, used, shape):
+    """Both outputs computed, one used: the other's gradient reaches the backward as "none" (not
+    as zeros), and the gradients still equal autograd through the specification."""
+    f, w, b = _inputs(*shape, "cpu", seed=3)
+    pick = 0 if used == "per_sample" else 1
+    got = _grads(torch.ops.relflat.last_layer_flatness(f, w, b, loss, True, True)[pick].square().sum(), (f, w, b))
+    want = _grads(ref.last_layer_flatness(f, w, b, loss, True, True)[pick].square().sum(), (f, w, b))
     for name, a, c in zip(("features", "weight", "bias"), got, want):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12 * max(1.0, c.abs().max().item()), msg=name)
 

@@ -74,8 +74,10 @@ def counted_rows(loss: Loss, y: torch.Tensor, *tensors: torch.Tensor):
     left out: cross entropy ignores labels -100, as ``F.cross_entropy`` does."""
     if loss.name == "cross_entropy" and not y.is_floating_point():
         y = y.reshape(-1)
-        keep = y != IGNORE_INDEX
-        if not bool(keep.all()):
+        # One reduction decides (labels below -100 are invalid and fail the targets' check next);
+        # the mask, two more passes, only where some label is ignored.
+        if y.numel() and int(y.min()) == IGNORE_INDEX:
+            keep = y != IGNORE_INDEX
             return (y[keep], *(t[keep] for t in tensors))
     return (y, *tensors)
 

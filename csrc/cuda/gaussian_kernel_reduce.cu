@@ -110,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_reduce_cuda(
     const at::Tensor& queries, const at::Tensor& keys, const std::optional<at::Tensor>& values,
     const at::Tensor& bandwidths, const std::optional<at::Tensor>& key_scale,
     const std::optional<at::Tensor>& query_split, const std::optional<at::Tensor>& key_split) {
+  // Arguments first: CPU queries with CUDA keys must get the argument message, not a guard error.
+  check_kde_args(queries, keys, values, bandwidths, key_scale, query_split, key_split);
   const c10::cuda::CUDAGuard guard(queries.device());
   const KdeProblem in = prepare_kde(queries, keys, values, bandwidths, key_scale, query_split, key_split);
   const int64_t nq = in.nq, nk = in.nk, n_bw = in.n_bw, c = in.c;

@@ -55,6 +55,7 @@ void row_pass_cuda(RowPassArgs& args) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> last_layer_flatness_backward_cuda(
     const at::Tensor& grad_per_sample, const at::Tensor& grad_block, const at::Tensor& features,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view loss) {
+  check_backward_args(grad_per_sample, grad_block, features, weight, bias);  // before the guard, as the forward
   const c10::cuda::CUDAGuard guard(features.device());
   return last_layer_flatness_backward_impl(grad_per_sample, grad_block, features, weight, bias, loss, row_pass_cuda);
 }

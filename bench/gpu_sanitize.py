@@ -1,0 +1,44 @@
+"""Tiny calls that reach every CUDA kernel branch once, for compute-sanitizer (bench/gpu.sh runs
+it under memcheck and racecheck): last_layer_flatness with d <= 8, 16 and 32 (the fused warp
+kernel, each loss, with and without the block sum), d > 32 with m < d and with m >= d, the block
+alone; its backward (per-sample and block gradients); contract_output_hessians; dense_block_trace;
+gaussian_kernel_reduce with values, per-key scales and splits. Sizes are odd so that every
+partial tile and tail is reached.
+
+    compute-sanitizer --tool memcheck python -m bench.gpu_sanitize [cuda|cpu]
+"""
+import sys
+
+import torch
+
+import relflat_ext  # noqa: F401 (registers the ops)
+
+
+def main(device: str = "cuda"):
+    dev = torch.device(device)
+    ops = torch.ops.relflat
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
+    for n, m, d in [(9, 5, 3), (9, 33, 9), (9, 17, 17), (9, 33, 33), (9, 40, 70), (9, 7, 40)]:
+        f, w, b = rand(n, m), rand(d, m) / m ** 0.5, rand(d)
+        for loss in ("cross_entropy", "mse", "bce_with_logits"):
+            ops.last_layer_flatness(f, w, b, loss, True, True)
+            ops.last_layer_flatness(f, w, None, loss, False, True)
+            ops.last_layer_flatness(f, w, b, loss, True, False)
+            ops.last_layer_flatness_backward(rand(n), torch.empty(0, 0, device=dev), f, w, b, loss)
+            ops.last_layer_flatness_backward(rand(n), rand(d, d), f, w, None, loss)
+    ops.contract_output_hessians(rand(9).abs(), rand(9, 5, 3), rand(5, 3), True)
+    ops.contract_output_hessians(rand(17), rand(17, 33, 33), rand(33, 33), False)
+    ops.dense_block_trace(rand(15, 15), rand(3, 5))
+    q, k = rand(37, 11), rand(53, 11)
+    ops.gaussian_kernel_reduce(q, k, rand(53, 2), torch.tensor([0.5, 2.0], device=dev), rand(53).abs() + 0.5,
+                               torch.randint(0, 3, (2, 37), generator=g).to(dev),
+                               torch.randint(0, 3, (2, 53), generator=g).to(dev))
+    ops.gaussian_kernel_reduce(q, k, None, torch.tensor([1.0], device=dev), None, None, None)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"every branch reached on {dev}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

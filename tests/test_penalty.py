@@ -154,6 +154,22 @@ def test_autocast_computes_the_penalty_in_float32():
     assert model[4].weight.grad.dtype == torch.float32
 
 
+def test_the_penalty_compiles():
+    """torch.compile traces the op and its C++-registered derivative (AOTAutograd, no fallback to
+    eager): the compiled value and gradients are the eager ones."""
+    lin = nn.Linear(20, 5).double()
+    phi = torch.randn(64, 20, dtype=torch.float64, requires_grad=True)
+
+    def penalty(features):
+        return rf.flatness_penalty(features, lin.weight, None, bias=lin.bias)
+
+    eager = torch.autograd.grad(penalty(phi), [phi, lin.weight, lin.bias])
+    compiled = torch.compile(penalty, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(phi), [phi, lin.weight, lin.bias])
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_clear_errors():
     model = mlp([6, 8, 7, 4], "tanh", seed=6)
     x, y = data(10, 6, 4, "cross_entropy", seed=6)

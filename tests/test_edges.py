@@ -199,3 +199,17 @@ def test_inputs_on_two_devices_get_the_argument_message():
     with pytest.raises(RuntimeError, match="is on"):
         torch.ops.relflat.last_layer_flatness_backward(torch.ones(4).double(), torch.empty(0, 0).double(), f,
                                                        w.cuda(), None, "cross_entropy")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU with the CUDA kernels")
+def test_block_sums_are_the_same_from_run_to_run():
+    """No float atomics in the block sums: the same inputs give the same bits."""
+    g = torch.Generator().manual_seed(4)
+    hz = torch.randn(20000, 33, 33, generator=g).cuda()
+    sq, gram = torch.rand(20000, generator=g).cuda(), torch.randn(33, 33, generator=g).cuda()
+    f, w, b = _head(20000, 64, 40, seed=4, dtype=torch.float32, device="cuda")
+    for op, args in ((torch.ops.relflat.contract_output_hessians, (sq, hz, gram, True)),
+                     (torch.ops.relflat.last_layer_flatness, (f, w, b, "cross_entropy", True, True))):
+        first = op(*args)[1]
+        for _ in range(3):
+            assert torch.equal(op(*args)[1], first)

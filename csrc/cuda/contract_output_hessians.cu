@@ -1,7 +1,8 @@
 // CUDA per-sample contraction of output Hessians: one read of hz (made contiguous (n, d*k)).
 // Each block takes kRows samples; its threads stride over the d*k entries, accumulating each
-// row's dot with gram in registers and the a_i-weighted column sums for the block-trace output
-// (one atomicAdd per column per block).
+// row's dot with gram in registers. The block-trace output, sum_i a_i hz_i, is one cuBLAS GEMV
+// over hz (a second read): deterministic from run to run, which per-block float atomics into the
+// (d, k) sum were not.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,29 +19,18 @@ constexpr int kRows = 8;
 
 template <typename T>
 __global__ void contract_kernel(const T* __restrict__ sq_norms, const T* __restrict__ hz,
-                                const T* __restrict__ gram, int64_t n, int64_t cols, T* __restrict__ per_sample,
-                                T* __restrict__ block_sum) {
+                                const T* __restrict__ gram, int64_t n, int64_t cols, T* __restrict__ per_sample) {
   __shared__ T partial[kRows][kThreads / 32];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  T a[kRows];
   T dots[kRows];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    a[r] = row0 + r < n ? sq_norms[row0 + r] : T(0);
-    dots[r] = T(0);
-  }
+  for (int r = 0; r < kRows; ++r) dots[r] = T(0);
   for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
     const T g = gram[c];
-    T col = 0;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      if (row0 + r < n) {
-        const T v = hz[(row0 + r) * cols + c];
-        dots[r] += g * v;
-        col += a[r] * v;
-      }
+      if (row0 + r < n) dots[r] += g * hz[(row0 + r) * cols + c];
     }
-    if (block_sum) atomicAdd(block_sum + c, col);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -66,13 +56,14 @@ std::tuple<at::Tensor, at::Tensor> contract_output_hessians_cuda(const at::Tenso
   const at::Tensor gram = gram_in.contiguous();
   const int64_t n = hz.size(0), cols = hz.size(1) * hz.size(2);
   at::Tensor per_sample = at::empty({n}, hz.options());
-  at::Tensor block = block_trace ? at::zeros({hz.size(1), hz.size(2)}, hz.options()) : at::empty({0, 0}, hz.options());
+  at::Tensor block = block_trace ? at::mv(hz.view({n, cols}).t(), sq_norms).view({hz.size(1), hz.size(2)})
+                                 : at::empty({0, 0}, hz.options());
   if (n == 0 || cols == 0) return {per_sample.zero_(), block};
   const int64_t blocks = (n + kRows - 1) / kRows;
   AT_DISPATCH_FLOATING_TYPES(hz.scalar_type(), "contract_output_hessians_cuda", [&] {
     contract_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         sq_norms.data_ptr<scalar_t>(), hz.data_ptr<scalar_t>(), gram.data_ptr<scalar_t>(), n, cols,
-        per_sample.data_ptr<scalar_t>(), block_trace ? block.data_ptr<scalar_t>() : nullptr);
+        per_sample.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {per_sample, block};

@@ -28,7 +28,7 @@ grep -aq "sm_80" "$so" && grep -aq "sm_90" "$so" || { echo "missing sm_80/sm_90 
 # PTX for compute_90 (plain text in the fatbin): GPUs newer than the list compile it at load time.
 grep -aq "\.target sm_90" "$so" || { echo "no compute_90 PTX embedded: GPUs newer than sm_90 would have no kernel"; exit 1; }
 nm -C "$so" > build/cuda-symbols.txt  # to a file: `nm | grep -q` would die of SIGPIPE under pipefail
-for kernel in fused_small_kernel terms_kernel row_pass_kernel contract_kernel block_trace_kernel kde_fold_kernel kde_finish_kernel; do
+for kernel in fused_small_kernel terms_kernel row_pass_kernel contract_kernel block_trace_kernel kde_fold_kernel kde_merge_kernel; do
   grep -q "$kernel" build/cuda-symbols.txt || { echo "kernel $kernel missing from $so"; exit 1; }
 done
 echo "CUDA kernels compiled and linked for sm_80 and sm_90, with compute_90 PTX: $so"

@@ -2,8 +2,9 @@
 it under memcheck and racecheck): last_layer_flatness with d <= 8, 16 and 32 (the fused warp
 kernel, each loss, with and without the block sum), d > 32 with m < d and with m >= d, the block
 alone; its backward (per-sample and block gradients); contract_output_hessians; dense_block_trace;
-gaussian_kernel_reduce with values, per-key scales and splits. Sizes are odd so that every
-partial tile and tail is reached.
+contract_output_hessians on a permuted hz with its columns split; gaussian_kernel_reduce with
+values, per-key scales and splits, over several query blocks, key slices and pair groups, in both
+dtypes. Sizes are odd so that every partial tile and tail is reached.
 
     compute-sanitizer --tool memcheck python -m bench.gpu_sanitize [cuda|cpu]
 """
@@ -29,12 +30,18 @@ def main(device: str = "cuda"):
             ops.last_layer_flatness_backward(rand(n), rand(d, d), f, w, None, loss)
     ops.contract_output_hessians(rand(9).abs(), rand(9, 5, 3), rand(5, 3), True)
     ops.contract_output_hessians(rand(17), rand(17, 33, 33), rand(33, 33), False)
+    ops.contract_output_hessians(rand(3), rand(65, 3, 33).permute(1, 2, 0), rand(33, 65), True)  # strided, split
     ops.dense_block_trace(rand(15, 15), rand(3, 5))
     q, k = rand(37, 11), rand(53, 11)
     ops.gaussian_kernel_reduce(q, k, rand(53, 2), torch.tensor([0.5, 2.0], device=dev), rand(53).abs() + 0.5,
                                torch.randint(0, 3, (2, 37), generator=g).to(dev),
                                torch.randint(0, 3, (2, 53), generator=g).to(dev))
     ops.gaussian_kernel_reduce(q, k, None, torch.tensor([1.0], device=dev), None, None, None)
+    # two query blocks, many key tiles and slices, more (split, bandwidth) pairs than a block holds
+    q, k, bws = rand(130, 11), rand(200, 11), torch.linspace(0.5, 3.0, 5, device=dev)
+    ids_q, ids_k = (torch.randint(0, 3, (2, n), generator=g).to(dev) for n in (130, 200))
+    for dtype in (torch.float32, torch.float64):
+        ops.gaussian_kernel_reduce(q.to(dtype), k.to(dtype), rand(200, 3).to(dtype), bws.to(dtype), None, ids_q, ids_k)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print(f"every branch reached on {dev}")

@@ -127,6 +127,60 @@ def test_kde_odd_sizes_and_extreme_bandwidths(device, nq, nk, m, bandwidth):
         assert_matches_reference(got[1], want[1], want64[1], f"wval {dtype}")
 
 
+def _hz_in_layout(n, d, k, layout, dtype=torch.float64, device="cpu"):
+    """An (n, d, k) tensor of output-Hessian products laid out in memory as the name says (the
+    buffer is made on the device and viewed there, so the layout is the kernel's input)."""
+    g = torch.Generator().manual_seed(n + d + k)
+    buffer = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    if layout == "n d k":
+        return buffer(n, d, k)
+    if layout == "k n d (the exact path's)":
+        return buffer(k, n, d).permute(1, 2, 0)
+    if layout == "n k d":
+        return buffer(n, k, d).transpose(1, 2)
+    if layout == "d k n (rows fastest)":
+        return buffer(d, k, n).permute(2, 0, 1)
+    assert layout == "every other column"
+    return buffer(n, d, 2 * k)[:, :, ::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["n d k", "k n d (the exact path's)", "n k d", "d k n (rows fastest)",
+                                    "every other column"])
+@pytest.mark.parametrize("n, d, k", [(1025, 10, 10), (3, 33, 65), (9, 1, 1), (40, 1000, 3)])
+def test_contract_output_hessians_reads_every_layout(device, layout, n, d, k):
+    """The strided reads (no copy of hz) and, with few long rows, the column splits."""
+    g = torch.Generator().manual_seed(0)
+    sq64, gram64 = torch.rand(n, generator=g, dtype=torch.float64), torch.randn(d, k, generator=g, dtype=torch.float64)
+    want64 = ref.contract_output_hessians(sq64, _hz_in_layout(n, d, k, layout).contiguous(), gram64, True)
+    for dtype in (torch.float32, torch.float64):
+        args = (sq64.to(device, dtype), _hz_in_layout(n, d, k, layout, dtype, device), gram64.to(device, dtype))
+        want = ref.contract_output_hessians(*[a.cpu() for a in args], True)
+        got = torch.ops.relflat.contract_output_hessians(*args, True)
+        for name, a, c, c64 in zip(("per_sample", "block"), got, want, want64):
+            assert_matches_reference(a, c, c64, f"{layout} {dtype} n={n} d={d} k={k} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [0, 2])
+def test_kde_across_query_blocks_key_slices_and_pair_groups(device, c):
+    """More queries than one block takes, keys over many tiles (so the GPU slices them), and more
+    (split, bandwidth) pairs than one block holds: every partial result merged."""
+    g = torch.Generator().manual_seed(c)
+    nq, nk, m = 300, 2000, 20
+    q, k = torch.randn(nq, m, generator=g, dtype=torch.float64), torch.randn(nk, m, generator=g, dtype=torch.float64)
+    v = torch.randn(nk, c, generator=g, dtype=torch.float64) if c else None
+    bws = torch.logspace(-0.5, 1.0, 5, dtype=torch.float64) * math.sqrt(m)
+    ids_q, ids_k = torch.randint(0, 5, (2, nq), generator=g), torch.randint(0, 5, (2, nk), generator=g)
+    want64 = ref.gaussian_kernel_reduce(q, k, v, bws, None, ids_q, ids_k)
+    for dtype in (torch.float32, torch.float64):
+        args = [None if t is None else t.to(device=device, dtype=dtype) for t in (q, k, v, bws)]
+        got = torch.ops.relflat.gaussian_kernel_reduce(*args, None, ids_q.to(device), ids_k.to(device))
+        want = ref.gaussian_kernel_reduce(*[None if a is None else a.cpu() for a in args], None, ids_q, ids_k)
+        for name, a, w, w64 in zip(("logdens", "wval"), got, want, want64):
+            assert_matches_reference(a, w, w64, f"{dtype} c={c} {name}")
+
+
 @pytest.mark.skipif(not GPU, reason="needs a GPU with the CUDA kernels")
 def test_inputs_made_on_a_side_stream():
     """Kernels run on the current stream: inputs written on a side stream and the op called there

@@ -1,14 +1,20 @@
 // CUDA closed-form last-layer flatness.
-// Few outputs (d <= 32): one fused kernel, a warp per row: squared norm and the d logits from one
-// read of the feature row, then softmax/sigmoid and <G, Hz_i> in registers: 1/2 p^T D p for cross
+// Few outputs (d <= 32): one fused kernel, a few rows per warp: squared norms and the d logits from
+// one read of the feature rows (W shared by the block through shared memory), then softmax/sigmoid
+// and <G, Hz_i> in registers: 1/2 p^T D p for cross
 // entropy (D[s,t] = ||w_s - w_t||^2 in shared memory; no cancellation at confident rows),
 // h . diag(G) for BCE. Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid
-// to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM) or,
-// when m < d, the argmax-centred form from the cheaper GEMM (P - e_k) W.
+// to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM,
+// 3xTF32 on the tensor cores for float32) or, when m < d, the argmax-centred form from the
+// cheaper GEMM (P - e_k) W.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <utility>
 
 #include "../common.h"
 #include "warp.cuh"
@@ -25,66 +31,128 @@ __device__ __forceinline__ T sigmoid_curvature(T z) {  // sigma(z) sigma(-z) wit
   return e / ((T(1) + e) * (T(1) + e));
 }
 
-// One warp per row; lane s < d owns output s after the reductions. mat (d, d): D for cross
-// entropy, G for BCE (only its diagonal is read).
-template <typename T, int D>
-__global__ void fused_small_kernel(const T* __restrict__ features, const T* __restrict__ weight,
-                                   const T* __restrict__ bias, const T* __restrict__ mat, int64_t n, int64_t m,
-                                   int d, int loss, T* __restrict__ sq_norms, T* __restrict__ per_sample,
-                                   T* __restrict__ h_out) {
-  __shared__ T mat_s[D * D];
-  for (int e = threadIdx.x; e < d * d; e += blockDim.x) mat_s[(e / d) * D + e % d] = mat[e];
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const T* x = features + row * m;
-  T acc[D];
+// Few outputs: each warp takes 64 / D rows (R*D = 64 accumulators per lane) and the block's eight
+// warps share W, staged in shared memory kWeightChunk columns at a time: W is read once per block
+// of 8R rows, not once per row. Per row, a reduce-scatter leaves logit s in lane s; then
+// softmax/sigmoid and the term in registers. mat (d, d): D for cross entropy, G for BCE (only its
+// diagonal is read).
+constexpr int kWeightChunk = 128;
+
+template <int D>
+constexpr int rows_per_warp() {
+  return 64 / D;
+}
+
+// v[D] per lane; returns in every lane the warp-wide sum of entry lane % D. Sum over the lanes'
+// high bits first, then halve the entries each level (lanes with bit `half` set keep the upper
+// half): D - 1 + (5 - log2 D) * D shuffles, not 5 D. Levels are templates so that every index is
+// a constant and v stays in registers.
+template <int kHalf>
+struct ScatterLevel {
+  template <typename T, int D>
+  __device__ __forceinline__ static void run(T (&v)[D], int lane) {
+    const bool upper = lane & kHalf;
 #pragma unroll
-  for (int s = 0; s < D; ++s) acc[s] = T(0);
-  T norm = 0;
-  for (int64_t j = lane; j < m; j += 32) {
-    const T xj = x[j];
-    norm += xj * xj;
-#pragma unroll
-    for (int s = 0; s < D; ++s)
-      if (s < d) acc[s] += xj * __ldg(weight + s * m + j);
+    for (int i = 0; i < kHalf; ++i) {
+      const T send = upper ? v[i] : v[i + kHalf];
+      const T keep = upper ? v[i + kHalf] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullWarp, send, kHalf);
+    }
+    ScatterLevel<kHalf / 2>::run(v, lane);
   }
-  norm = warp_sum(norm);
-  T zs = T(0);  // lane s keeps logit s
+};
+template <>
+struct ScatterLevel<0> {
+  template <typename T, int D>
+  __device__ __forceinline__ static void run(T (&)[D], int) {}
+};
+
+template <typename T, int D>
+__device__ __forceinline__ T warp_reduce_scatter(T (&v)[D], int lane) {
 #pragma unroll
-  for (int s = 0; s < D; ++s) {
-    if (s < d) {
-      const T v = warp_sum(acc[s]);
-      if (lane == s) zs = v + (bias ? bias[s] : T(0));
+  for (int offset = 16; offset >= D; offset >>= 1)
+#pragma unroll
+    for (int s = 0; s < D; ++s) v[s] += __shfl_xor_sync(kFullWarp, v[s], offset);
+  ScatterLevel<D / 2>::run(v, lane);
+  return v[0];
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    fused_small_kernel(const T* __restrict__ features, const T* __restrict__ weight, const T* __restrict__ bias,
+                       const T* __restrict__ mat, int64_t n, int64_t m, int d, int loss, T* __restrict__ sq_norms,
+                       T* __restrict__ per_sample, T* __restrict__ h_out) {
+  constexpr int R = rows_per_warp<D>();
+  __shared__ T mat_s[D * D];
+  __shared__ T weight_s[D][kWeightChunk];
+  for (int e = threadIdx.x; e < d * d; e += blockDim.x) mat_s[(e / d) * D + e % d] = mat[e];
+  __syncthreads();  // also when m = 0 and the chunk loop below never syncs
+  const int lane = threadIdx.x & 31;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * R;
+  T acc[R][D], norm[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    norm[r] = T(0);
+#pragma unroll
+    for (int s = 0; s < D; ++s) acc[r][s] = T(0);
+  }
+  for (int64_t c0 = 0; c0 < m; c0 += kWeightChunk) {
+    __syncthreads();  // every warp is done with the previous chunk
+    for (int e = threadIdx.x; e < D * kWeightChunk; e += blockDim.x) {
+      const int s = e / kWeightChunk, j = e % kWeightChunk;
+      weight_s[s][j] = (s < d && c0 + j < m) ? weight[s * m + c0 + j] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kWeightChunk / 32; ++jj) {
+      const int j = lane + 32 * jj;
+      T x[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        x[r] = (row0 + r < n && c0 + j < m) ? features[(row0 + r) * m + c0 + j] : T(0);
+        norm[r] += x[r] * x[r];
+      }
+#pragma unroll
+      for (int s = 0; s < D; ++s) {
+        const T w = weight_s[s][j];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][s] += x[r] * w;
+      }
     }
   }
   const bool active = lane < d;
-  T h;
-  if (loss == kCrossEntropy) {
-    const T mx = warp_max(active ? zs : T(-INFINITY));
-    const T e = active ? exp(zs - mx) : T(0);
-    h = e / warp_sum(e);
-  } else {
-    h = active ? sigmoid_curvature(zs) / T(d) : T(0);
-  }
-  T term;
-  if (loss == kCrossEntropy) {  // 1/2 p_s (D p)_s; D is symmetric: [t][lane] reads consecutive banks
-    T dp = 0;
-    for (int t = 0; t < d; ++t) {
-      const T pt = __shfl_sync(kFullWarp, h, t);
-      if (active) dp += mat_s[t * D + lane] * pt;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    if (row >= n) continue;  // the same in every lane; not `break`, which would keep acc off registers
+    const T zs = warp_reduce_scatter<T, D>(acc[r], lane) + (bias && active ? bias[lane] : T(0));
+    const T row_norm = warp_sum(norm[r]);
+    T h;
+    if (loss == kCrossEntropy) {
+      const T mx = warp_max(active ? zs : T(-INFINITY));
+      const T e = active ? exp(zs - mx) : T(0);
+      h = e / warp_sum(e);
+    } else {
+      h = active ? sigmoid_curvature(zs) / T(d) : T(0);
     }
-    term = active ? T(0.5) * h * dp : T(0);
-  } else {
-    term = active ? h * mat_s[lane * D + lane] : T(0);
+    T term;
+    if (loss == kCrossEntropy) {  // 1/2 p_s (D p)_s; D is symmetric: [t][lane] reads consecutive banks
+      T dp = 0;
+      for (int t = 0; t < d; ++t) {
+        const T pt = __shfl_sync(kFullWarp, h, t);
+        if (active) dp += mat_s[t * D + lane] * pt;
+      }
+      term = active ? T(0.5) * h * dp : T(0);
+    } else {
+      term = active ? h * mat_s[lane * D + lane] : T(0);
+    }
+    term = warp_sum(term);
+    if (lane == 0) {
+      sq_norms[row] = row_norm;
+      per_sample[row] = row_norm * term;
+    }
+    if (h_out && active) h_out[row * d + lane] = h;
   }
-  term = warp_sum(term);
-  if (lane == 0) {
-    sq_norms[row] = norm;
-    per_sample[row] = norm * term;
-  }
-  if (h_out && active) h_out[row * d + lane] = h;
 }
 
 template <typename T>
@@ -101,8 +169,9 @@ struct FusedArgs {
 };
 
 template <typename T, int D>
-void launch_fused(const FusedArgs<T>& a, int64_t blocks, cudaStream_t stream) {
-  fused_small_kernel<T, D><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+void launch_fused(const FusedArgs<T>& a, cudaStream_t stream) {
+  constexpr int64_t kRowsPerBlock = kWarpsPerBlock * rows_per_warp<D>();
+  fused_small_kernel<T, D><<<(a.n + kRowsPerBlock - 1) / kRowsPerBlock, kWarpsPerBlock * 32, 0, stream>>>(
       a.features, a.weight, a.bias, a.mat, a.n, a.m, a.d, a.loss, a.sq_norms, a.per_sample, a.h_out);
 }
 
@@ -128,6 +197,59 @@ __global__ void terms_kernel(const T* __restrict__ features, const T* __restrict
     sq_norms[row] = norm;
     per_sample[row] = norm * term;
   }
+}
+
+// Round to TF32 (10 mantissa bits, to nearest) and keep the remainder: x = hi + lo exactly, and
+// lo is below 2^-11 |x|. Inf and NaN keep their bits in hi.
+__global__ void split_tf32_kernel(const float* __restrict__ x, int64_t count, float* __restrict__ hi,
+                                  float* __restrict__ lo) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = x[e];
+    uint32_t bits = __float_as_uint(v);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+    const float h = __uint_as_float(bits);
+    hi[e] = h;
+    lo[e] = isfinite(h) ? v - h : 0.0f;
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> split_tf32(const at::Tensor& x) {
+  at::Tensor hi = at::empty_like(x), lo = at::empty_like(x);
+  const int64_t count = x.numel();
+  const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
+  split_tf32_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(), count,
+                                                                         hi.data_ptr<float>(), lo.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {hi, lo};
+}
+
+// P D for the cross-entropy terms, P (n, d) probabilities, D (d, d) squared distances: every
+// product is >= 0, so no cancellation amplifies the GEMM's rounding. float32 without TF32 allowed:
+// 3xTF32 on the tensor cores, lo(P) hi(D) + hi(P) lo(D) + hi(P) hi(D) (the lo x lo term is below
+// 2^-22 of the sum), about float32's accuracy at a fraction of a float32 GEMM's time. With TF32
+// allowed (the user accepted it for the logits) and for float64: the GEMM as ATen runs it.
+at::Tensor probabilities_times_distances(const at::Tensor& p, const at::Tensor& dist) {
+  const int64_t n = p.size(0), d = p.size(1);
+  if (p.scalar_type() != at::kFloat || at::globalContext().allowTF32CuBLAS() || n == 0 ||
+      n > std::numeric_limits<int>::max())
+    return at::mm(p, dist);
+  const auto [p_hi, p_lo] = split_tf32(p.contiguous());
+  const auto [d_hi, d_lo] = split_tf32(dist.contiguous());
+  at::Tensor out = at::empty({n, d}, p.options());
+  // Row-major out = P D is column-major out^T = D^T P^T = D P^T (D symmetric, and so its halves).
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const int rows = static_cast<int>(d), cols = static_cast<int>(n);
+  const float one = 1.0f, zero = 0.0f;
+  const std::pair<const at::Tensor*, const at::Tensor*> terms[] = {{&d_hi, &p_lo}, {&d_lo, &p_hi}, {&d_hi, &p_hi}};
+  for (int t = 0; t < 3; ++t) {
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, rows, cols, rows, &one,
+                                      terms[t].first->data_ptr<float>(), CUDA_R_32F, rows,
+                                      terms[t].second->data_ptr<float>(), CUDA_R_32F, rows, t == 0 ? &zero : &one,
+                                      out.data_ptr<float>(), CUDA_R_32F, rows, CUBLAS_COMPUTE_32F_FAST_TF32,
+                                      CUBLAS_GEMM_DEFAULT));
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& features_in,
@@ -171,9 +293,9 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
       const FusedArgs<scalar_t> args{features.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b,
                                      mat.data_ptr<scalar_t>(), n, m, static_cast<int>(d), static_cast<int>(loss),
                                      sq_norms.data_ptr<scalar_t>(), per_sample.data_ptr<scalar_t>(), hp};
-      if (d <= 8) launch_fused<scalar_t, 8>(args, blocks, stream);
-      else if (d <= 16) launch_fused<scalar_t, 16>(args, blocks, stream);
-      else launch_fused<scalar_t, 32>(args, blocks, stream);
+      if (d <= 8) launch_fused<scalar_t, 8>(args, stream);
+      else if (d <= 16) launch_fused<scalar_t, 16>(args, stream);
+      else launch_fused<scalar_t, 32>(args, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
@@ -188,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
         sq_norms = features.pow(2).sum(1);
         per_sample = centred_cross_entropy_terms(h, weight, gdiag).mul_(sq_norms);
       } else {
-        q = at::mm(h, squared_distances(at::mm(weight, weight.t())));
+        q = probabilities_times_distances(h, squared_distances(at::mm(weight, weight.t())));
       }
     }
     if (q.defined() || loss != kCrossEntropy) {

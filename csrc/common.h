@@ -117,8 +117,8 @@ inline at::Tensor symmetric_gram(const at::Tensor& q) {
   at::Tensor out = at::empty({d, d}, q.options());
   for (int64_t i = 0; i < d; i += tile) {
     const int64_t rows = std::min(tile, d - i), rest = d - i - rows;
-    const at::Tensor strip = at::mm(q.narrow(1, i, rows).t(), q.narrow(1, i, d - i));  // (rows, d - i)
-    out.narrow(0, i, rows).narrow(1, i, d - i).copy_(strip);
+    at::Tensor strip = out.narrow(0, i, rows).narrow(1, i, d - i);  // (rows, d - i), row stride d: BLAS writes it
+    at::mm_out(strip, q.narrow(1, i, rows).t(), q.narrow(1, i, d - i));
     if (rest) out.narrow(0, i + rows, rest).narrow(1, i, rows).copy_(strip.narrow(1, rows, rest).t());
   }
   return out;

@@ -1,7 +1,8 @@
 // CPU closed-form last-layer flatness, in three steps that never form anything of size n*d*d:
 // 1. logits (n, d) and squared feature norms. Few outputs (d <= 32): a register-blocked loop that
 //    reads each feature row once (BLAS is slow for such skinny products); many outputs: BLAS.
-// 2. softmax / sigmoid through ATen's vectorized kernels, in place.
+// 2. softmax / sigmoid through ATen's vectorized kernels, in place (when only the block sum is
+//    asked for, as for wide heads, the softmax is taken inside the block's pass instead).
 // (Batches of up to 4096 rows with d <= 32: one pass over tiles of rows instead, SmallBatchTerms,
 //  since there the fixed costs of the steps below dominate; the block sum, if asked, from its rows.)
 // 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
@@ -172,42 +173,64 @@ void half_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, const at
   });
 }
 
-// Cross entropy's block sum sum_i a_i (diag(p_i) - p_i p_i^T) in one pass over the softmax rows:
-// q_i = sqrt(a_i) p_i for the symmetric product, and the diagonal sum_i a_i p_is (1 - p_is) with
-// 1 - p_k (k the row's largest entry) taken as the sum of the other entries. The same as
-// block_sum_from_rows (common.h, which CUDA uses), fused into one pass for the CPU, where the
-// eight elementwise passes of the generic form cost more than the GEMM (bench/RESULTS.md).
+// Cross entropy's block sum sum_i a_i (diag(p_i) - p_i p_i^T) in one pass over the rows of
+// softmax probabilities, or of logits with the softmax taken in the same pass: each row (in place)
+// becomes q_i = sqrt(a_i) p_i for the symmetric product, and the diagonal sum_i a_i p_is (1 - p_is) goes to a per-thread sum, with 1 - p_k (k the row's
+// largest entry) taken as the sum of the other entries. The same as block_sum_from_rows
+// (common.h, which CUDA uses), fused into one pass for the CPU, where the softmax and the eight
+// elementwise passes of the generic form cost more than the GEMM (bench/RESULTS.md).
 template <typename T>
-at::Tensor cross_entropy_block(const at::Tensor& p, const at::Tensor& sq_norms) {
-  const int64_t n = p.size(0), d = p.size(1);
-  at::Tensor q = at::empty({n, d}, p.options());
-  at::Tensor partial = at::zeros({at::get_num_threads(), d}, p.options());
-  const T* pp = p.data_ptr<T>();
-  const T* a = sq_norms.data_ptr<T>();
-  T* qp = q.data_ptr<T>();
-  T* part = partial.data_ptr<T>();
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    T* diag = part + at::get_thread_num() * d;
+struct CrossEntropyBlockRows {
+  T* rows;  // (n, d): logits or probabilities in, q out
+  bool logits;
+  const T* sq_norms;
+  int64_t d, begin, end;
+  T* diag;  // (d,) this thread's diagonal sum
+
+  template <bool kAvx2>
+  RELFLAT_INLINE void run() const {
     for (int64_t i = begin; i < end; ++i) {
-      const T* row = pp + i * d;
+      T* row = rows + i * d;
       const int64_t k = std::max_element(row, row + d) - row;
+      // From logits, row becomes exp(z - z_k), p = row * inverse.
+      const T inverse = logits ? T(1) / ExpShiftedSum<T, kAvx2>::apply(row, d, row[k]) : T(1);
       T rest = 0;  // the entries other than k, summed (never 1 - p_k)
 #pragma omp simd reduction(+ : rest)
       for (int64_t t = 0; t < k; ++t) rest += row[t];
 #pragma omp simd reduction(+ : rest)
       for (int64_t t = k + 1; t < d; ++t) rest += row[t];
-      const T ai = a[i], root = std::sqrt(ai);
-      T* qrow = qp + i * d;
+      const T ai = sq_norms[i], root = std::sqrt(ai) * inverse;
 #pragma omp simd
-      for (int64_t s = 0; s < d; ++s) qrow[s] = root * row[s];
+      for (int64_t s = 0; s < k; ++s) {
+        const T p = row[s] * inverse;
+        diag[s] += ai * p * (T(1) - p);
+      }
+      diag[k] += ai * (row[k] * inverse) * (rest * inverse);  // p_k times the accurate 1 - p_k
 #pragma omp simd
-      for (int64_t s = 0; s < k; ++s) diag[s] += ai * row[s] * (T(1) - row[s]);
-      diag[k] += ai * row[k] * rest;
+      for (int64_t s = k + 1; s < d; ++s) {
+        const T p = row[s] * inverse;
+        diag[s] += ai * p * (T(1) - p);
+      }
 #pragma omp simd
-      for (int64_t s = k + 1; s < d; ++s) diag[s] += ai * row[s] * (T(1) - row[s]);
+      for (int64_t s = 0; s < d; ++s) row[s] *= root;
     }
+  }
+};
+
+// The block from the rows (n, d) of logits or probabilities, which it overwrites.
+at::Tensor cross_entropy_block(at::Tensor& rows, bool logits, const at::Tensor& sq_norms) {
+  const int64_t n = rows.size(0), d = rows.size(1);
+  at::Tensor partial = at::zeros({at::get_num_threads(), d}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "cross_entropy_block", [&] {
+    using T = scalar_t;
+    T* data = rows.data_ptr<T>();
+    const T* a = sq_norms.data_ptr<T>();
+    T* part = partial.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      run_best_isa(CrossEntropyBlockRows<T>{data, logits, a, d, begin, end, part + at::get_thread_num() * d});
+    });
   });
-  at::Tensor block = symmetric_gram(q).neg_();
+  at::Tensor block = symmetric_gram(rows).neg_();
   block.diagonal().copy_(partial.sum(0));
   return block;
 }
@@ -223,13 +246,10 @@ void squared_norms(const at::Tensor& features, at::Tensor& sq_norms) {
   });
 }
 
-at::Tensor block_sum(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
-  if (loss != kCrossEntropy) return block_sum_from_rows(h, sq_norms, loss);
-  at::Tensor block;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cross_entropy_block", [&] {
-    block = cross_entropy_block<scalar_t>(h, sq_norms);
-  });
-  return block;
+// The block sum from h (the softmax rows, or the BCE curvatures); cross entropy overwrites h.
+at::Tensor block_sum(at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+  return loss == kCrossEntropy ? cross_entropy_block(h, /*logits=*/false, sq_norms)
+                               : block_sum_from_rows(h, sq_norms, loss);
 }
 
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& features_in,
@@ -287,13 +307,17 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cpu(const at::Tensor& fea
     h = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
     squared_norms(features, sq_norms);
   }
+  // Only the block sum, when the caller contracts it with G itself (wide heads): for cross entropy
+  // the softmax is taken inside the block's pass over the logits.
+  if (!want_per_sample && loss == kCrossEntropy)
+    return {at::empty({0}, opts), cross_entropy_block(h, /*logits=*/true, sq_norms)};
   // Step 2: h = softmax(z) for cross entropy, sigma(z) sigma(-z)/d for BCE.
   if (loss == kCrossEntropy) {
     at::_softmax_out(h, h, 1, false);
   } else {
     h = at::sigmoid(h).mul_(at::sigmoid(-h)).div_(d);
   }
-  // Step 3: per-sample terms (only the block sum, when the caller contracts it with G itself).
+  // Step 3: per-sample terms (or only the block sum).
   const bool quadratic = loss == kCrossEntropy;
   if (!want_per_sample) {
     return {at::empty({0}, opts), block_sum(h, sq_norms, loss)};

@@ -109,31 +109,44 @@ inline at::Tensor centred_cross_entropy_terms(const at::Tensor& p, const at::Ten
 }
 
 // Q^T Q (d, d) from GEMMs over the tiles on and right of the diagonal, mirrored: (1/2 + 1/16) of
-// a full GEMM's work with 8 tiles (BLAS has no SYRK in ATen).
-inline at::Tensor symmetric_gram(const at::Tensor& q) {
+// a full GEMM's work with 8 tiles (BLAS has no SYRK in ATen). strip(out, i, rows) writes
+// q[:, i:i+rows]^T q[:, i:] into out, a (rows, d - i) view of row stride d.
+template <typename Strip>
+inline at::Tensor symmetric_gram(const at::Tensor& q, const Strip& strip) {
   const int64_t d = q.size(1);
   const int64_t tile = std::max<int64_t>(64, (d + 7) / 8);
-  if (d <= tile) return at::mm(q.t(), q);
   at::Tensor out = at::empty({d, d}, q.options());
   for (int64_t i = 0; i < d; i += tile) {
     const int64_t rows = std::min(tile, d - i), rest = d - i - rows;
-    at::Tensor strip = out.narrow(0, i, rows).narrow(1, i, d - i);  // (rows, d - i), row stride d: BLAS writes it
-    at::mm_out(strip, q.narrow(1, i, rows).t(), q.narrow(1, i, d - i));
-    if (rest) out.narrow(0, i + rows, rest).narrow(1, i, rows).copy_(strip.narrow(1, rows, rest).t());
+    at::Tensor part = out.narrow(0, i, rows).narrow(1, i, d - i);
+    strip(part, i, rows);
+    if (rest) out.narrow(0, i + rows, rest).narrow(1, i, rows).copy_(part.narrow(1, rows, rest).t());
   }
   return out;
+}
+
+inline at::Tensor symmetric_gram(const at::Tensor& q) {
+  return symmetric_gram(q, [&](at::Tensor& part, int64_t i, int64_t rows) {
+    at::mm_out(part, q.narrow(1, i, rows).t(), q.narrow(1, i, q.size(1) - i));  // BLAS writes the view
+  });
 }
 
 // sum_i a_i Hz_i from the per-row h (n, d) of the closed form (softmax p for cross entropy,
 // sigma(z) sigma(-z)/d for BCE). Cross entropy: -sum_i a_i p_i p_i^T off the diagonal and
 // sum_i a_i p_is (1 - p_is) on it, with the accurate complement. Both backends use it (ATen ops
 // run on the tensors' device and current stream).
-inline at::Tensor block_sum_from_rows(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+// `gram` computes Q^T Q of the non-negative Q = sqrt(a) h (symmetric_gram, or the CUDA 3xTF32 one).
+template <typename Gram>
+inline at::Tensor block_sum_from_rows(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss, const Gram& gram) {
   const at::Tensor weighted = h * sq_norms.unsqueeze(1);
   if (loss != kCrossEntropy) return at::diag(weighted.sum(0));
-  at::Tensor block = symmetric_gram(h * sq_norms.sqrt().unsqueeze(1)).neg_();
+  at::Tensor block = gram(h * sq_norms.sqrt().unsqueeze(1)).neg_();
   block.diagonal().copy_((weighted * softmax_complement(h)).sum(0));
   return block;
+}
+
+inline at::Tensor block_sum_from_rows(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+  return block_sum_from_rows(h, sq_norms, loss, [](const at::Tensor& q) { return symmetric_gram(q); });
 }
 
 }  // namespace relflat

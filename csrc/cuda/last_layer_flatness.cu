@@ -4,9 +4,10 @@
 // and <G, Hz_i> in registers: 1/2 p^T D p for cross
 // entropy (D[s,t] = ||w_s - w_t||^2 in shared memory; no cancellation at confident rows),
 // h . diag(G) for BCE. Many outputs: the logits GEMM goes to cuBLAS (at::addmm), softmax/sigmoid
-// to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM,
-// 3xTF32 on the tensor cores for float32) or, when m < d, the argmax-centred form from the
-// cheaper GEMM (P - e_k) W.
+// to ATen, then either one warp-per-row kernel for the terms (1/2 <P D, P> from one more GEMM)
+// or, when m < d, the argmax-centred form from the cheaper GEMM (P - e_k) W. The block sum's
+// symmetric product and P D, whose factors are all >= 0, run in 3xTF32 for float32 (unless the
+// user allowed TF32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
@@ -217,6 +218,7 @@ __global__ void split_tf32_kernel(const float* __restrict__ x, int64_t count, fl
 std::pair<at::Tensor, at::Tensor> split_tf32(const at::Tensor& x) {
   at::Tensor hi = at::empty_like(x), lo = at::empty_like(x);
   const int64_t count = x.numel();
+  if (count == 0) return {hi, lo};
   const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
   split_tf32_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(), count,
                                                                          hi.data_ptr<float>(), lo.data_ptr<float>());
@@ -224,32 +226,66 @@ std::pair<at::Tensor, at::Tensor> split_tf32(const at::Tensor& x) {
   return {hi, lo};
 }
 
-// P D for the cross-entropy terms, P (n, d) probabilities, D (d, d) squared distances: every
-// product is >= 0, so no cancellation amplifies the GEMM's rounding. float32 without TF32 allowed:
-// 3xTF32 on the tensor cores, lo(P) hi(D) + hi(P) lo(D) + hi(P) hi(D) (the lo x lo term is below
-// 2^-22 of the sum), about float32's accuracy at a fraction of a float32 GEMM's time. With TF32
-// allowed (the user accepted it for the logits) and for float64: the GEMM as ATen runs it.
-at::Tensor probabilities_times_distances(const at::Tensor& p, const at::Tensor& dist) {
-  const int64_t n = p.size(0), d = p.size(1);
-  if (p.scalar_type() != at::kFloat || at::globalContext().allowTF32CuBLAS() || n == 0 ||
-      n > std::numeric_limits<int>::max())
-    return at::mm(p, dist);
-  const auto [p_hi, p_lo] = split_tf32(p.contiguous());
-  const auto [d_hi, d_lo] = split_tf32(dist.contiguous());
+// Whether a float32 product of non-negative factors runs in 3xTF32: not where the user allowed
+// TF32 (then ATen's GEMM uses it, as for the logits), nor past cuBLAS's int sizes.
+bool use_3xtf32(const at::Tensor& a, int64_t largest) {
+  return a.scalar_type() == at::kFloat && !at::globalContext().allowTF32CuBLAS() && largest > 0 &&
+         largest <= std::numeric_limits<int>::max();
+}
+
+// c = op(x) op(y) (cuBLAS column-major, c with leading dimension ldc) in 3xTF32 on the tensor
+// cores: lo(x) hi(y) + hi(x) lo(y) + hi(x) hi(y), the lo x lo term dropped (below 2^-22 of the
+// sum). For factors >= 0 nothing cancels, so this keeps about float32's accuracy at a fraction of
+// a float32 GEMM's time. x and y come split (split_tf32); the offsets select sub-matrices.
+struct SplitMatrix {
+  const at::Tensor &hi, &lo;
+  int64_t offset, ld;
+  const float* ptr(bool high) const { return (high ? hi : lo).data_ptr<float>() + offset; }
+};
+
+void gemm_3xtf32(cublasOperation_t op_x, cublasOperation_t op_y, int64_t m, int64_t n, int64_t k,
+                 const SplitMatrix& x, const SplitMatrix& y, float* c, int64_t ldc) {
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const float one = 1.0f, zero = 0.0f;
+  const bool x_high[3] = {false, true, true}, y_high[3] = {true, false, true};
+  for (int t = 0; t < 3; ++t) {
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_x, op_y, static_cast<int>(m), static_cast<int>(n),
+                                      static_cast<int>(k), &one, x.ptr(x_high[t]), CUDA_R_32F,
+                                      static_cast<int>(x.ld), y.ptr(y_high[t]), CUDA_R_32F, static_cast<int>(y.ld),
+                                      t == 0 ? &zero : &one, c, CUDA_R_32F, static_cast<int>(ldc),
+                                      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+// P D for the cross-entropy terms, P (n, d) probabilities, D (d, d) squared distances (>= 0).
+at::Tensor probabilities_times_distances(const at::Tensor& p_in, const at::Tensor& dist_in) {
+  const int64_t n = p_in.size(0), d = p_in.size(1);
+  if (!use_3xtf32(p_in, std::max(n, d))) return at::mm(p_in, dist_in);
+  const at::Tensor p = p_in.contiguous(), dist = dist_in.contiguous();
+  const auto [p_hi, p_lo] = split_tf32(p);
+  const auto [d_hi, d_lo] = split_tf32(dist);
   at::Tensor out = at::empty({n, d}, p.options());
   // Row-major out = P D is column-major out^T = D^T P^T = D P^T (D symmetric, and so its halves).
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  const int rows = static_cast<int>(d), cols = static_cast<int>(n);
-  const float one = 1.0f, zero = 0.0f;
-  const std::pair<const at::Tensor*, const at::Tensor*> terms[] = {{&d_hi, &p_lo}, {&d_lo, &p_hi}, {&d_hi, &p_hi}};
-  for (int t = 0; t < 3; ++t) {
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, rows, cols, rows, &one,
-                                      terms[t].first->data_ptr<float>(), CUDA_R_32F, rows,
-                                      terms[t].second->data_ptr<float>(), CUDA_R_32F, rows, t == 0 ? &zero : &one,
-                                      out.data_ptr<float>(), CUDA_R_32F, rows, CUBLAS_COMPUTE_32F_FAST_TF32,
-                                      CUBLAS_GEMM_DEFAULT));
-  }
+  gemm_3xtf32(CUBLAS_OP_N, CUBLAS_OP_N, d, n, d, {d_hi, d_lo, 0, d}, {p_hi, p_lo, 0, d}, out.data_ptr<float>(), d);
   return out;
+}
+
+// Q^T Q (d, d) for the block sum's Q = sqrt(a) P >= 0, strip by strip as symmetric_gram does.
+at::Tensor nonnegative_gram(const at::Tensor& q_in) {
+  const int64_t n = q_in.size(0), d = q_in.size(1);
+  if (!use_3xtf32(q_in, std::max(n, d))) return symmetric_gram(q_in);
+  const at::Tensor q = q_in.contiguous();
+  const std::pair<at::Tensor, at::Tensor> halves = split_tf32(q);  // not a structured binding: the lambda captures it
+  const at::Tensor &hi = halves.first, &lo = halves.second;
+  return symmetric_gram(q, [&](at::Tensor& part, int64_t i, int64_t rows) {
+    // part (rows, d - i), row stride d, = A^T B for A = q[:, i:i+rows], B = q[:, i:]. Column-major,
+    // q is q^T (d, n) with leading dimension d: part^T = B^T A = (rows i.. of q^T) (rows i..i+rows of q^T)^T.
+    gemm_3xtf32(CUBLAS_OP_N, CUBLAS_OP_T, d - i, rows, n, {hi, lo, i, d}, {hi, lo, i, d}, part.data_ptr<float>(), d);
+  });
+}
+
+at::Tensor block_sum(const at::Tensor& h, const at::Tensor& sq_norms, int64_t loss) {
+  return block_sum_from_rows(h, sq_norms, loss, nonnegative_gram);
 }
 
 std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& features_in,
@@ -302,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
     const at::Tensor logits = bias.has_value() ? at::addmm(*bias, features, weight.t()) : at::mm(features, weight.t());
     h = loss == kCrossEntropy ? at::softmax(logits, 1)
                               : at::sigmoid(logits).mul_(at::sigmoid(-logits)).div_(static_cast<double>(d));
-    if (!want_per_sample) return {per_sample, block_sum_from_rows(h, features.pow(2).sum(1), loss)};
+    if (!want_per_sample) return {per_sample, block_sum(h, features.pow(2).sum(1), loss)};
     const at::Tensor gdiag = weight.pow(2).sum(1);
     at::Tensor q;
     if (loss == kCrossEntropy) {
@@ -323,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> last_layer_flatness_cuda(const at::Tensor& fe
       });
     }
   }
-  if (block_trace) block = block_sum_from_rows(h, sq_norms, loss);
+  if (block_trace) block = block_sum(h, sq_norms, loss);
   return {per_sample, block};
 }
 

@@ -45,6 +45,7 @@ inline void check_last_layer_args(const at::Tensor& features, const at::Tensor& 
   check_same(weight, features, "weight");
   TORCH_CHECK(weight.size(1) == features.size(1), "weight must be (d, m) with m = ", features.size(1),
               ", got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) >= 1, "weight must be (d, m) with d >= 1 outputs, got ", weight.sizes());
   if (bias.has_value()) {
     check_float_matrix(*bias, "bias", 1);
     check_same(*bias, features, "bias");

@@ -139,6 +139,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, CE), "weight must be"),
+    (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(0, 4), None, CE), "d >= 1"),
     (lambda: ops.last_layer_flatness(torch.randn(3), torch.randn(2, 3), None, CE), "features must be 2-D"),
     (lambda: ops.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64), None, CE), "dtype"),
     (lambda: ops.last_layer_flatness(torch.randn(3, 4).int(), torch.randn(2, 4), None, CE), "float32 or float64"),
@@ -156,6 +157,13 @@ def test_ops_reject_bad_arguments(call, match):
 def test_kernels_check_arguments_when_called_directly():
     with pytest.raises(RuntimeError, match="weight must be"):
         torch.ops.relflat.last_layer_flatness(torch.randn(3, 4), torch.randn(2, 5), None, "cross_entropy", False)
+    for n, per_sample in itertools.product((10, 5000), (True, False)):  # no outputs: an error, not a crash
+        with pytest.raises(RuntimeError, match="d >= 1"):
+            torch.ops.relflat.last_layer_flatness(torch.randn(n, 3), torch.randn(0, 3), None, "cross_entropy", True,
+                                                  per_sample)
+    with pytest.raises(RuntimeError, match="d >= 1"):
+        torch.ops.relflat.last_layer_flatness_backward(torch.ones(4), torch.empty(0, 0), torch.randn(4, 3),
+                                                       torch.randn(0, 3), None, "cross_entropy")
     with pytest.raises(RuntimeError, match="hessian must be"):
         torch.ops.relflat.dense_block_trace(torch.randn(6, 5), torch.randn(2, 3))
 

@@ -174,11 +174,12 @@ void half_quadratic_from_gemm(const at::Tensor& p, const at::Tensor& q, const at
 }
 
 // Cross entropy's block sum sum_i a_i (diag(p_i) - p_i p_i^T) in one pass over the rows of
-// softmax probabilities, or of logits with the softmax taken in the same pass: each row (in place)
-// becomes q_i = sqrt(a_i) p_i for the symmetric product, and the diagonal sum_i a_i p_is (1 - p_is) goes to a per-thread sum, with 1 - p_k (k the row's
-// largest entry) taken as the sum of the other entries. The same as block_sum_from_rows
-// (common.h, which CUDA uses), fused into one pass for the CPU, where the softmax and the eight
-// elementwise passes of the generic form cost more than the GEMM (bench/RESULTS.md).
+// softmax probabilities, or of logits with the softmax taken in the same pass. Each row (in
+// place) becomes q_i = sqrt(a_i) p_i for the symmetric product; the diagonal
+// sum_i a_i p_is (1 - p_is) goes to a per-thread sum, with 1 - p_k (k the row's largest entry)
+// taken as the sum of the other entries. The same as block_sum_from_rows (common.h, which CUDA
+// uses), fused into one pass for the CPU, where the softmax and the eight elementwise passes of
+// the generic form cost more than the GEMM (bench/RESULTS.md).
 template <typename T>
 struct CrossEntropyBlockRows {
   T* rows;  // (n, d): logits or probabilities in, q out

@@ -99,6 +99,8 @@ def last_layer_flatness(features: torch.Tensor, weight: torch.Tensor, bias: Opti
     _check_tensor("features", features, 2)
     _check_tensor("weight", weight, 2, features)
     _check_size("weight", weight, 1, features.shape[1], f"(d, m) with m = features.shape[1] = {features.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must be (d, m) with d >= 1 outputs, got shape {tuple(weight.shape)}")
     if bias is not None:
         _check_tensor("bias", bias, 1, features)
         _check_size("bias", bias, 0, weight.shape[0], f"({weight.shape[0]},)")

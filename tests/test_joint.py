@@ -82,7 +82,7 @@ def test_batched_products_equal_one_pass_per_direction():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the loop would warn
         vmapped = _batch_hvps(problem, weights, x, y, dirs, batched=True)
     for a, b in zip(loop, vmapped):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-12, atol=1e-14)
 
 
 def test_deflated_shared_probes_at_a_confident_float32_minimum():

@@ -146,3 +146,16 @@ def test_bad_arguments(kwargs, match):
         stochastic_estimate(model, "2", x, y, **kwargs)
     with pytest.raises(TypeError, match="no weight"):
         stochastic_estimate(model, "1", x, y)
+
+
+@pytest.mark.parametrize("d, m", [(7, 3), (3, 7), (5, 5)])
+def test_probe_factor_reproduces_the_columns_covariance(d, m):
+    """F F^T = W W^T with F (d, min(d, m)): the probes F A have the columns' covariance of W A, from
+    fewer random numbers when m > d; a rank-deficient W (a pruned row) included."""
+    from relflat_ext.flatness.stochastic import probe_factor
+    g = torch.Generator().manual_seed(d * m)
+    w = torch.randn(d, m, generator=g, dtype=torch.float64)
+    w[0] = 0
+    f = probe_factor(w)
+    assert f.shape == (d, min(d, m))
+    torch.testing.assert_close(f @ f.T, w @ w.T, rtol=1e-12, atol=1e-12)

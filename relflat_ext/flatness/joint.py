@@ -33,7 +33,7 @@ from ..core.hvp import differentiable_attention
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from .problem import Problem
-from .stochastic import QUANTITIES, StochasticEstimate
+from .stochastic import QUANTITIES, StochasticEstimate, probe_factor
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
@@ -104,7 +104,7 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
         if sketch:
             basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
             used += sketch
-            exact = space.partial_dots(basis, operator(basis)).sum(0)
+            exact = operator.quadratic_forms(basis).sum(0)
             used += sketch
             if progress:
                 progress(used, max_probes)
@@ -113,7 +113,7 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             u = space.randn(count, gen)
             if basis is not None:
                 u = u - (u @ basis.T) @ basis
-            samples.append(space.partial_dots(u, operator(u)))  # (count, L)
+            samples.append(operator.quadratic_forms(u))  # (count, L)
             used += count
             if progress:
                 progress(used, max_probes)
@@ -148,15 +148,11 @@ class _ProbeSpace:
         self.views, self.factors, self.shapes = views, [], []
         for w in mats:
             d, m = w.shape
-            if quantity == "hessian_trace":
-                factor = torch.eye(d, dtype=w.dtype, device=w.device)
-            elif m <= d:
-                factor = w  # P (m, m): V = W P, the multiplicative probe
-            else:  # P (d, m): V = (W W^T)^{1/2} P, the smaller space
-                lam, vec = torch.linalg.eigh(w.double() @ w.double().T)
-                factor = ((vec * lam.clamp_min(0).sqrt()) @ vec.T).to(w.dtype)
+            # V = F P with P (r, m): W P when m <= d, else (W W^T)^{1/2} P, the smaller space;
+            # no factor (V = P) for the Hessian trace
+            factor = None if quantity == "hessian_trace" else probe_factor(w)
             self.factors.append(factor)
-            self.shapes.append((factor.shape[1], m))
+            self.shapes.append((d if factor is None else factor.shape[1], m))
         self.sizes = [r * m for r, m in self.shapes]
         self.dim = sum(self.sizes)
         self.dtype, self.device = mats[0].dtype, mats[0].device
@@ -166,25 +162,24 @@ class _ProbeSpace:
 
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
         """(k, dim) -> per layer, (k, *weight.shape) directions R p (one batched product a layer)."""
-        k = p.shape[0]
-        return [torch.vmap(view.from_matrix)(f @ block.reshape(k, *shape))
-                for block, f, shape, view in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes,
-                                                  self.views)]
+        out = []
+        for block, f, shape, view in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes, self.views):
+            mats = block.reshape(p.shape[0], *shape)
+            out.append(torch.vmap(view.from_matrix)(mats if f is None else f @ mats))
+        return out
 
     def from_weights(self, hv: List[torch.Tensor]) -> torch.Tensor:
         """Per layer (k, *weight.shape) -> (k, dim), the adjoint map R^T."""
-        return torch.cat([(f.T @ torch.vmap(view.to_matrix)(block)).reshape(block.shape[0], -1)
-                          for block, f, view in zip(hv, self.factors, self.views)], dim=1)
-
-    def partial_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(k, dim) x (k, dim) -> (k, L): each layer's block of the row-wise inner products."""
-        return torch.stack([(x * y).sum(1) for x, y in zip(torch.split(a, self.sizes, dim=1),
-                                                            torch.split(b, self.sizes, dim=1))], dim=1).double()
+        out = []
+        for block, f, view in zip(hv, self.factors, self.views):
+            mats = torch.vmap(view.to_matrix)(block)
+            out.append((mats if f is None else f.T @ mats).reshape(block.shape[0], -1))
+        return torch.cat(out, dim=1)
 
 
 class _Operator:
     """p -> M p = R^T H R p for the mean loss over all the data (batches weighted by their terms,
-    summed over ranks under torch.distributed)."""
+    summed over ranks under torch.distributed), and the partial quadratic forms <p_l, (M p)_l>."""
 
     def __init__(self, problem: Problem, weights: List[torch.Tensor], space: _ProbeSpace):
         self.problem, self.weights, self.space, self.n = problem, weights, space, 0
@@ -192,27 +187,48 @@ class _Operator:
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         dirs = self.space.to_weights(p)
         total = [torch.zeros_like(d) for d in dirs]
-        n = 0
+        for count, hvs in self._batches(dirs):
+            for acc, rows in zip(total, hvs):
+                for j, hv in enumerate(rows or ()):
+                    acc[j].add_(hv, alpha=count)
+        n = self._total_count(total)
+        return self.space.from_weights([t / n for t in total])
+
+    def quadratic_forms(self, p: torch.Tensor) -> torch.Tensor:
+        """(k, dim) -> (k, L) float64: <p_l, (M p)_l> = <V_l, (H V)_l>, taken in weight space, so
+        without the adjoint map R^T (as costly as R: a (d, d) x (d, m) product per probe and layer)
+        and all-reducing k x L numbers instead of the vectors."""
+        dirs = self.space.to_weights(p)
+        total = torch.zeros(p.shape[0], len(dirs), dtype=torch.float64, device=p.device)
+        for count, hvs in self._batches(dirs):
+            for l, (v, rows) in enumerate(zip(dirs, hvs)):
+                for j, hv in enumerate(rows or ()):
+                    total[j, l] += torch.vdot(v[j].flatten(), hv.flatten()).double() * count
+        return total / self._total_count([total])
+
+    def _batches(self, dirs: List[torch.Tensor]):
+        """(terms, per-layer H_b V) for each batch with terms; counts them in self.n."""
+        self.n = 0
         for x, y in self.problem.batches():
             count = self.problem.count(y)
-            if count == 0:
-                continue
-            for acc, hv in zip(total, _batch_hvps(self.problem, self.weights, x, y, dirs)):
-                if hv is not None:
-                    acc += hv * count
-            n += count
+            if count:
+                self.n += count
+                yield count, _batch_hvps(self.problem, self.weights, x, y, dirs)
+
+    def _total_count(self, sums: List[torch.Tensor]) -> int:
+        """The number of terms over all ranks, all-reducing ``sums`` in place on the way."""
         if self.problem.distributed:
-            count_t = torch.tensor(float(n), dtype=torch.float64, device=p.device)
-            dist.all_reduce_sum([*total, count_t])
-            n = int(count_t.item())
-        self.n = n
-        return self.space.from_weights([t / n for t in total])
+            count_t = torch.tensor(float(self.n), dtype=torch.float64, device=sums[0].device)
+            dist.all_reduce_sum([*sums, count_t])
+            self.n = int(count_t.item())
+        return self.n
 
 
 def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
-                batched: Optional[bool] = None) -> List[Optional[torch.Tensor]]:
-    """Per layer (k, *weight.shape): H_b V for the k joint directions V = (dirs[0][j], ...), H_b the
-    Hessian of the batch's mean loss; None for a weight the loss does not depend on twice.
+                batched: Optional[bool] = None) -> List[Optional[List[torch.Tensor]]]:
+    """Per layer, the k products H_b V_j (each weight-shaped) for the k joint directions
+    V_j = (dirs[0][j], ...), H_b the Hessian of the batch's mean loss; None for a weight the loss
+    does not depend on twice. A list, not a stacked tensor: the callers consume them one by one.
     ``batched`` (default: on CUDA) runs blocks of directions through one vmap'd backward pass,
     falling back to one pass per direction where an op has no batching rule."""
     global _BATCHED_OK
@@ -223,7 +239,7 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
         loss.check(out, y)
         grads = torch.autograd.grad(loss.for_derivatives(out, y), weights, create_graph=True, allow_unused=True)
         live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]
-        result: List[Optional[torch.Tensor]] = [None] * len(weights)
+        result: List[Optional[List[torch.Tensor]]] = [None] * len(weights)
         if not live:  # the loss is linear in every weight
             return result
         rows = [[] for _ in live]
@@ -250,5 +266,5 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
             for r, (l, h) in enumerate(zip(live, hv)):
                 rows[r].append(torch.zeros_like(weights[l]) if h is None else h.detach())
     for r, l in enumerate(live):
-        result[l] = torch.stack(rows[r])
+        result[l] = rows[r]
     return result

@@ -4,7 +4,10 @@ whose weight acts linearly on features: ``nn.Linear`` on inputs of any shape (to
 module through a user-supplied view.
 
 With ``A`` an m x m matrix of i.i.d. N(0, 1) entries, ``E_A[ D^2E(W)[W A, W A] ] = kappa_Tr`` exactly
-(``E[A A^T] = m I`` turns the quadratic form into ``sum_{s,t} <w_s, w_t> Tr(H_{s,t})``). Each probe is
+(``E[A A^T] = m I`` turns the quadratic form into ``sum_{s,t} <w_s, w_t> Tr(H_{s,t})``). Only the
+columns' covariance ``W W^T`` matters, so when m > d the probe is ``F A`` with ``A`` (d, m) and ``F`` the
+symmetric square root of ``W W^T``: the same distribution for Gaussian ``A``, from d m instead of m^2
+random numbers and d^2 m instead of d m^2 flops (9x fewer on a 512 x 4608 convolution). Each probe is
 one Hessian-vector product of the empirical risk with respect to the layer weight; probes are
 batched (``is_grads_batched``), the data are streamed, and rounds of probes are drawn until the
 relative standard error reaches ``rel_tol`` or ``max_probes`` is reached. With the directions
@@ -64,22 +67,35 @@ def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -
     return (hv * directions).flatten(1).sum(1).detach() * problem.count(y)
 
 
-def _directions(quantity: str, w_mat: torch.Tensor, view: WeightView, count: int, gen: torch.Generator,
-                scale: Optional[torch.Tensor], distribution: str = "gaussian") -> torch.Tensor:
-    """count probe directions in weight space. Entries of A (or of the direction itself for the
-    Hessian trace) are i.i.d. N(0, 1) or +-1: both have E[A_aj A_bk] = [a=b][j=k], all that
-    unbiasedness needs; +-1 entries give quadratic forms a smaller variance."""
+def probe_factor(w_mat: torch.Tensor) -> torch.Tensor:
+    """(d, r) factor F of ``W W^T`` (F F^T = W W^T) for a (d, m) weight, r = min(d, m): W itself when
+    m <= d, else the symmetric square root (eigendecomposition in float64, negative rounding clamped:
+    a rank-deficient W, e.g. with pruned rows, is fine)."""
     d, m = w_mat.shape
-    shape = (count, d * m) if quantity == "hessian_trace" else (count, m, m)
+    if m <= d:
+        return w_mat
+    gram = w_mat.double() @ w_mat.double().T
+    lam, vec = torch.linalg.eigh(gram)
+    return ((vec * lam.clamp_min(0).sqrt()) @ vec.T).to(w_mat.dtype)
+
+
+def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tensor], view: WeightView, count: int,
+                gen: torch.Generator, scale: Optional[torch.Tensor], distribution: str = "gaussian") -> torch.Tensor:
+    """count probe directions in weight space: ``F A`` for the factor F (d, r) of :func:`probe_factor`
+    (of ``W diag(s)`` in Theorem 4's coordinates, mapped back to W by ``diag(1/s)``), ``A`` (r, m).
+    Entries of A (or of the direction itself for the Hessian trace) are i.i.d. N(0, 1) or +-1: both
+    have E[A_aj A_bk] = [a=b][j=k], all that unbiasedness needs; +-1 entries give quadratic forms a
+    smaller variance."""
+    d, m = w_mat.shape
+    shape = (count, d * m) if quantity == "hessian_trace" else (count, factor.shape[1], m)
     a = torch.randn(shape, generator=gen, dtype=w_mat.dtype, device=w_mat.device)
     if distribution == "rademacher":
         a = torch.sign(a)
     if quantity == "hessian_trace":
         return a.reshape(count, *view.from_matrix(w_mat).shape)
-    if scale is None:
-        mats = w_mat @ a  # W A
-    else:  # Theorem 4 coordinates W' = W diag(s): W' A, mapped back to W as W' A diag(1/s)
-        mats = (w_mat * scale) @ a * inverse_scale(scale)  # zero-spread features dropped
+    mats = factor @ a
+    if scale is not None:
+        mats = mats * inverse_scale(scale)  # zero-spread features dropped
     return torch.stack([view.from_matrix(mat) for mat in mats])
 
 
@@ -142,6 +158,8 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         base_seed = dist.shared_seed(seed, w_mat.device)
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+    factor = None if quantity == "hessian_trace" else probe_factor(w_mat if feature_scale is None else
+                                                                   w_mat * feature_scale)
     samples: List[torch.Tensor] = []
     n = 0
     value = stderr = math.nan
@@ -151,7 +169,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         for rnd in range(math.ceil(max_probes / probes_per_round)):
             count = min(probes_per_round, max_probes - rnd * probes_per_round)
             gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
-            dirs = _directions(quantity, w_mat, view, count, gen, feature_scale, probe_distribution)
+            dirs = _directions(quantity, w_mat, factor, view, count, gen, feature_scale, probe_distribution)
             total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
             for x, y in problem.batches():
                 total += _quadratic_forms(problem, weight, x, y, dirs).double()

@@ -6,6 +6,7 @@
   reach for any estimator);
 * ``resnet18``: torchvision's ResNet-18 on 32 images of 32x32, trained to a minimum (needs
   torchvision: CI's torch 2.14.1 environment);
+* ``resnet18-224``: the same trained on 512 images of 224x224 in batches of 64 (a GPU's job);
 * ``gpt2``: GPT-2 small with random weights on 64 sequences of 128 tokens (a GPU's job);
 * ``gpt2-tiny``: the 2-layer GPT-2 of the CLI's smoke test.
 
@@ -51,6 +52,16 @@ def models(names, width, device):
         loss = _settle_batchnorm(model, images, labels)
         yield "resnet18-trained", f"ResNet-18, 32 images 32x32, trained (eval-mode loss {loss:.1e})", model, images, \
             labels
+    if "resnet18-224" in names:  # trained where it will be measured: 512 images of 224x224 are a GPU's job
+        import torchvision
+        images, labels = torch.randn(512, 3, 224, 224, generator=g), torch.randint(0, 10, (512,), generator=g)
+        images, labels = images.to(device), labels.to(device)
+        torch.manual_seed(0)
+        model, _ = _train(torchvision.models.resnet18(num_classes=10).to(device), images, labels, 30, 1e-3)
+        loss = _settle_batchnorm(model, images, labels)
+        batches = [(images[s:s + 64], labels[s:s + 64]) for s in range(0, 512, 64)]
+        yield "resnet18-224-trained", f"ResNet-18, 512 images 224x224, trained (eval-mode loss {loss:.1e})", model, \
+            batches, None
     for spec, n, seq in (("gpt2", 64, 128), ("gpt2-tiny", 8, 32)):
         if spec in names:
             torch.manual_seed(0)
@@ -84,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="kappa only, shared probes against per_layer, both timed")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument("--suffix", default="", help="appended to the JSON files' names (e.g. -per_layer)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -91,8 +103,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for key, label, model, x, y in models(args.models, args.width, device):
         model = model.to(device)
-        if isinstance(x, list):
-            x = [{k: v.to(device) for k, v in b.items()} for b in x]
+        if isinstance(x, list):  # batches: dicts of tensors, or (x, y) pairs
+            x = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b)
+                 for b in x]
         else:
             x, y = x.to(device), y.to(device)
         if args.compare:
@@ -107,7 +120,7 @@ def main(argv=None):
                                "worst_rel_stderr": max(r["kappa_stderr"] / abs(r["kappa"]) for r in table.rows
                                                        if r["kappa_stderr"])}
             print(f"{label} on {where}: kappa of every layer to rel_tol {args.rel_tol}: {times}")
-            with open(os.path.join(args.out, f"profile-compare-{key}.json"), "w") as fh:
+            with open(os.path.join(args.out, f"profile-compare-{key}{args.suffix}.json"), "w") as fh:
                 json.dump({"model": label, "device": where, "rel_tol": args.rel_tol, **times}, fh, indent=2)
             continue
         start = time.perf_counter()
@@ -117,9 +130,9 @@ def main(argv=None):
         converged = sum(1 for r in table.rows if not r["kappa_stderr"] or r["kappa_stderr"] <= args.rel_tol * abs(r["kappa"]))
         print(f"\n{label} on {where}, torch {torch.__version__}: {len(table.rows)} layers in {seconds:.1f} s; "
               f"{converged}/{len(table.rows)} within rel_tol {args.rel_tol} (worst {worst:.2g})\n{table}")
-        with open(os.path.join(args.out, f"profile-{key}.json"), "w") as fh:
+        with open(os.path.join(args.out, f"profile-{key}{args.suffix}.json"), "w") as fh:
             json.dump({"model": label, "device": where, "torch": torch.__version__, "rel_tol": args.rel_tol,
-                       "max_probes": args.max_probes, "seconds": seconds, "converged": converged,
+                       "max_probes": args.max_probes, "probes": args.probes, "seconds": seconds, "converged": converged,
                        "worst_rel_stderr": worst, "rows": table.rows}, fh, indent=2)
 
 

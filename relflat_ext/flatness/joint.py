@@ -203,7 +203,7 @@ class _Operator:
         for count, hvs in self._batches(dirs):
             for l, (v, rows) in enumerate(zip(dirs, hvs)):
                 for j, hv in enumerate(rows or ()):
-                    total[j, l] += torch.vdot(v[j].flatten(), hv.flatten()).double() * count
+                    total[j, l] += (v[j] * hv).sum(dtype=torch.float64) * count  # accumulated in float64
         return total / self._total_count([total])
 
     def _batches(self, dirs: List[torch.Tensor]):

@@ -2,11 +2,13 @@
 feature vectors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 LayerSpec = Union[str, nn.Module]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -98,15 +100,46 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
         param = getattr(holder, attr, None) if holder is not None and attr in holder._parameters else None
         if isinstance(param, nn.Parameter) and param.dim() == 2:
             return layer, ParameterLayer(param)
-    name, module = find_layer(model, layer, lambda m: isinstance(getattr(m, "weight", None), nn.Parameter),
-                              "layers with weights")
-    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+    name, module = find_layer(model, layer, has_weight, "layers with weights")
+    if not has_weight(module):
         raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
                         "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
                         "any module with a weight_view)")
     return name, module
 
 
+
+
+def has_weight(module: nn.Module) -> bool:
+    """A ``weight`` Parameter, or a weight computed by a parametrization (weight_norm, spectral_norm,
+    orthogonal: torch.nn.utils.parametrize), which is measured as the weight it computes."""
+    return isinstance(getattr(module, "weight", None), nn.Parameter) or parametrize.is_parametrized(module, "weight")
+
+
+def has_parametrized_weights(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+
+
+def fold_parametrized_weights(model: nn.Module) -> nn.Module:
+    """A copy of the model in which every parametrized ``weight`` is a plain Parameter holding the
+    value its parametrization computes now: the same function, and a weight that derivatives can be
+    taken in. Relative flatness is about the matrix that multiplies the features, whatever computes
+    it. The original is untouched: ``remove_parametrizations`` on a deep copy would delete the
+    weight property from the generated class that the copy shares with the original."""
+    folded = copy.deepcopy(model)
+    for name, module in folded.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        others = [t for t in module.parametrizations.keys() if t != "weight"]
+        if others:
+            raise ValueError(f"layer {name!r} has parametrized tensors besides its weight ({others}): fold them "
+                             "first (torch.nn.utils.parametrize.remove_parametrizations on the model to measure)")
+        with torch.no_grad():
+            value = module.weight.detach().clone()
+        del module._modules["parametrizations"]
+        module.__class__ = module.__class__.__bases__[0]  # the class parametrize derived from
+        module.weight = nn.Parameter(value)
+    return folded
 
 
 def weight_uses(model: nn.Module, module: nn.Module) -> int:

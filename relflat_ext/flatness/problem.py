@@ -14,7 +14,8 @@ from torch import nn
 from ..core import dist
 from ..core.data import (Batch, Inputs, call_model, check_data, is_causal_lm, is_dict_batch, iterate_batches,
                          shift_labels)
-from ..core.layers import LayerSpec, WeightView, resolve_weight_layer, weight_uses
+from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
+                           resolve_weight_layer, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
@@ -47,7 +48,8 @@ class Problem:
     loss: Loss
     distributed: bool
     weight_uses: int = 1
-    precision_note: str = ""
+    precision_note: str = ""  # what the measurement did to the model, for the result's reason
+    half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
     causal_lm: bool = False  # dict batches of a causal LM: labels shifted to the next token
 
     @classmethod
@@ -57,7 +59,9 @@ class Problem:
         """Validates everything that can be checked without a pass over the data. A half-precision
         model (float16, bfloat16) is measured as a float32 copy, with its data cast to float32:
         second derivatives in half precision keep two or three digits, and several CPU kernels
-        (QR, eigh) have none."""
+        (QR, eigh) have none. A model with parametrized weights (weight_norm, spectral_norm, ...) is
+        measured as a copy in which each is the plain weight it computes: kappa is about the matrix
+        that multiplies the features, and derivatives need it as a leaf."""
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)
         check_data(inputs, targets, batch_size)
@@ -65,16 +69,22 @@ class Problem:
         if weight.device.type == "meta":
             raise ValueError(f"layer {name!r} has its weight on the meta device (no values): load or materialize the "
                              "model's weights first")
-        note = ""
+        notes = []
+        if has_parametrized_weights(model):  # weight_norm, spectral_norm, ...: measured as the weights they compute
+            model = fold_parametrized_weights(model)
+            notes.append("measured on a copy with the parametrized weights folded into plain ones")
         if weight.dtype in HALF_DTYPES:
-            note = f"computed in float32 from a {str(weight.dtype).replace('torch.', '')} model"
-            warnings.warn(f"relflat_ext: {note} (a float32 copy; the model is left as it is)", RuntimeWarning,
+            half = f"computed in float32 from a {str(weight.dtype).replace('torch.', '')} model"
+            warnings.warn(f"relflat_ext: {half} (a float32 copy; the model is left as it is)", RuntimeWarning,
                           stacklevel=3)
-            model = copy.deepcopy(model).float()
+            model = (model if notes else copy.deepcopy(model)).float()
+            notes.append(half)
+        if notes:
             module = resolve_weight_layer(model, name)[1]
+        note = "; ".join(notes)
         causal = is_causal_lm(model) and (is_dict_batch(inputs) or not isinstance(inputs, torch.Tensor))
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
-                      weight_uses(model, module), note, causal)
+                      weight_uses(model, module), note, half_copy=weight.dtype in HALF_DTYPES, causal_lm=causal)
         if isinstance(inputs, torch.Tensor) or is_dict_batch(inputs):
             problem._check_input(inputs, "inputs")
         return problem
@@ -105,7 +115,7 @@ class Problem:
             return
         dtype = self.weight.dtype
         if x.is_floating_point():
-            if x.dtype != dtype and not (self.precision_note and x.dtype in HALF_DTYPES):
+            if x.dtype != dtype and not (self.half_copy and x.dtype in HALF_DTYPES):
                 raise TypeError(f"{what} has dtype {x.dtype} but the model computes in {dtype}: convert one of "
                                 f"them (e.g. inputs.to({dtype}))")
         elif not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.model.modules()):
@@ -119,7 +129,7 @@ class Problem:
         for k, (x, y) in enumerate(iterate_batches(self.inputs, self.targets, self.batch_size, check_values)):
             if not checked:
                 self._check_input(x, f"inputs (batch {k})")
-            if self.precision_note:
+            if self.half_copy:
                 x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
                 y = _float(y)
             if self.causal_lm and is_dict_batch(x):

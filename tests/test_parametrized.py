@@ -1,0 +1,80 @@
+"""Parametrized weights (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) are measured as
+the weights they compute, on a copy, and the user's model keeps its parametrizations."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import relflat_ext as rf
+from models import assert_unchanged, snapshot
+
+
+def _models(seed=0):
+    """A model with weight_norm on its first layer and spectral_norm on its head, and the plain
+    model with the weights they compute."""
+    torch.manual_seed(seed)
+    param = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    parametrizations.weight_norm(param[0])
+    parametrizations.spectral_norm(param[2])
+    param.eval()  # spectral_norm's power iteration runs in training mode only
+    plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for k in (0, 2):
+            plain[k].weight.copy_(param[k].weight)
+            plain[k].bias.copy_(param[k].bias)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(80, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (80,), generator=g)
+    return param, plain.eval(), x, y
+
+
+@pytest.mark.parametrize("layer, method", [("0", "exact"), ("0", "autograd"), ("2", "closed_form"),
+                                           ("2", "autograd")])
+def test_parametrized_weights_are_measured_as_the_weights_they_compute(layer, method):
+    param, plain, x, y = _models()
+    before = snapshot(param)
+    res = rf.relative_flatness(param, layer, x, y, method=method)
+    assert_unchanged(param, before)
+    assert parametrize.is_parametrized(param[int(layer)], "weight")  # still parametrized, weight still computed
+    expected = rf.relative_flatness(plain, layer, x, y, method=method).kappa
+    assert res.kappa == pytest.approx(expected, rel=1e-12)
+    assert "parametrized weights folded" in res.reason
+
+
+def test_stochastic_shared_probes_and_profile_on_parametrized_weights():
+    param, plain, x, y = _models(seed=1)
+    before = snapshot(param)
+    exact = {name: rf.relative_flatness(plain, name, x, y).kappa for name in ("0", "2")}
+    est = rf.stochastic_estimate(param, "0", x, y, rel_tol=0.03, seed=0)
+    assert abs(est.value - exact["0"]) <= 4 * est.stderr
+    joint = rf.stochastic_estimate_layers(param, ["0", "2"], x, y, rel_tol=0.03, max_probes=400, seed=0)
+    for name, e in joint.items():
+        assert abs(e.value - exact[name]) <= 4 * e.stderr + 1e-12, (name, e.value, e.stderr, exact[name])
+    table = rf.profile(param, x, y, progress=False)
+    assert [row["kappa"] for row in table.rows] == pytest.approx([exact["0"], exact["2"]], rel=1e-12)
+    assert_unchanged(param, before)
+    # the generated classes still carry their weight property: the parametrizations can still be removed
+    for k in (0, 2):
+        parametrize.remove_parametrizations(param[k], "weight")
+        torch.testing.assert_close(param[k].weight, plain[k].weight, rtol=1e-12, atol=1e-14)
+
+
+def test_a_copy_of_the_model_is_not_broken_either():
+    """The folding must not touch what deep copies share (the generated class)."""
+    param, _, x, y = _models(seed=2)
+    other = copy.deepcopy(param)
+    rf.relative_flatness(param, "0", x, y)
+    assert other[0].weight.shape == (8, 6)
+
+
+def test_the_regularizer_differentiates_through_the_parametrization():
+    param, plain, x, y = _models(seed=3)
+    reg = rf.FlatnessRegularizer(param, "2")
+    param(x)
+    penalty = reg.penalty(y)
+    penalty.backward()
+    reg.remove()
+    originals = [p for n, p in param.named_parameters() if n.startswith("2.parametrizations.weight.original")]
+    assert originals and all(p.grad is not None and p.grad.abs().sum() > 0 for p in originals)
+    assert penalty.item() == pytest.approx(rf.relative_flatness(plain, "2", x, y).kappa, rel=1e-10)

@@ -30,6 +30,7 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention
+from ..core.rng import standard_normal
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from .problem import Problem
@@ -158,7 +159,7 @@ class _ProbeSpace:
         self.dtype, self.device = mats[0].dtype, mats[0].device
 
     def randn(self, count: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randn((count, self.dim), generator=gen, dtype=self.dtype, device=self.device)
+        return standard_normal((count, self.dim), gen, self.dtype, self.device)
 
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
         """(k, dim) -> per layer, (k, *weight.shape) directions R p (one batched product a layer)."""

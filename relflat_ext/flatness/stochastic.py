@@ -27,6 +27,7 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention, hessian_vector_products
+from ..core.rng import standard_normal
 from ..core.layers import LayerSpec, WeightView, matrix_view
 from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
@@ -88,7 +89,7 @@ def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tenso
     smaller variance."""
     d, m = w_mat.shape
     shape = (count, d * m) if quantity == "hessian_trace" else (count, factor.shape[1], m)
-    a = torch.randn(shape, generator=gen, dtype=w_mat.dtype, device=w_mat.device)
+    a = standard_normal(shape, gen, w_mat.dtype, w_mat.device)
     if distribution == "rademacher":
         a = torch.sign(a)
     if quantity == "hessian_trace":

@@ -32,7 +32,7 @@ from bench.shared_probes import TokenClassifier, _train
 from relflat_ext.apps.zoo import gpt2_random, synthetic_tokens
 
 
-def models(names, width, device):
+def models(names, width, device, images=(512, 224)):
     g = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 100, (8, 64), generator=g), torch.randint(0, 10, (8,), generator=g)
     if "transformer-init" in names:
@@ -54,14 +54,15 @@ def models(names, width, device):
             labels
     if "resnet18-224" in names:  # trained where it will be measured: 512 images of 224x224 are a GPU's job
         import torchvision
-        images, labels = torch.randn(512, 3, 224, 224, generator=g), torch.randint(0, 10, (512,), generator=g)
-        images, labels = images.to(device), labels.to(device)
+        count, size = images
+        x, y = torch.randn(count, 3, size, size, generator=g), torch.randint(0, 10, (count,), generator=g)
+        x, y = x.to(device), y.to(device)
         torch.manual_seed(0)
-        model, _ = _train(torchvision.models.resnet18(num_classes=10).to(device), images, labels, 30, 1e-3)
-        loss = _settle_batchnorm(model, images, labels)
-        batches = [(images[s:s + 64], labels[s:s + 64]) for s in range(0, 512, 64)]
-        yield "resnet18-224-trained", f"ResNet-18, 512 images 224x224, trained (eval-mode loss {loss:.1e})", model, \
-            batches, None
+        model, _ = _train(torchvision.models.resnet18(num_classes=10).to(device), x, y, 30, 1e-3)
+        loss = _settle_batchnorm(model, x, y)
+        batches = [(x[s:s + 64], y[s:s + 64]) for s in range(0, count, 64)]
+        yield "resnet18-224-trained", f"ResNet-18, {count} images {size}x{size}, trained (eval-mode loss {loss:.1e})", \
+            model, batches, None
     for spec, n, seq in (("gpt2", 64, 128), ("gpt2-tiny", 8, 32)):
         if spec in names:
             torch.manual_seed(0)
@@ -95,13 +96,15 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="kappa only, shared probes against per_layer, both timed")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument("--images", type=int, nargs=2, default=[512, 224], metavar=("COUNT", "SIZE"),
+                        help="resnet18-224's data (a smaller smoke test on the CPU)")
     parser.add_argument("--suffix", default="", help="appended to the JSON files' names (e.g. -per_layer)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
              f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
     os.makedirs(args.out, exist_ok=True)
-    for key, label, model, x, y in models(args.models, args.width, device):
+    for key, label, model, x, y in models(args.models, args.width, device, tuple(args.images)):
         model = model.to(device)
         if isinstance(x, list):  # batches: dicts of tensors, or (x, y) pairs
             x = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b)

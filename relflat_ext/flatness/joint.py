@@ -30,9 +30,9 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention
-from ..core.rng import standard_normal
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
+from ..core.rng import standard_normal
 from .problem import Problem
 from .stochastic import QUANTITIES, StochasticEstimate, probe_factor
 

@@ -27,9 +27,9 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention, hessian_vector_products
-from ..core.rng import standard_normal
 from ..core.layers import LayerSpec, WeightView, matrix_view
 from ..core.losses import LossSpec
+from ..core.rng import standard_normal
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult

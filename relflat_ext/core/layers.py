@@ -22,6 +22,8 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = dict(model.named_modules())
     if isinstance(layer, str):
+        if layer not in named and f"_orig_mod.{layer}" in named:  # torch.compile's wrapper: its module's names
+            layer = f"_orig_mod.{layer}"
         if layer not in named:
             candidates = [n for n, m in named.items() if wanted(m)]
             raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")

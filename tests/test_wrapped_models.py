@@ -1,5 +1,6 @@
-"""Parametrized weights (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) are measured as
-the weights they compute, on a copy, and the user's model keeps its parametrizations."""
+"""Models as users wrap them. Parametrized weights (torch.nn.utils.parametrize: weight_norm,
+spectral_norm, ...) are measured as the weights they compute, on a copy, and the user's model keeps
+its parametrizations; a torch.compile'd model is measured by its modules' own names."""
 import copy
 
 import pytest
@@ -78,3 +79,17 @@ def test_the_regularizer_differentiates_through_the_parametrization():
     originals = [p for n, p in param.named_parameters() if n.startswith("2.parametrizations.weight.original")]
     assert originals and all(p.grad is not None and p.grad.abs().sum() > 0 for p in originals)
     assert penalty.item() == pytest.approx(rf.relative_flatness(plain, "2", x, y).kappa, rel=1e-10)
+
+
+def test_a_compiled_model_is_measured_by_its_modules_names():
+    """torch.compile wraps the model (its modules become "_orig_mod.<name>"): the plain names work,
+    and the values are the eager model's."""
+    _, plain, x, y = _models(seed=4)
+    compiled = torch.compile(plain, backend="eager")
+    for name in ("0", "2", "_orig_mod.2"):
+        got = rf.relative_flatness(compiled, name, x, y).kappa
+        assert got == pytest.approx(rf.relative_flatness(plain, name.replace("_orig_mod.", ""), x, y).kappa,
+                                    rel=1e-12)
+    est = rf.relative_flatness(compiled, "0", x, y, method="stochastic", rel_tol=0.5, seed=0)
+    assert est.kappa == pytest.approx(rf.relative_flatness(plain, "0", x, y, method="stochastic", rel_tol=0.5,
+                                                           seed=0).kappa, rel=1e-10)

@@ -1,5 +1,6 @@
 """The multiplicative-probe estimator: unbiased for kappa_Tr (and Tr(H)), on Linear, sequence and
 convolutional layers, against exact values."""
+import copy
 import math
 
 import pytest
@@ -159,3 +160,27 @@ def test_probe_factor_reproduces_the_columns_covariance(d, m):
     f = probe_factor(w)
     assert f.shape == (d, min(d, m))
     torch.testing.assert_close(f @ f.T, w @ w.T, rtol=1e-12, atol=1e-12)
+
+
+def test_square_root_factor_at_a_confident_float32_minimum():
+    """Where users measure: a convolution (d = 4 < m = 18, the square-root factor's path) of a
+    network trained to a confident minimum, estimated in float32, against the dense float64 Hessian;
+    the shared probes' weight-space quadratic forms too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 2, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3
+    model.eval().zero_grad(set_to_none=True)
+    exact_model = copy.deepcopy(model).double()
+    exact = _kappa_from_dense_hessian(exact_model, exact_model[0].weight, lambda w: w.reshape(4, -1), x.double(), y)
+    est = stochastic_estimate(model, "0", x, y, rel_tol=0.03, max_probes=2000, seed=0)
+    assert est.converged and abs(est.value - exact) <= 4 * est.stderr, (est.value, est.stderr, exact)
+    shared = rf.stochastic_estimate_layers(model, ["0", "3"], x, y, rel_tol=0.03, max_probes=2000, seed=0)["0"]
+    assert abs(shared.value - exact) <= 4 * shared.stderr + 1e-6 * abs(exact), (shared.value, shared.stderr, exact)

@@ -22,6 +22,8 @@ def _executor(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     global _pool, _pool_threads
     with _pool_lock:
         if _pool is None or _pool_threads != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # the thread count changed (torch.set_num_threads)
             _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="relflat-randn")
             _pool_threads = threads
         return _pool

@@ -91,14 +91,15 @@ def test_ols_ridge_identity(d):
         assert abs(got - expected) <= 1e-10 * expected, method
 
 
-def test_dataloader_and_chunking_do_not_change_the_result():
+def test_dataloader_chunking_and_a_single_pair_do_not_change_the_result():
     model = mlp([5, 6, 4, 3], "tanh", seed=6)
     x, y = data(53, 5, 3, "cross_entropy")
     for layer in ("0", "4"):
         whole = rf.relative_flatness(model, layer, x, y, lmax=True)
         chunked = rf.relative_flatness(model, layer, x, y, lmax=True, batch_size=7)
         loader = rf.relative_flatness(model, layer, DataLoader(TensorDataset(x, y), batch_size=10), lmax=True)
-        for other in (chunked, loader):
+        pair = rf.relative_flatness(model, layer, [x, y], lmax=True)  # one batch as a DataLoader yields it
+        for other in (chunked, loader, pair):
             assert other.n == 53
             assert abs(other.kappa - whole.kappa) <= 1e-12 * abs(whole.kappa)
             assert abs(other.kappa_lmax - whole.kappa_lmax) <= 1e-12 * abs(whole.kappa_lmax)

@@ -76,6 +76,16 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def unpack_pair(inputs, targets):
+    """One ``(x, y)`` batch passed as ``inputs`` (a tuple or list of two tensors, as a DataLoader
+    yields it) -> ``(x, y)``; anything else unchanged. Not ambiguous: an iterable of batches
+    holds pairs or dicts, never bare tensors."""
+    if (targets is None and isinstance(inputs, (tuple, list)) and len(inputs) == 2
+            and all(isinstance(t, torch.Tensor) for t in inputs)):
+        return inputs[0], inputs[1]
+    return inputs, targets
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
@@ -95,7 +105,7 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
     if isinstance(inputs, torch.Tensor):
         if targets is None or not isinstance(targets, torch.Tensor):
             raise TypeError("targets must be a tensor when inputs is a tensor "
-                            "(pass inputs as an iterable of (x, y) batches with targets=None otherwise)")
+                            "(pass inputs as an iterable of (x, y) batches, or one (x, y) pair, with targets=None otherwise)")
         if inputs.dim() == 0 or inputs.shape[0] == 0:
             raise ValueError("inputs is empty: at least one sample is needed")
         if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
@@ -124,6 +134,7 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
     batches (a DataLoader, with ``targets=None``). Checks shapes, and finiteness unless
     ``check_values`` is False (for callers that check their result instead: a scan can cost more
     than the work)."""
+    inputs, targets = unpack_pair(inputs, targets)
     check_data(inputs, targets, batch_size)
     if is_dict_batch(inputs):
         x, y = split_labels(inputs, "inputs")

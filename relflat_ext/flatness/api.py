@@ -32,7 +32,7 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     """Relative flatness kappa_Tr of ``layer`` (a name or a submodule of ``model``) on the data.
 
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
-    batches (a DataLoader) with ``targets=None``; sums accumulate across batches.
+    batches (a DataLoader) or one (x, y) pair with ``targets=None``; sums accumulate across batches.
     loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
     default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples.
     method (what each costs: docs/design.md, "Paths"):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.data import (Batch, Inputs, call_model, check_data, is_causal_lm, is_dict_batch, iterate_batches,
-                         shift_labels)
+                         shift_labels, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
                            resolve_weight_layer, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
@@ -64,6 +64,7 @@ class Problem:
         that multiplies the features, and derivatives need it as a leaf."""
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)
+        inputs, targets = unpack_pair(inputs, targets)
         check_data(inputs, targets, batch_size)
         weight = module.weight
         if weight.device.type == "meta":

@@ -110,6 +110,43 @@ def test_convolutions_agree_with_the_dense_hessian(conv, shape):
     assert abs(res.kappa - exact) <= 3 * res.kappa_stderr, (res.kappa, res.kappa_stderr, exact)
 
 
+@pytest.mark.parametrize("dims, groups", [(1, 1), (2, 1), (2, 2)])
+def test_transposed_convolutions_agree_with_the_feature_mixing_hessian(dims, groups):
+    """A transposed convolution's features are its input's channel vectors (per group): kappa_Tr =
+    Tr of the Hessian w.r.t. A of the loss with every group's input channels mixed by A, at A = I
+    (sum over E_ab of D^2 E(W)[W E_ab, W E_ab]). Computed without the package's weight view, so a
+    wrong view (rows, groups, the (in, out/groups) weight layout) fails here."""
+    from torch.func import hessian
+    conv, transposed = [(nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d)][dims - 1]
+    torch.manual_seed(dims + groups)
+    model = nn.Sequential(conv(2, 4, 3), nn.Tanh(), transposed(4, 6, 3, stride=2, groups=groups), nn.Tanh(),
+                          nn.Flatten(), nn.LazyLinear(3)).double()
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(20, 2, *{1: (9,), 2: (6, 6)}[dims], generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    model(x)  # materialize the lazy layer
+    m = 4 // groups
+
+    def mixed_loss(a):
+        h = model[:2](x).unflatten(1, (groups, m))
+        return nn.functional.cross_entropy(model[2:](torch.einsum("ab,ngb...->nga...", a, h).flatten(1, 2)), y)
+    exact = hessian(mixed_loss)(torch.eye(m, dtype=torch.float64)).reshape(m * m, m * m).trace().item()
+    # The view itself: one input position's channel vector v comes out as (W_group v) per group.
+    layer, v = model[2], torch.randn(1, 4, *[1] * dims, generator=g, dtype=torch.float64)
+    view = rf.core.layers.matrix_view(layer, "2")
+    conv_transpose = [nn.functional.conv_transpose1d, nn.functional.conv_transpose2d][dims - 1]
+    scattered = conv_transpose(v, layer.weight, groups=groups)  # (1, out, *kernel): no overlap from one position
+    per_group = view.to_matrix(layer.weight).reshape(groups, -1, m) @ v.reshape(groups, m, 1)
+    torch.testing.assert_close(per_group.flatten(), scattered.flatten(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(view.from_matrix(view.to_matrix(layer.weight)), layer.weight, rtol=0, atol=0)
+    before = snapshot(model)
+    res = rf.relative_flatness(model, "2", x, y, rel_tol=0.03, seed=0)
+    assert_unchanged(model, before)
+    assert res.method == "stochastic"
+    assert abs(res.kappa - exact) <= 3 * res.kappa_stderr, (res.kappa, res.kappa_stderr, exact)
+    assert "2" in rf.core.layers.weight_layers(model)  # profiled by default
+
+
 def test_auto_keeps_the_exact_paths_for_linear_layers_and_says_why():
     model = mlp([6, 8, 7, 4], "tanh", seed=0)
     x, y = data(30, 6, 4, "cross_entropy")

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 LayerSpec = Union[str, nn.Module]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m, nn.Linear),
@@ -59,7 +60,11 @@ class WeightView:
 
 
 def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None) -> WeightView:
-    """The (d, m) view of a layer's weight: given, or known for Linear and Conv layers."""
+    """The (d, m) view of a layer's weight: given, or known for Linear and Conv layers. A
+    convolution's rows act on patches: (out, in/groups * prod(kernel)). A transposed convolution
+    multiplies each input position's channel vector (the features, m = in/groups) by a
+    (out/groups * prod(kernel), m) matrix per group and scatters the products into the output
+    (a fixed linear map, part of the rest of the network): its rows are (out * prod(kernel), m)."""
     if view is not None:
         return view
     weight = getattr(module, "weight", None)
@@ -68,6 +73,16 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
     if isinstance(module, CONV_TYPES):
         shape = tuple(weight.shape)
         return WeightView(lambda w: w.reshape(shape[0], -1), lambda mat: mat.reshape(shape))
+    if isinstance(module, TRANSPOSED_CONV_TYPES):
+        shape, groups = tuple(weight.shape), module.groups  # weight: (in, out/groups, *kernel)
+        per_group = shape[0] // groups  # m: input channels of a group
+
+        def to_matrix(w: torch.Tensor) -> torch.Tensor:
+            return w.reshape(groups, per_group, -1).transpose(1, 2).reshape(-1, per_group)
+
+        def from_matrix(mat: torch.Tensor) -> torch.Tensor:
+            return mat.reshape(groups, -1, per_group).transpose(1, 2).reshape(shape)
+        return WeightView(to_matrix, from_matrix)
     if is_transposed_linear(module):
         return WeightView(lambda w: w.T, lambda mat: mat.T)
     raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
@@ -105,8 +120,8 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
     name, module = find_layer(model, layer, has_weight, "layers with weights")
     if not has_weight(module):
         raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
-                        "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, or "
-                        "any module with a weight_view)")
+                        "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, "
+                        "nn.ConvTranspose1d/2d/3d, or any module with a weight_view)")
     return name, module
 
 
@@ -152,12 +167,12 @@ def weight_uses(model: nn.Module, module: nn.Module) -> int:
 
 
 def weight_layers(model: nn.Module) -> List[str]:
-    """What is measured by default: the Linear and Conv1d/2d/3d layers (and transformers' Conv1D),
-    and the packed input projection of every nn.MultiheadAttention (a parameter the model uses
-    without a module)."""
+    """What is measured by default: the Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and
+    transformers' Conv1D), and the packed input projection of every nn.MultiheadAttention (a
+    parameter the model uses without a module)."""
     names = []
     for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, *CONV_TYPES)) or is_transposed_linear(m):
+        if isinstance(m, (nn.Linear, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)) or is_transposed_linear(m):
             names.append(n)
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             names.append(f"{n}.in_proj_weight" if n else "in_proj_weight")

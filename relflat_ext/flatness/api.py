@@ -42,8 +42,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
       elementwise steps (an nn.Sequential, or a model torch.fx traces), else by batched
       Hessian-vector products through the rest of the model;
     - "stochastic": the multiplicative-probe estimator for any layer whose weight multiplies
-      features (Linear on any input shape, Conv1d/2d/3d, or a module with ``weight_view``),
-      stopping at ``rel_tol`` relative standard error or ``max_probes``;
+      features (Linear on any input shape, Conv1d/2d/3d, ConvTranspose1d/2d/3d, or a module with
+      ``weight_view``), stopping at ``rel_tol`` relative standard error or ``max_probes``;
     - "autograd": the authors' full-Hessian baseline;
     - "auto": the closed form, else exact; the estimator where the exact path cannot run
       (convolutions, sequence inputs) or would need more than ``max_probes`` Hessian-vector

@@ -98,7 +98,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_e
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
             batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,
             distributed: Optional[bool] = None) -> ProfileTable:
-    """Measures every Linear/Conv layer (``layers="auto"``, transformers' Conv1D and packed
+    """Measures every Linear/Conv/ConvTranspose layer (``layers="auto"``, transformers' Conv1D and packed
     attention projections included) or the named ones: exactly where ``relative_flatness``
     (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, each on its
     own (``probes="per_layer"``) or all with one shared set of Hessian-vector products

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core.data import iterate_batches
 from ..core.hooks import preserved
-from ..core.layers import CONV_TYPES, LayerSpec, resolve_weight_layer
+from ..core.layers import CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, resolve_weight_layer
 from ..core.losses import LossSpec, get_loss
 from ..flatness import relative_flatness, stochastic_estimate
 
@@ -54,11 +54,11 @@ class FisherRao:
 def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
                     depth: Optional[int] = None, batch_size: Optional[int] = None) -> FisherRao:
     """Liang et al.'s Fisher-Rao norm ``(L+1)^2 mean_i <dl/df(x_i), f(x_i)>^2``, with ``L+1`` the
-    number of weight layers (Linear and Conv) unless ``depth`` is given. For bias-free ReLU networks
+    number of weight layers (Linear, Conv, ConvTranspose) unless ``depth`` is given. For bias-free ReLU networks
     ``<theta, grad_theta l_i> = (L+1) <dl/df(x_i), f(x_i)>`` (positive homogeneity), so this equals
     ``mean_i <theta, grad_theta l_i>^2``."""
     if depth is None:
-        depth = sum(isinstance(m, (nn.Linear, *CONV_TYPES)) for m in model.modules())
+        depth = sum(isinstance(m, (nn.Linear, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)) for m in model.modules())
         if depth == 0:
             raise ValueError("the model has no Linear or Conv layers: pass depth explicitly")
     if not isinstance(depth, int) or depth < 1:

@@ -43,7 +43,7 @@ def test_gpt2_dict_batch_loss_is_the_models_own():
     from relflat_ext.flatness.problem import Problem
     model, batch = _gpt2(), _lm_batch()
     problem = Problem.build(model, "lm_head", batch)
-    assert problem.causal_lm
+    assert problem.labels == "causal"
     (x, y), = list(problem.batches())
     assert "labels" not in x
     with torch.no_grad():
@@ -163,3 +163,82 @@ def test_float32_gpt2_head_in_tokens_matches_the_float64_baseline():
     assert res.method == "closed_form" and "tokens as samples" in res.reason
     base = rf.relative_flatness(model.double(), "lm_head", batch, method="autograd").kappa
     torch.testing.assert_close(res.kappa, base, rtol=1e-5, atol=0)
+
+
+def _bart(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BartConfig(vocab_size=23, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1,
+                                     decoder_start_token_id=2, tie_word_embeddings=False)
+    return transformers.BartForConditionalGeneration(config).double().eval()
+
+
+def test_encoder_decoder_dict_batch_loss_is_the_models_own_and_its_head_exact():
+    """An encoder-decoder model given only labels makes its decoder inputs from them, as its own
+    loss does; the head is then exact with tokens as samples."""
+    from relflat_ext.flatness.problem import Problem
+    model = _bart()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(3, 23, (4, 6), generator=g)
+    labels[0, 4:] = -100
+    batch = {"input_ids": torch.randint(3, 23, (4, 9), generator=g), "labels": labels}
+    problem = Problem.build(model, "lm_head", batch)
+    (x, y), = list(problem.batches())
+    assert problem.labels == "seq2seq" and "decoder_input_ids" in x and torch.equal(y, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(problem.loss(problem.forward(x), y), model(**batch).loss, rtol=1e-12, atol=0)
+    res = rf.relative_flatness(model, "lm_head", batch)
+    assert "tokens as samples" in res.reason and res.n == int((labels != -100).sum())
+    torch.testing.assert_close(res.kappa, rf.relative_flatness(model, "lm_head", batch, method="autograd").kappa,
+                               rtol=1e-9, atol=0)
+
+
+def test_feature_robustness_of_an_lm_head_counts_tokens_as_kappa_does():
+    """Theorem 5 on a causal LM's head from dict batches: labels shifted, padding ignored, the
+    mean over counted tokens on both sides (weighting by all positions would be 30/36 of kappa)."""
+    model, batch = _gpt2(tied=False), _lm_batch()
+    fr = rf.feature_robustness(model, "lm_head", batch, delta=1e-2, n_samples=200, seed=0)
+    scale = fr.delta ** 2 / (2 * fr.m)
+    assert fr.n == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(fr.value / scale - fr.kappa) <= 3 * fr.stderr / scale, (fr.value / scale, fr.stderr / scale, fr.kappa)
+
+
+def test_generalization_tools_and_measures_take_dict_batches():
+    model = _bert()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 23, (30, 7), generator=g), torch.randint(0, 3, (30,), generator=g)
+    batch = {"input_ids": ids, "labels": labels}
+
+    class OnTensors(nn.Module):  # the same model called on a tensor, returning its logits
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits
+    plain = OnTensors()
+    fr = rf.feature_robustness(model, "classifier", batch, delta=1e-2, n_samples=200, seed=0)
+    scale = fr.delta ** 2 / (2 * fr.m)
+    assert abs(fr.value / scale - fr.kappa) <= 3 * fr.stderr / scale
+    rep = rf.representativeness(model, "classifier", batch, delta=0.1, folds=5, seed=0)
+    same = rf.representativeness(plain, "inner.classifier", ids, labels, delta=0.1, folds=5, seed=0)
+    assert rep.n == 30 and rep.value == pytest.approx(same.value, rel=1e-12, abs=1e-15)
+    bound = rf.generalization_bound(model, "classifier", batch, delta=0.1, folds=5, seed=0)
+    assert bound.bound == pytest.approx(rep.value + 0.1 ** 2 / (2 * fr.m) * fr.kappa, rel=1e-9)  # Rep + delta^2/(2m) kappa
+    fisher = rf.measures.fisher_rao_norm(model, batch, depth=3)
+    assert fisher.norm_sq == pytest.approx(rf.measures.fisher_rao_norm(plain, ids, labels, depth=3).norm_sq, rel=1e-12)
+    pac = rf.measures.pacbayes_flatness(model, batch, iterations=3, draws=2)
+    assert pac.accuracy == pytest.approx(rf.measures.pacbayes_flatness(plain, ids, labels, iterations=3,
+                                                                       draws=2).accuracy)
+
+
+def test_pacbayes_accuracy_of_a_causal_lm_scores_the_next_tokens():
+    model, batch = _gpt2(), _lm_batch()
+    pac = rf.measures.pacbayes_flatness(model, batch, iterations=2, draws=2)
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1)[:, :-1]
+    target = batch["labels"][:, 1:]
+    counted = target != -100
+    assert pac.n == int(counted.sum())
+    assert pac.accuracy == pytest.approx(float(((pred == target) & counted).sum()) / pac.n)

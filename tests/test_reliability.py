@@ -146,6 +146,7 @@ HALF_CALLS = [
     ("profile", lambda m, x, y: rf.profile(m, x, y, progress=False).rows[0]["kappa"]),
     ("feature robustness", lambda m, x, y: rf.feature_robustness(m, "0", x, y, seed=0).value),
     ("representativeness", lambda m, x, y: rf.representativeness(m, "0", x, y, folds=2, seed=0).value),
+    ("bound", lambda m, x, y: rf.generalization_bound(m, "0", x, y, folds=2, seed=0).bound),
 ]
 
 

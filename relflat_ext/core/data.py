@@ -34,6 +34,13 @@ def take_rows(x: Inputs, rows: slice) -> Inputs:
     return x[rows]
 
 
+def repeat_rows(x: Inputs, copies: int) -> Inputs:
+    """The batch stacked ``copies`` times along dim 0 (every tensor of a dict batch)."""
+    if is_dict_batch(x):
+        return {k: repeat_rows(v, copies) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in x.items()}
+    return x.repeat(copies, *([1] * (x.dim() - 1)))
+
+
 def split_labels(batch: Mapping, what: str) -> Batch:
     """A dict batch -> (the model's keyword arguments, the targets under "labels"), checked."""
     if LABELS not in batch:
@@ -68,6 +75,41 @@ def is_causal_lm(model: nn.Module) -> bool:
         return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     return type(model).__name__ in {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
                                     for name in ((names,) if isinstance(names, str) else names)}
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """A transformers encoder-decoder model (T5, BART, ...): given only labels, it makes the
+    decoder's inputs from them (the labels shifted right), and its logits score the labels as
+    they are."""
+    return (type(model).__module__.startswith("transformers.")
+            and bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+            and hasattr(model, "prepare_decoder_input_ids_from_labels"))
+
+
+def label_convention(model: nn.Module) -> str:
+    """How a transformers model's own loss reads dict batches' labels: "causal" (next token),
+    "seq2seq" (decoder inputs made from the labels), or "" (as given)."""
+    return "causal" if is_causal_lm(model) else "seq2seq" if is_encoder_decoder(model) else ""
+
+
+def as_the_model_takes(model: nn.Module, convention: str, x: Inputs, y: torch.Tensor) -> Batch:
+    """A dict batch and its labels as the model's own loss pairs them (:func:`label_convention`);
+    tensor batches are taken as given."""
+    if not is_dict_batch(x):
+        return x, y
+    if convention == "causal":
+        return x, shift_labels(y)
+    if convention == "seq2seq" and not {"decoder_input_ids", "decoder_inputs_embeds"} & x.keys():
+        return {**x, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=y)}, y
+    return x, y
+
+
+def model_batches(model: nn.Module, inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
+                  check_values: bool = True) -> Iterator[Batch]:
+    """:func:`iterate_batches`, with dict batches' labels as the model's own loss takes them."""
+    convention = label_convention(model)
+    for x, y in iterate_batches(inputs, targets, batch_size, check_values):
+        yield as_the_model_takes(model, convention, x, y)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

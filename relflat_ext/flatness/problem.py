@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import (Batch, Inputs, call_model, check_data, is_causal_lm, is_dict_batch, iterate_batches,
-                         shift_labels, unpack_pair)
+from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
+                         label_convention, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
                            resolve_weight_layer, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
@@ -50,7 +50,7 @@ class Problem:
     weight_uses: int = 1
     precision_note: str = ""  # what the measurement did to the model, for the result's reason
     half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
-    causal_lm: bool = False  # dict batches of a causal LM: labels shifted to the next token
+    labels: str = ""  # dict batches' labels as the model's loss reads them: "causal", "seq2seq" or ""
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
@@ -83,9 +83,9 @@ class Problem:
         if notes:
             module = resolve_weight_layer(model, name)[1]
         note = "; ".join(notes)
-        causal = is_causal_lm(model) and (is_dict_batch(inputs) or not isinstance(inputs, torch.Tensor))
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
-                      weight_uses(model, module), note, half_copy=weight.dtype in HALF_DTYPES, causal_lm=causal)
+                      weight_uses(model, module), note, half_copy=weight.dtype in HALF_DTYPES,
+                      labels=label_convention(model))
         if isinstance(inputs, torch.Tensor) or is_dict_batch(inputs):
             problem._check_input(inputs, "inputs")
         return problem
@@ -101,6 +101,14 @@ class Problem:
         if self.loss.name == "cross_entropy" and not y.is_floating_point():
             return int((y != -100).sum())
         return y.shape[0]
+
+    def positions(self, y: torch.Tensor) -> int:
+        """What one sample's ``loss.per_sample`` averages over, ignored labels counting 0: its
+        token positions for cross entropy on token indices, else 1. Per-sample losses times this,
+        summed and divided by :meth:`count`, give the mean loss."""
+        if self.loss.name == "cross_entropy" and not y.is_floating_point():
+            return y[0].numel()
+        return 1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -133,9 +141,7 @@ class Problem:
             if self.half_copy:
                 x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
                 y = _float(y)
-            if self.causal_lm and is_dict_batch(x):
-                y = shift_labels(y)
-            yield x, y
+            yield as_the_model_takes(self.model, self.labels, x, y)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

@@ -49,10 +49,10 @@ def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Op
     risk_sum, n = 0.0, 0
     with preserved(model), torch.no_grad():
         for x, y in problem.batches():
-            out = model(x)
+            out = problem.forward(x)  # the float32 copy of a half-precision model, as the batches are cast
             problem.loss.check(out, y)
             risk_sum += float(problem.loss.per_sample(out, y).double().sum())
-            n += x.shape[0]
+            n += out.shape[0]
     robustness = delta * delta / (2 * rep.m) * flat.kappa
     bound = rep.value + robustness
     return BoundResult(risk_sum / n, rep.value, rep.stderr, robustness, flat.kappa, bound, risk_sum / n + bound,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.data import iterate_batches
+from ..core.data import IGNORE_INDEX, batch_length, call_model, model_batches
 from ..core.hooks import preserved
 from ..core.layers import CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, resolve_weight_layer
 from ..core.losses import LossSpec, get_loss
@@ -66,17 +66,18 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = 
     record = get_loss(loss)
     total, n = 0.0, 0
     with preserved(model):
-        for x, y in iterate_batches(inputs, targets, batch_size):
+        for x, y in model_batches(model, inputs, targets, batch_size):
             with torch.no_grad():
-                out = model(x)
+                out = call_model(model, x)
             record.check(out, y)
             f = out.detach().requires_grad_(True)
+            n_b = batch_length(x)
             with torch.enable_grad():
                 # Mean loss over the batch: its gradient is (1/n_b) dl_i/df_i per sample.
-                grad = torch.autograd.grad(record.for_derivatives(f, y), f)[0] * x.shape[0]
+                grad = torch.autograd.grad(record.for_derivatives(f, y), f)[0] * n_b
             inner = (grad * out).flatten(1).sum(1)
             total += float(inner.double().pow(2).sum())
-            n += x.shape[0]
+            n += n_b
     norm_sq = depth ** 2 * total / n
     return FisherRao(norm_sq, math.sqrt(norm_sq), depth)
 
@@ -97,13 +98,20 @@ class PacBayes:
 
 
 def _accuracy(model, inputs, targets, batch_size) -> (float, int):
+    """Top-1 accuracy over the counted predictions (samples, or tokens not labelled -100) and their count."""
     correct, n = 0, 0
     with torch.no_grad():
-        for x, y in iterate_batches(inputs, targets, batch_size):
-            pred = model(x).argmax(1)
-            labels = y if y.dim() == 1 else y.argmax(1)
-            correct += int((pred == labels).sum())
-            n += x.shape[0]
+        for x, y in model_batches(model, inputs, targets, batch_size):
+            pred = call_model(model, x).argmax(-1)
+            labels = y.argmax(-1) if y.is_floating_point() else y
+            if labels.shape != pred.shape:
+                raise ValueError(f"targets of shape {tuple(y.shape)} do not match predictions of shape "
+                                 f"{tuple(pred.shape)} (the model output's argmax over its last dimension)")
+            counted = labels != IGNORE_INDEX
+            correct += int(((pred == labels) & counted).sum())
+            n += int(counted.sum())
+    if n == 0:
+        raise ValueError("every label is ignored (-100): there is no prediction to score")
     return correct / n, n
 
 

@@ -62,9 +62,10 @@ def _collect(problem: Problem, lin: nn.Linear):
     with preserved(problem.model), tapped(lin, problem.name, replace_output=False) as tap, torch.no_grad():
         for x, y in problem.batches():
             tap.reset()
-            out = problem.model(x)
+            out = problem.forward(x)
             if out.dim() != 2:
-                raise ValueError(f"the model output must be (n, d) for representativeness, got {tuple(out.shape)}")
+                raise ValueError(f"the model output must be (n, d) for representativeness (one output per sample, "
+                                 f"whose features the kernel compares), got {tuple(out.shape)}")
             problem.loss.check(out, y)
             feats.append(tap.features)
             outs.append(out)

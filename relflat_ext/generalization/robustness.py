@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core import dist
+from ..core.data import batch_length, repeat_rows
 from ..core.hooks import not_called, preserved
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import Loss, LossSpec
@@ -32,7 +33,8 @@ MAX_ROWS_PER_FORWARD = 1 << 15
 class FeatureRobustnessResult:
     """value: mean of E_F over the perturbation draws (each an antithetic pair average when
     ``antithetic``); stderr: its standard error; predicted: ``delta^2/(2m) kappa_Tr`` (Theorem 5);
-    samples (n_samples,): the per-draw estimates."""
+    samples (n_samples,): the per-draw estimates; n: the terms the loss averages (samples, or the
+    counted tokens of token targets, as relative_flatness counts them)."""
     delta: float
     value: float
     stderr: float
@@ -143,11 +145,12 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     n = 0
     with preserved(model), torch.no_grad():
         for x, y in problem.batches():
-            n_b = x.shape[0]
-            out = model(x)
+            n_b = batch_length(x)
+            out = problem.forward(x)
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
-            per_forward = max(1, MAX_ROWS_PER_FORWARD // (n_b * n_scales))
+            rows = out.shape[:-1].numel() if out.dim() > 1 else n_b  # output rows: samples, or tokens
+            per_forward = max(1, MAX_ROWS_PER_FORWARD // (rows * n_scales))
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
                 mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch
@@ -165,15 +168,15 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
 
                 handle = lin.register_forward_pre_hook(perturb)
                 try:
-                    x_rep = x.repeat(copies, *([1] * (x.dim() - 1)))
-                    pert = _per_sample_losses(problem.loss, model(x_rep), y, copies)  # (copies, n_b)
+                    pert = _per_sample_losses(problem.loss, problem.forward(repeat_rows(x, copies)), y,
+                                              copies)  # (copies, n_b)
                 finally:
                     handle.remove()
                 if not calls:  # no perturbation happened: E_F would be 0 without a word
                     raise not_called(name, "feature robustness")
-                diff = (pert - base).sum(1).double().reshape(n_scales, k)
+                diff = (pert - base).sum(1).double().reshape(n_scales, k) * problem.positions(y)
                 sums[:, d0:d0 + k] += diff
-            n += n_b
+            n += problem.count(y)  # samples, or counted tokens: E_F is a change of the mean loss
     if problem.distributed:
         count = torch.tensor(float(n), dtype=torch.float64, device=device)
         dist.all_reduce_sum([sums, count])

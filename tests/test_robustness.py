@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import relflat_ext as rf
 from models import assert_unchanged, data, mlp, snapshot
@@ -103,3 +105,67 @@ def test_batches_of_different_sizes_see_the_same_matrices():
     whole = rf.feature_robustness(model, "2", x, y, delta=0.1, n_samples=300, seed=2)
     batched = rf.feature_robustness(model, "2", x, y, delta=0.1, n_samples=300, seed=2, batch_size=64)
     torch.testing.assert_close(batched.samples, whole.samples, rtol=1e-9, atol=1e-15)
+
+
+class _Counted(nn.Identity):
+    """An identity that counts the samples it sees: how much work the modules before the layer did
+    (not torch.fx's symbolic pass, which sees a Proxy)."""
+    rows = 0
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            _Counted.rows += x.shape[0]
+        return x
+
+
+class _Traced(nn.Module):
+    """Not a Sequential: torch.fx traces it, and the tail after ``fc1`` is F.softplus and ``fc2``."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.fc0, self.fc1, self.fc2 = _Counted(), nn.Linear(6, 9), nn.Linear(9, 7), nn.Linear(7, 4)
+
+    def forward(self, x):
+        return self.fc2(F.softplus(self.fc1(torch.tanh(self.fc0(self.count(x))))))
+
+
+class _Tokens(nn.Module):
+    """Token inputs, a token-wise tail after ``mid``, token targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.embed, self.mid, self.head = _Counted(), nn.Embedding(11, 6), nn.Linear(6, 8), nn.Linear(8, 11)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.count(self.embed(tokens)))))
+
+
+def _cases():
+    torch.manual_seed(0)
+    x, y = data(40, 6, 4, "cross_entropy", seed=1)
+    sequential = nn.Sequential(_Counted(), *mlp([6, 9, 7, 4], "tanh", seed=2))
+    g = torch.Generator().manual_seed(3)
+    tokens, targets = torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 11, (12, 5), generator=g)
+    targets[0, :2] = -100
+    return [("Sequential, middle layer", sequential, "3", x, y), ("Sequential, last layer", sequential, "5", x, y),
+            ("traced", _Traced().double(), "fc1", x, y), ("tokens", _Tokens().double(), "mid", tokens, targets)]
+
+
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _cases()])
+def test_tail_only_copies_give_the_whole_models_values(case):
+    """Where the rest of the model is a tail of Linear and elementwise steps, the perturbed copies
+    run only that tail, from one forward pass's features (the modules before the layer run once
+    per batch): the same values, to rounding, as running the whole model per copy."""
+    _, model, layer, x, y = _cases()[case]
+    before = snapshot(model)
+    _Counted.rows = 0
+    fast = rf.feature_robustness(model, layer, x, y, delta=[1e-2, 0.5], n_samples=16, seed=0, kappa=1.0,
+                                 batch_size=20)
+    assert _Counted.rows == x.shape[0]  # one forward pass per batch
+    with rf.hvp_only():  # no tail plans: the whole model per copy
+        whole = rf.feature_robustness(model, layer, x, y, delta=[1e-2, 0.5], n_samples=16, seed=0, kappa=1.0,
+                                      batch_size=20)
+    assert _Counted.rows == x.shape[0] * (1 + 1 + 2 * 2 * 16)  # and once more per copy (2 deltas, 2 signs, 16 draws)
+    for a, b in zip(fast, whole):
+        torch.testing.assert_close(a.samples, b.samples, rtol=1e-10, atol=1e-18)
+    assert_unchanged(model, before)

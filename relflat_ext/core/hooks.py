@@ -106,6 +106,11 @@ class LayerTap:
         return sample_features(self.name, self._recorded(self._features), targets)
 
     @property
+    def input(self) -> torch.Tensor:
+        """The layer's input as the model passed it (any shape)."""
+        return self._recorded(self._features)
+
+    @property
     def output(self) -> torch.Tensor:
         return self._recorded(self._output)
 

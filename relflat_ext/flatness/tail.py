@@ -36,8 +36,9 @@ _enabled = True
 
 @contextlib.contextmanager
 def hvp_only() -> Iterator[None]:
-    """Within the block, the exact path uses Hessian-vector products for every model (to check one
-    strategy against the other, or to time the general one)."""
+    """Within the block no model gets a tail plan: the exact path uses Hessian-vector products and
+    feature robustness runs the whole model per perturbation (to check one strategy against the
+    other, or to time the general one)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -18,10 +19,12 @@ from torch import nn
 
 from ..core import dist
 from ..core.data import batch_length, repeat_rows
-from ..core.hooks import not_called, preserved
+from ..core.hooks import not_called, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
+from ..flatness import chain_rule
+from ..flatness import tail as _tail
 from ..flatness.accumulator import NotFinite, explain_not_finite
 
 DISTRIBUTIONS = ("orthogonal", "gaussian")
@@ -97,6 +100,40 @@ def _per_sample_losses(loss: Loss, out: torch.Tensor, y: torch.Tensor, copies: i
     return loss.per_sample(out, y.repeat(copies, *([1] * (y.dim() - 1)))).reshape(copies, n)
 
 
+def _forward_with_features(problem: Problem, lin: nn.Linear, plan: Optional[_tail.TailPlan], x):
+    """The model's output on the batch and, when ``plan`` holds for it, the layer's input features
+    (else None: a traced tail that does not reproduce the model's output)."""
+    if plan is None:
+        return problem.forward(x), None
+    with tapped(lin, problem.name, replace_output=False) as tap:
+        out = problem.forward(x)
+    if plan.traced and not _tail.reproduces(chain_rule.run_tail(plan.tail, tap.output), out):
+        return out, None
+    return out, tap.input
+
+
+def _perturbed_model_outputs(problem: Problem, lin: nn.Linear, name: str, x, a_t: torch.Tensor) -> torch.Tensor:
+    """The model on the batch repeated once per matrix of ``a_t`` (copies, m, m), a forward
+    pre-hook applying each copy's ``phi -> phi + phi a_t[c]`` at the layer, in one pass."""
+    copies, m = a_t.shape[0], a_t.shape[1]
+    calls = []
+
+    def perturb(module, args):
+        calls.append(1)
+        phi = args[0]
+        flat = phi.reshape(copies, -1, m)
+        return (flat + torch.bmm(flat, a_t)).reshape(phi.shape), *args[1:]
+
+    handle = lin.register_forward_pre_hook(perturb)
+    try:
+        outputs = problem.forward(repeat_rows(x, copies))
+    finally:
+        handle.remove()
+    if not calls:  # no perturbation happened: E_F would be 0 without a word
+        raise not_called(name, "feature robustness")
+    return outputs
+
+
 def _check_deltas(delta) -> List[float]:
     deltas = [delta] if isinstance(delta, (int, float)) else list(delta)
     if not deltas or not all(isinstance(d, (int, float)) and math.isfinite(d) and d > 0 for d in deltas):
@@ -144,9 +181,18 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0
     with preserved(model), torch.no_grad():
+        # Where the rest of the model is a tail of Linear and elementwise steps (a Sequential, or a
+        # trace checked against the model), the perturbed copies run only that tail from the
+        # features of one forward pass; otherwise the whole model runs on the repeated batch.
+        plan = _tail.plan(model, name, lin) if problem.weight_uses == 1 else None
         for x, y in problem.batches():
             n_b = batch_length(x)
-            out = problem.forward(x)
+            out, phi = _forward_with_features(problem, lin, plan, x)
+            if phi is None and plan is not None:
+                warnings.warn(f"relflat_ext: the traced tail of layer {name!r} does not reproduce the model's "
+                              "output; running the whole model per perturbation (same result, slower)",
+                              RuntimeWarning)
+                plan = None
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
             rows = out.shape[:-1].numel() if out.dim() > 1 else n_b  # output rows: samples, or tokens
@@ -156,24 +202,13 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch
                 # Copy order: scale-major, then draw: A = scales[s] * U_j.
                 a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
-                copies = a_t.shape[0]
-
-                calls = []
-
-                def perturb(module, args):
-                    calls.append(1)
-                    phi = args[0]
-                    flat = phi.reshape(copies, -1, m)
-                    return (flat + torch.bmm(flat, a_t)).reshape(phi.shape), *args[1:]
-
-                handle = lin.register_forward_pre_hook(perturb)
-                try:
-                    pert = _per_sample_losses(problem.loss, problem.forward(repeat_rows(x, copies)), y,
-                                              copies)  # (copies, n_b)
-                finally:
-                    handle.remove()
-                if not calls:  # no perturbation happened: E_F would be 0 without a word
-                    raise not_called(name, "feature robustness")
+                if phi is not None:
+                    flat = phi.reshape(1, -1, m)
+                    perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
+                    outputs = chain_rule.run_tail(plan.tail, lin(perturbed))
+                else:
+                    outputs = _perturbed_model_outputs(problem, lin, name, x, a_t)
+                pert = _per_sample_losses(problem.loss, outputs, y, a_t.shape[0])  # (copies, n_b)
                 diff = (pert - base).sum(1).double().reshape(n_scales, k) * problem.positions(y)
                 sums[:, d0:d0 + k] += diff
             n += problem.count(y)  # samples, or counted tokens: E_F is a change of the mean loss

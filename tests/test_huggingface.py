@@ -64,8 +64,7 @@ def test_gpt2_untied_lm_head_exact_with_tokens_as_samples():
 def test_gpt2_tied_head_and_conv1d_projection_estimated_within_error_bars():
     model, batch = _gpt2(), _lm_batch()
     for layer in ("lm_head", "transformer.h.1.mlp.c_proj", "transformer.h.0.attn.c_attn"):
-        res = rf.relative_flatness(model, layer, batch, seed=0, rel_tol=0.05)
-        assert res.method == "stochastic"
+        res = rf.relative_flatness(model, layer, batch, seed=0, rel_tol=0.05, method="stochastic")
         base = rf.relative_flatness(model, layer, batch, method="autograd")
         _within(res, base.kappa)
     assert "tied" in rf.relative_flatness(model, "lm_head", batch, seed=0, max_probes=8).reason
@@ -242,3 +241,22 @@ def test_pacbayes_accuracy_of_a_causal_lm_scores_the_next_tokens():
     counted = target != -100
     assert pac.n == int(counted.sum())
     assert pac.accuracy == pytest.approx(float(((pred == target) & counted).sum()) / pac.n)
+
+
+@pytest.mark.parametrize("layer", ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj",
+                                   "transformer.h.1.attn.c_proj"])
+def test_gpt2_conv1d_layers_of_the_last_block_are_exact(layer):
+    """transformers' Conv1D (W stored transposed) on the exact paths: tokens as samples where no
+    attention follows (the last block's MLP and attention output), against the full Hessian."""
+    model, batch = _gpt2(tied=False), _lm_batch()
+    res = rf.relative_flatness(model, layer, batch, lmax=True)
+    base = rf.relative_flatness(model, layer, batch, lmax=True, method="autograd")
+    assert res.method == "exact" and "tokens as samples" in res.reason
+    torch.testing.assert_close(res.kappa, base.kappa, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(res.kappa_lmax, base.kappa_lmax, rtol=1e-9, atol=1e-15)
+    normalized = rf.relative_flatness(model, layer, batch, normalize_features=True).kappa
+    torch.testing.assert_close(normalized, rf.relative_flatness(model, layer, batch, normalize_features=True,
+                                                                method="autograd").kappa, rtol=1e-9, atol=1e-15)
+    trace = rf.measures.hessian_trace(model, layer, batch)  # from the block traces, in W's (d, m) frame
+    assert trace == pytest.approx(float(torch.trace(rf.layer_hessian(model, layer, batch)[0])), rel=1e-9)
+    assert rf.relative_flatness(model, "transformer.h.0.mlp.c_proj", batch, seed=0).method == "stochastic"

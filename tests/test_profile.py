@@ -117,7 +117,10 @@ def test_cli_profile_of_a_random_gpt2(tmp_path, capsys):
     rows = json.load(open(tmp_path / "profile.json"))
     assert [r["layer"] for r in rows][:2] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
     assert rows[-1]["layer"] == "lm_head" and "tied" not in rows[-1]["method"]
-    assert all(r["method"].startswith("stochastic-shared") for r in rows)
+    last_block = {"transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"}
+    assert all(r["method"] == "exact" if r["layer"] in last_block else r["method"].startswith("stochastic-shared")
+               for r in rows)  # no attention after the last block's projections: exact, tokens as samples
+    assert rows[0]["shape"] == [192, 64]  # c_attn's W (d, m); transformers' Conv1D stores it as (64, 192)
 
 
 def test_cli_rejects_unknown_model_and_data(tmp_path, capsys):

@@ -37,12 +37,13 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
     raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
 
 
-def resolve_linear(model: nn.Module, layer: LayerSpec, purpose: str = "") -> Tuple[str, nn.Linear]:
-    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear``. ``purpose``
+def resolve_linear(model: nn.Module, layer: LayerSpec, purpose: str = "") -> Tuple[str, nn.Module]:
+    """Returns (name, module) of ``layer`` inside ``model``; it must be an ``nn.Linear`` (or
+    transformers' Conv1D: :func:`acts_on_vectors`, its W from :func:`weight_matrix`). ``purpose``
     names what needs it (a function without a ``method`` argument); by default the error points
     to relative_flatness' stochastic method."""
     name, module = find_layer(model, layer)
-    if not isinstance(module, nn.Linear):
+    if not acts_on_vectors(module):
         what = purpose or "this path"
         hint = ("" if purpose else "; method='stochastic' (or 'auto') handles convolutions and other layers whose "
                 "weight multiplies features")
@@ -95,6 +96,17 @@ def is_transposed_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
             and getattr(module, "nf", None) == weight.shape[1])
+
+
+def acts_on_vectors(module: nn.Module) -> bool:
+    """A layer whose weight multiplies each feature vector (the last dim of its input): nn.Linear,
+    or transformers' Conv1D, its weight stored transposed. The exact paths need these."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (d, m) W of such a layer: its weight, or the transpose of a Conv1D's (in, out) weight."""
+    return module.weight.T if is_transposed_linear(module) else module.weight
 
 
 class ParameterLayer(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
-from ..core.layers import LayerSpec, ParameterLayer, WeightView, resolve_linear
+from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
 from ..core.losses import LossSpec, get_loss
 from . import autograd, closed_form, exact, stochastic, tail as _tail
 from .problem import HALF_DTYPES, METHODS, Options, Problem
@@ -104,7 +104,7 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
             return "stochastic", None, "stochastic: a parameter named directly (no module whose input to see)"
         raise ValueError(f"{problem.name!r} is a parameter, not a module: the exact paths need an nn.Linear's "
                          "per-sample input features; method='stochastic' (or 'auto') works from the weight")
-    if not isinstance(problem.module, nn.Linear):
+    if not acts_on_vectors(problem.module):
         if method == "auto":
             return "stochastic", None, "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"
         resolve_linear(problem.model, problem.name)  # raises the error that says what to use
@@ -131,7 +131,7 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
         how = "traced" if plan.traced else "Sequential"
         return "exact", plan, ("exact: second derivatives propagated by the chain rule through the tail "
                                f"(Linear and elementwise steps, {how})")
-    d, m = problem.weight.shape
+    d, m = problem.matrix.shape
     probes = m if (m < d and not options.block_trace and not options.lmax) else d
     if method == "auto" and probes > options.max_probes and not options.lmax:
         return "stochastic", None, (f"stochastic: cheaper than the exact path's {probes} Hessian-vector products "

@@ -97,8 +97,7 @@ def run(problem: Problem, options: Options, reason: str = "autograd: the full He
         vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
     start = time.perf_counter()
     hessian, n = _hessian(problem, vectorize, max_hessian_bytes)
-    weight = problem.weight.detach()
-    weight = weight.T if is_transposed_linear(problem.module) else weight
+    weight = problem.matrix.detach()
     scale = None
     if options.normalize_features:
         scale = scale_over_data(problem)

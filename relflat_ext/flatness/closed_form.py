@@ -89,7 +89,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     start = time.perf_counter()
     name, lin, loss = problem.name, problem.module, problem.loss
     scale = scale_over_data(problem) if options.normalize_features else None
-    w = lin.weight.detach() if scale is None else lin.weight.detach() * scale
+    w = problem.matrix.detach() if scale is None else problem.matrix.detach() * scale
     bias = lin.bias.detach() if lin.bias is not None else None
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     from_prefix = plan is not None and not plan.traced

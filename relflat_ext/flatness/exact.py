@@ -33,7 +33,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     start = time.perf_counter()
     lin = problem.module
     scale = scale_over_data(problem) if options.normalize_features else None
-    w = lin.weight.detach() if scale is None else lin.weight.detach() * scale
+    w = problem.matrix.detach() if scale is None else problem.matrix.detach() * scale
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
         tokens = False

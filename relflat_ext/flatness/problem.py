@@ -15,7 +15,7 @@ from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
                          label_convention, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
-                           resolve_weight_layer, weight_uses)
+                           resolve_weight_layer, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
@@ -113,6 +113,11 @@ class Problem:
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (d, m) W of a layer acting on feature vectors (transformers' Conv1D stores W^T)."""
+        return weight_matrix(self.module)
 
     def _check_input(self, x: Inputs, what: str) -> None:
         """Inputs the model can take: floating inputs in the model's dtype (half ones are cast when

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.layers import ParameterLayer, resolve_weight_layer, weight_layers
+from ..core.layers import ParameterLayer, acts_on_vectors, resolve_weight_layer, weight_layers, weight_matrix
 from ..core.losses import LossSpec
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
@@ -154,7 +154,8 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_e
 
 def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:
     kind = "Parameter" if isinstance(module, ParameterLayer) else type(module).__name__
-    return {"layer": name, "type": kind, "shape": list(module.weight.shape), "kappa": kappa, "kappa_stderr": stderr,
+    shape = weight_matrix(module).shape if acts_on_vectors(module) else module.weight.shape  # Conv1D: W, (d, m)
+    return {"layer": name, "type": kind, "shape": list(shape), "kappa": kappa, "kappa_stderr": stderr,
             "kappa_normalized": normalized, "hessian_trace": trace, "hessian_trace_stderr": trace_se,
             "weight_norm_sq": float(module.weight.detach().double().pow(2).sum()), "method": method, "samples": n,
             "probes": probe_count, "seconds": seconds, "peak_memory_mib": _peak_mib(module.weight.device)}

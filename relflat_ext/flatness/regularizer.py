@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import check_vector_features
-from ..core.layers import LayerSpec, resolve_linear
+from ..core.layers import LayerSpec, resolve_linear, weight_matrix
 from ..core.losses import Loss, LossSpec, get_loss
 from . import tail as _tail
 from .chain_rule import run_tail
@@ -98,7 +98,7 @@ class FlatnessRegularizer:
             chunk_targets = targets
             if targets is not None and len(calls) > 1:
                 chunk_targets = targets[n:n + features.shape[0]].to(features.device)
-            value = _penalty(features, module.weight, chunk_targets, self.loss, module.bias, self.normalize_features,
+            value = _penalty(features, weight_matrix(module), chunk_targets, self.loss, module.bias, self.normalize_features,
                              tail, check_targets=not self._targets_checked) * features.shape[0]
             total = value if total is None else total + value.to(total.device)
             n += features.shape[0]

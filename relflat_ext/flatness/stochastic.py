@@ -28,7 +28,7 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import preserved
 from ..core.hvp import differentiable_attention, hessian_vector_products
-from ..core.layers import LayerSpec, WeightView, matrix_view
+from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
 from ..core.rng import standard_normal
 from .normalization import inverse_scale, scale_over_data
@@ -124,8 +124,9 @@ def run(problem: Problem, options: Options, reason: str) -> FlatnessResult:
     """kappa_Tr by the estimator, as a :class:`FlatnessResult` (the front door's stochastic path)."""
     scale = None
     if options.normalize_features:
-        if not isinstance(problem.module, nn.Linear):
-            raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers")
+        if not acts_on_vectors(problem.module):
+            raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers (and transformers' "
+                             "Conv1D)")
         scale = scale_over_data(problem)
     est = estimate(problem, rel_tol=options.rel_tol, max_probes=options.max_probes, seed=options.seed,
                    feature_scale=scale, weight_view=options.weight_view)

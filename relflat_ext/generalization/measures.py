@@ -13,7 +13,8 @@ from torch import nn
 
 from ..core.data import IGNORE_INDEX, batch_length, call_model, model_batches
 from ..core.hooks import preserved
-from ..core.layers import CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, resolve_weight_layer
+from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, acts_on_vectors, resolve_weight_layer,
+                           weight_matrix)
 from ..core.losses import LossSpec, get_loss
 from ..flatness import relative_flatness, stochastic_estimate
 
@@ -33,9 +34,9 @@ def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, *, l
     features, through the per-sample identity with G = I: ``Tr(H) = sum_s T[s, s]`` from the block
     traces; otherwise a Hutchinson estimate to ``rel_tol`` (the stochastic estimator)."""
     _, module = resolve_weight_layer(model, layer)
-    if isinstance(module, nn.Linear):
+    if acts_on_vectors(module):
         res = relative_flatness(model, layer, inputs, targets, loss=loss, batch_size=batch_size, block_trace=True,
-                                max_probes=max(max_probes, module.weight.shape[0] + 1))
+                                max_probes=max(max_probes, weight_matrix(module).shape[0] + 1))
         if res.block_trace is not None:
             return float(torch.trace(res.block_trace))
     return stochastic_estimate(model, layer, inputs, targets, loss=loss, quantity="hessian_trace", rel_tol=rel_tol,

@@ -20,7 +20,7 @@ from torch import nn
 from ..core import dist
 from ..core.data import batch_length, repeat_rows
 from ..core.hooks import not_called, preserved, tapped
-from ..core.layers import LayerSpec, resolve_linear
+from ..core.layers import LayerSpec, resolve_linear, weight_matrix
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
 from ..flatness import chain_rule
@@ -167,7 +167,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         raise ValueError(f"n_samples must be an integer >= 2 (a standard error needs two), got {n_samples!r}")
     user_model, model = model, problem.model  # a float32 copy for a half-precision model
     name, lin = resolve_linear(model, problem.name, "feature robustness")
-    m = lin.in_features
+    m = weight_matrix(lin).shape[1]
     dtype, device = lin.weight.dtype, lin.weight.device
     signs = [1.0, -1.0] if antithetic else [1.0]
     scales = torch.tensor([d * s for d in deltas for s in signs], dtype=dtype, device=device)  # (S,)

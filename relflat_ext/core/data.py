@@ -135,6 +135,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 def check_data(inputs, targets, batch_size: Optional[int]) -> None:
     """The checks that need no pass over the data: types, sample counts, batch size."""
+    for what, value in (("inputs", inputs), ("targets", targets)):
+        _check_not_array(what, value)
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size <= 0):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -161,6 +163,20 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
     if isinstance(inputs, Iterator):  # a generator or iterator: a second pass would see nothing
         raise TypeError("inputs is a one-shot iterator; pass a re-iterable of (x, y) batches (a DataLoader or a list): "
                         "measurements pass over the data more than once")
+
+
+def _check_not_array(what: str, value) -> None:
+    """A numpy (or other array-protocol) object where a tensor goes: iterated, it would look like
+    a sequence of batches and fail further in with a misleading message."""
+    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} is a {type(value).__module__}.{type(value).__name__}; pass a torch tensor "
+                        f"(torch.as_tensor({what}))")
+
+
+def _check_batch_types(k: int, x, y) -> None:
+    if not (isinstance(x, torch.Tensor) or is_dict_batch(x)) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"batch {k} of inputs must hold tensors (x a tensor or a dict of them, y a tensor), got "
+                        f"({type(x).__name__}, {type(y).__name__})")
 
 
 def _check_finite_inputs(name: str, x: Inputs) -> None:
@@ -205,6 +221,7 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
                             f"{type(batch).__name__}")
         else:
             x, y = batch[0], batch[1]
+        _check_batch_types(k, x, y)
         if batch_length(x) != y.shape[0]:
             raise ValueError(f"batch {k}: targets has {y.shape[0]} samples but inputs has {batch_length(x)}")
         if check_values:

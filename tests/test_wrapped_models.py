@@ -1,6 +1,7 @@
 """Models as users wrap them. Parametrized weights (torch.nn.utils.parametrize: weight_norm,
 spectral_norm, ...) are measured as the weights they compute, on a copy, and the user's model keeps
-its parametrizations; a torch.compile'd model is measured by its modules' own names."""
+its parametrizations; a torch.compile'd model is measured by its modules' own names; a
+(Distributed)DataParallel model as the module inside."""
 import copy
 
 import pytest
@@ -93,3 +94,19 @@ def test_a_compiled_model_is_measured_by_its_modules_names():
     est = rf.relative_flatness(compiled, "0", x, y, method="stochastic", rel_tol=0.5, seed=0)
     assert est.kappa == pytest.approx(rf.relative_flatness(plain, "0", x, y, method="stochastic", rel_tol=0.5,
                                                            seed=0).kappa, rel=1e-10)
+
+
+def test_a_data_parallel_model_is_measured_as_its_module():
+    """DataParallel (and DistributedDataParallel) add gradient synchronization, not function: the
+    module inside is measured, by its plain names or the wrapper's ("module.<name>"), on the same
+    paths (the chain rule here, not Hessian-vector products through the wrapper)."""
+    _, plain, x, y = _models(seed=5)
+    wrapped = nn.DataParallel(plain)  # on a CPU-only machine it only calls the module
+    before = snapshot(wrapped)
+    for name in ("0", "module.0", "2", "module.2"):
+        got, want = rf.relative_flatness(wrapped, name, x, y), rf.relative_flatness(plain, name[-1], x, y)
+        assert (got.kappa, got.method, got.layer) == (want.kappa, want.method, want.layer)
+    assert rf.relative_flatness(wrapped, "0", x, y).reason.startswith("exact: second derivatives")
+    assert [r["layer"] for r in rf.profile(wrapped, x, y, progress=False).rows] == ["0", "2"]
+    assert rf.feature_robustness(wrapped, "0", x, y, seed=0).value == rf.feature_robustness(plain, "0", x, y, seed=0).value
+    assert_unchanged(wrapped, before)

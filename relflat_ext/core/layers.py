@@ -11,8 +11,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 LayerSpec = Union[str, nn.Module]
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel or DistributedDataParallel: measured directly (the wrapper's
+    forward adds gradient synchronization, not function), with its layers' plain names."""
+    return model.module if isinstance(model, PARALLEL_WRAPPERS) else model
 
 
 def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m, nn.Linear),
@@ -25,6 +32,8 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
     if isinstance(layer, str):
         if layer not in named and f"_orig_mod.{layer}" in named:  # torch.compile's wrapper: its module's names
             layer = f"_orig_mod.{layer}"
+        if layer not in named and layer.startswith("module.") and layer[len("module."):] in named:
+            layer = layer[len("module."):]  # a (Distributed)DataParallel wrapper's name for its module's layer
         if layer not in named:
             candidates = [n for n, m in named.items() if wanted(m)]
             raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")

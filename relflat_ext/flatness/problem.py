@@ -15,7 +15,7 @@ from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
                          label_convention, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
-                           resolve_weight_layer, weight_matrix, weight_uses)
+                           resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
@@ -62,6 +62,7 @@ class Problem:
         (QR, eigh) have none. A model with parametrized weights (weight_norm, spectral_norm, ...) is
         measured as a copy in which each is the plain weight it computes: kappa is about the matrix
         that multiplies the features, and derivatives need it as a leaf."""
+        model = unwrap_parallel(model)
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)
         inputs, targets = unpack_pair(inputs, targets)

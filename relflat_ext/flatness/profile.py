@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.layers import ParameterLayer, acts_on_vectors, resolve_weight_layer, weight_layers, weight_matrix
+from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap_parallel, weight_layers,
+                           weight_matrix)
 from ..core.losses import LossSpec
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
@@ -110,6 +111,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_e
     stderr: a line per exact layer, a running count of products for the shared estimate."""
     if probes not in PROBE_MODES:
         raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
+    model = unwrap_parallel(model)
     names = weight_layers(model) if layers == "auto" else list(layers)
     if not names:
         raise ValueError("the model has no Linear or Conv layers to profile; name the layers to measure")

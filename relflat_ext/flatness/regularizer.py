@@ -9,13 +9,11 @@ import torch
 from torch import nn
 
 from ..core.hooks import check_vector_features
-from ..core.layers import LayerSpec, resolve_linear, weight_matrix
+from ..core.layers import LayerSpec, resolve_linear, unwrap_parallel, weight_matrix
 from ..core.losses import Loss, LossSpec, get_loss
 from . import tail as _tail
 from .chain_rule import run_tail
 from .penalty import penalty as _penalty
-
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 class FlatnessRegularizer:
@@ -40,7 +38,7 @@ class FlatnessRegularizer:
 
     def __init__(self, model: nn.Module, layer: LayerSpec, loss: Union[LossSpec, Loss] = "cross_entropy",
                  normalize_features: bool = False):
-        inner = model.module if isinstance(model, _WRAPPERS) else model
+        inner = unwrap_parallel(model)
         self.name, self.layer = resolve_linear(inner, layer, "FlatnessRegularizer")
         self.loss = get_loss(loss)
         self.normalize_features = bool(normalize_features)

@@ -1,13 +1,13 @@
 """Models as users wrap them. Parametrized weights (torch.nn.utils.parametrize: weight_norm,
 spectral_norm, ...) are measured as the weights they compute, on a copy, and the user's model keeps
-its parametrizations; a torch.compile'd model is measured by its modules' own names; a
+its parametrizations (pruned weights likewise, the model keeping its masks); a torch.compile'd model is measured by its modules' own names; a
 (Distributed)DataParallel model as the module inside."""
 import copy
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import relflat_ext as rf
 from models import assert_unchanged, snapshot
@@ -41,7 +41,7 @@ def test_parametrized_weights_are_measured_as_the_weights_they_compute(layer, me
     assert parametrize.is_parametrized(param[int(layer)], "weight")  # still parametrized, weight still computed
     expected = rf.relative_flatness(plain, layer, x, y, method=method).kappa
     assert res.kappa == pytest.approx(expected, rel=1e-12)
-    assert "parametrized weights folded" in res.reason
+    assert "parametrized or pruned weights folded" in res.reason
 
 
 def test_stochastic_shared_probes_and_profile_on_parametrized_weights():
@@ -80,6 +80,58 @@ def test_the_regularizer_differentiates_through_the_parametrization():
     originals = [p for n, p in param.named_parameters() if n.startswith("2.parametrizations.weight.original")]
     assert originals and all(p.grad is not None and p.grad.abs().sum() > 0 for p in originals)
     assert penalty.item() == pytest.approx(rf.relative_flatness(plain, "2", x, y).kappa, rel=1e-10)
+
+
+def _prune(model):
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[2], "weight", amount=0.3)
+    return "weight_orig"
+
+
+def _old_weight_norm(model):
+    for k in (0, 2):
+        nn.utils.weight_norm(model[k])
+    return "weight_g"
+
+
+def _old_spectral_norm(model):
+    for k in (0, 2):
+        nn.utils.spectral_norm(model[k])
+    return "weight_orig"
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("derive", [_prune, _old_weight_norm, _old_spectral_norm])
+def test_hook_computed_weights_are_measured_as_the_matrices_they_compute(derive):
+    """torch.nn.utils.prune (``weight = weight_orig * weight_mask``) and the older hook-based
+    weight_norm / spectral_norm recompute ``weight`` in a forward pre-hook (no Parameter, and a
+    non-leaf tensor that deepcopy refuses): measured as that matrix on a copy, every path; the
+    model keeps its hooks; the regularizer's gradient reaches the tensors the weight comes from."""
+    _, plain, x, y = _models(seed=6)
+    pruned = copy.deepcopy(plain)
+    source = derive(pruned)
+    pruned.eval()(x)  # the weights as measured: spectral_norm iterates only in training mode
+    with torch.no_grad():
+        for k in (0, 2):
+            plain[k].weight.copy_(pruned[k].weight)
+    before = snapshot(pruned)
+    for layer, method in (("0", "exact"), ("0", "autograd"), ("2", "closed_form")):
+        res = rf.relative_flatness(pruned, layer, x, y, method=method)
+        assert res.kappa == pytest.approx(rf.relative_flatness(plain, layer, x, y, method=method).kappa, rel=1e-12)
+    est = rf.relative_flatness(pruned, "0", x, y, method="stochastic", rel_tol=0.5, seed=0)
+    assert est.kappa == pytest.approx(rf.relative_flatness(plain, "0", x, y, method="stochastic", rel_tol=0.5,
+                                                           seed=0).kappa, rel=1e-10)
+    assert [r["layer"] for r in rf.profile(pruned, x, y, progress=False).rows] == ["0", "2"]
+    assert_unchanged(pruned, before)
+    assert all(pruned[k]._forward_pre_hooks and not isinstance(pruned[k].weight, nn.Parameter) for k in (0, 2))
+    reg = rf.FlatnessRegularizer(pruned, "2")
+    pruned(x)
+    reg.penalty(y).backward()
+    reg.remove()
+    grad = getattr(pruned[2], source).grad
+    assert grad is not None and grad.abs().sum() > 0
+    if derive is _prune:
+        assert bool((grad[pruned[2].weight_mask == 0] == 0).all())  # no gradient through a pruned entry
 
 
 def test_a_compiled_model_is_measured_by_its_modules_names():

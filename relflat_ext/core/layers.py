@@ -8,7 +8,9 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 LayerSpec = Union[str, nn.Module]
 PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -149,23 +151,53 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
 
 
 def has_weight(module: nn.Module) -> bool:
-    """A ``weight`` Parameter, or a weight computed by a parametrization (weight_norm, spectral_norm,
-    orthogonal: torch.nn.utils.parametrize), which is measured as the weight it computes."""
-    return isinstance(getattr(module, "weight", None), nn.Parameter) or parametrize.is_parametrized(module, "weight")
+    """A ``weight`` Parameter, or a weight computed from others (:func:`has_derived_weight`), which is
+    measured as the weight it computes."""
+    return isinstance(getattr(module, "weight", None), nn.Parameter) or has_derived_weight(module)
 
 
-def has_parametrized_weights(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+# Forward pre-hooks that recompute ``weight`` from other tensors before every forward, with the
+# function that folds each into a plain Parameter: pruning (weight_orig * weight_mask) and the
+# older torch.nn.utils.weight_norm / spectral_norm.
+_WEIGHT_HOOKS = ((prune.BasePruningMethod, "_tensor_name", lambda m: prune.remove(m, "weight")),
+                 (WeightNorm, "name", lambda m: remove_weight_norm(m, "weight")),
+                 (SpectralNorm, "name", lambda m: remove_spectral_norm(m, "weight")))
 
 
-def fold_parametrized_weights(model: nn.Module) -> nn.Module:
-    """A copy of the model in which every parametrized ``weight`` is a plain Parameter holding the
-    value its parametrization computes now: the same function, and a weight that derivatives can be
+def _weight_hook_remover(module: nn.Module) -> Optional[Callable[[nn.Module], None]]:
+    for hook in module._forward_pre_hooks.values():
+        for kind, attr, remover in _WEIGHT_HOOKS:
+            if isinstance(hook, kind) and getattr(hook, attr, None) == "weight":
+                return remover
+    return None
+
+
+def has_derived_weight(module: nn.Module) -> bool:
+    """A weight computed from other tensors: by a parametrization (torch.nn.utils.parametrize:
+    weight_norm, spectral_norm, orthogonal), by pruning (a mask times the original) or by the
+    older hook-based weight_norm and spectral_norm."""
+    return parametrize.is_parametrized(module, "weight") or _weight_hook_remover(module) is not None
+
+
+def has_derived_weights(model: nn.Module) -> bool:
+    return any(has_derived_weight(m) for m in model.modules())
+
+
+def fold_derived_weights(model: nn.Module) -> nn.Module:
+    """A copy of the model in which every derived ``weight`` (:func:`has_derived_weight`) is a plain
+    Parameter holding the value it has now: the same function, and a weight that derivatives can be
     taken in. Relative flatness is about the matrix that multiplies the features, whatever computes
-    it. The original is untouched: ``remove_parametrizations`` on a deep copy would delete the
-    weight property from the generated class that the copy shares with the original."""
-    folded = copy.deepcopy(model)
+    it (a pruned entry is a zero of that matrix, which feature perturbations move like any other).
+    The original is untouched: ``remove_parametrizations`` on a deep copy would delete the weight
+    property from the generated class that the copy shares with the original."""
+    # A hook-computed weight is a non-leaf tensor, which deepcopy refuses: the copy gets a detached
+    # alias, replaced below by the value computed from the copy's own tensors.
+    memo = {id(m.weight): m.weight.detach() for m in model.modules() if _weight_hook_remover(m) is not None}
+    folded = copy.deepcopy(model, memo)
     for name, module in folded.named_modules():
+        remover = _weight_hook_remover(module)
+        if remover is not None:
+            remover(module)
         if not parametrize.is_parametrized(module, "weight"):
             continue
         others = [t for t in module.parametrizations.keys() if t != "weight"]

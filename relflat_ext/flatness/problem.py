@@ -14,7 +14,7 @@ from torch import nn
 from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
                          label_convention, unpack_pair)
-from ..core.layers import (LayerSpec, WeightView, fold_parametrized_weights, has_parametrized_weights,
+from ..core.layers import (LayerSpec, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 
@@ -72,9 +72,9 @@ class Problem:
             raise ValueError(f"layer {name!r} has its weight on the meta device (no values): load or materialize the "
                              "model's weights first")
         notes = []
-        if has_parametrized_weights(model):  # weight_norm, spectral_norm, ...: measured as the weights they compute
-            model = fold_parametrized_weights(model)
-            notes.append("measured on a copy with the parametrized weights folded into plain ones")
+        if has_derived_weights(model):  # weight_norm, spectral_norm, pruning: measured as the weights they compute
+            model = fold_derived_weights(model)
+            notes.append("measured on a copy with the parametrized or pruned weights folded into plain ones")
         if weight.dtype in HALF_DTYPES:
             half = f"computed in float32 from a {str(weight.dtype).replace('torch.', '')} model"
             warnings.warn(f"relflat_ext: {half} (a float32 copy; the model is left as it is)", RuntimeWarning,

@@ -147,11 +147,13 @@ def _cases():
     g = torch.Generator().manual_seed(3)
     tokens, targets = torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 11, (12, 5), generator=g)
     targets[0, :2] = -100
+    log_probs = nn.Sequential(_Counted(), *mlp([6, 9, 4], "tanh", seed=4), nn.LogSoftmax(dim=1))
     return [("Sequential, middle layer", sequential, "3", x, y), ("Sequential, last layer", sequential, "5", x, y),
-            ("traced", _Traced().double(), "fc1", x, y), ("tokens", _Tokens().double(), "mid", tokens, targets)]
+            ("traced", _Traced().double(), "fc1", x, y), ("tokens", _Tokens().double(), "mid", tokens, targets),
+            ("log-probabilities out", log_probs, "1", x, y)]
 
 
-@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _cases()])
 def test_tail_only_copies_give_the_whole_models_values(case):
     """Where the rest of the model is a tail of Linear and elementwise steps, the perturbed copies
     run only that tail, from one forward pass's features (the modules before the layer run once

@@ -209,3 +209,53 @@ def test_a_trace_that_does_not_reproduce_the_model_is_not_used():
     assert "Hessian-vector products" in fast.reason
     base = rf.relative_flatness_autograd(model, "fc1", x, y, vectorize=True)
     assert abs(fast.kappa - base.kappa) <= 1e-10 * abs(base.kappa)
+
+
+class _LogSoftmaxNet(nn.Module):
+    """The PyTorch MNIST example's shape: the model returns log-probabilities."""
+
+    def __init__(self, as_method=False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.as_method = nn.Linear(5, 7), nn.Linear(7, 6), nn.Linear(6, 4), as_method
+
+    def forward(self, x):
+        z = self.fc3(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
+        return z.log_softmax(-1) if self.as_method else F.log_softmax(z, dim=1)
+
+
+def _log_softmax_models(seed=0):
+    torch.manual_seed(seed)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4), nn.LogSoftmax(dim=1))
+    return {"Sequential": (seq.double(), ("4", "2")), "traced": (_LogSoftmaxNet().double(), ("fc3", "fc2")),
+            "traced method": (_LogSoftmaxNet(as_method=True).double(), ("fc3", "fc2"))}
+
+
+@pytest.mark.parametrize("kind", ["Sequential", "traced", "traced method"])
+@pytest.mark.parametrize("loss", ["cross_entropy", F.nll_loss, nn.NLLLoss()], ids=["ce", "F.nll_loss", "NLLLoss"])
+def test_a_final_log_softmax_is_taken_into_the_cross_entropy(kind, loss):
+    """cross_entropy(log_softmax(u)) = cross_entropy(u) = nll_loss(log_softmax(u)): a model that
+    returns log-probabilities keeps the closed form (its last layer) and the chain rule (before it),
+    against the full Hessian of the loss the user gave."""
+    model, (last, middle) = _log_softmax_models()[kind]
+    x, y = data(40, 5, 4, "cross_entropy", seed=3)
+    for layer, path in ((last, "closed_form"), (middle, "exact")):
+        res = rf.relative_flatness(model, layer, x, y, loss=loss, lmax=True, block_trace=True)
+        assert res.method == path and "log_softmax taken into the cross entropy" in res.reason, res.reason
+        base = rf.relative_flatness_autograd(model, layer, x, y, loss=loss, lmax=True)
+        assert res.kappa == pytest.approx(base.kappa, rel=1e-10)
+        assert res.kappa_lmax == pytest.approx(base.kappa_lmax, rel=1e-10)
+        torch.testing.assert_close(res.block_trace, base.block_trace, rtol=1e-10, atol=1e-12)
+
+
+def test_a_log_softmax_is_not_folded_where_it_changes_the_loss():
+    """Label smoothing, a callable that is not nll_loss, a log_softmax over the wrong dim: the
+    model's own output goes through Hessian-vector products (or a clear error)."""
+    model, _ = _log_softmax_models()["Sequential"]
+    x, y = data(40, 5, 4, "cross_entropy", seed=3)
+    for loss in (nn.CrossEntropyLoss(label_smoothing=0.1), lambda out, t: F.nll_loss(out, t)):
+        res = rf.relative_flatness(model, "2", x, y, loss=loss)
+        assert "Hessian-vector products" in res.reason
+        assert res.kappa == pytest.approx(rf.relative_flatness_autograd(model, "2", x, y, loss=loss).kappa, rel=1e-10)
+    tokens = nn.Sequential(nn.Linear(5, 4), nn.LogSoftmax(dim=1)).double()  # over the sequence, not the classes
+    with pytest.raises(ValueError, match="not over its classes"):
+        rf.relative_flatness(tokens, "0", torch.randn(3, 6, 5, dtype=torch.float64), torch.randint(0, 4, (3, 6)))

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..ops.stable_math import sigmoid_curvature, softmax_complement, winner_and_rest
 
@@ -346,6 +347,19 @@ class CallableLoss(Loss):
 
 
 LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError(), BceWithLogits())}
+
+
+def is_cross_entropy_after_log_softmax(loss: Loss) -> bool:
+    """Whether ``loss(log_softmax(u), y)`` is ``cross_entropy(u, y)``: cross entropy (log_softmax is
+    idempotent) or nll_loss, built in or as torch's function or module with default arguments."""
+    if loss.builtin:
+        return loss.name == "cross_entropy"
+    fn = loss.function
+    if fn in (F.cross_entropy, F.nll_loss):
+        return True
+    defaults = (getattr(fn, "weight", None) is None and getattr(fn, "reduction", None) == "mean"
+                and getattr(fn, "ignore_index", None) == -100)
+    return defaults and (type(fn) is nn.NLLLoss or (type(fn) is nn.CrossEntropyLoss and fn.label_smoothing == 0))
 
 
 def get_loss(loss: Union[LossSpec, Loss]) -> Loss:

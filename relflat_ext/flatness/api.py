@@ -9,6 +9,7 @@ chooses the path before touching the data (:func:`choose_path`), and hands the p
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
 from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
-from ..core.losses import LossSpec, get_loss
+from ..core.losses import LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from . import autograd, closed_form, exact, stochastic, tail as _tail
 from .problem import HALF_DTYPES, METHODS, Options, Problem
 from .result import FlatnessResult
@@ -76,6 +77,9 @@ def _dispatch(problem: Problem, method: str, options: Options,
         path, plan, reason = choose_path(problem, method, options)
         if path == "stochastic":
             return estimate(problem, options, reason)
+        if plan is not None and plan.log_softmax_dim is not None:  # the loss of the logits before it
+            problem = dataclasses.replace(problem, loss=get_loss("cross_entropy"))
+            reason += "; the model's final log_softmax taken into the cross entropy"
         return PATHS[path](problem, options, plan, reason)
     except NotVectorFeatures:
         if method != "auto":
@@ -119,8 +123,10 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
                          f"{problem.weight_uses} places): method={method!r} would measure one use only; "
                          "method='stochastic' or 'autograd' include every use")
     with preserved(problem.model):  # in eval mode: a trace follows the mode
-        plan = _tail.plan(problem.model, problem.name, problem.module)
-    if method in ("auto", "closed_form") and problem.loss.builtin:
+        plan = _tail.plan(problem.model, problem.name, problem.module,
+                          final_log_softmax=is_cross_entropy_after_log_softmax(problem.loss))
+    folded = plan is not None and plan.log_softmax_dim is not None  # the loss becomes cross entropy
+    if method in ("auto", "closed_form") and (problem.loss.builtin or folded):
         last = (not plan.tail) if plan is not None else _produces_output(problem)
         if last:
             return "closed_form", plan, "closed_form: the layer produces the model output and the loss is built in"

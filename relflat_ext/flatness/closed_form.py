@@ -65,6 +65,11 @@ TOKENS_NOTE = ("; tokens as samples (token targets, and each token's output depe
                "alone: the tail is token-wise)")
 
 
+def output_dim(y: torch.Tensor) -> int:
+    """The dims of the logits that cross-entropy targets go with: class indices have one fewer."""
+    return y.dim() + (0 if y.is_floating_point() else 1)
+
+
 def has_token_targets(loss: Loss, y: torch.Tensor) -> bool:
     return loss.name == "cross_entropy" and not y.is_floating_point() and y.dim() > 1
 
@@ -97,12 +102,16 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
         tokens = False
         for x, y in problem.batches(check_values=not from_prefix):
             tokens = tokens or has_token_targets(loss, y)
+            if plan is not None:
+                plan.check_log_softmax(name, output_dim(y))
             if from_prefix:
                 phi = prefix_features(plan, name, x, y)
             else:
                 with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
                     out = problem.forward(x)
-                if out is not tap.raw_output:
+                produced = (out is tap.raw_output if plan is None or plan.log_softmax_dim is None
+                            else _tail.reproduces(plan.run(tap.output), out))  # log_softmax(z): z's loss
+                if not produced:
                     raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
                                      "output; use method='exact'")
                 phi = tap.sample_features(y)  # tokens as samples: each token's logits are its own

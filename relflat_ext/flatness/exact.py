@@ -17,7 +17,7 @@ from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.hvp import differentiable_attention, hessian_vector_products
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
-from .closed_form import TOKENS_NOTE, counted_rows, has_token_targets, prefix_features
+from .closed_form import TOKENS_NOTE, counted_rows, has_token_targets, output_dim, prefix_features
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -39,6 +39,8 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
         tokens = False
         for x, y in problem.batches():
             tokens = tokens or has_token_targets(problem.loss, y)
+            if plan is not None:
+                plan.check_log_softmax(problem.name, output_dim(y))
             if plan is not None and not _chain_rule_batch(acc, problem, plan, x, y, w, scale):
                 warnings.warn(f"relflat_ext: the traced tail of layer {problem.name!r} does not reproduce the "
                               "model's output; using Hessian-vector products (same result, slower)", RuntimeWarning)
@@ -64,7 +66,7 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
             with tapped(lin, name, replace_output=False) as tap:
                 out = problem.forward(x)
             phi, z = tap.sample_features(y), tap.output
-            if not _tail.reproduces(chain_rule.run_tail(plan.tail, z), out):
+            if not _tail.reproduces(plan.run(z), out):
                 return False
             z = z.reshape(phi.shape[0], -1)  # tokens as samples: the tail is Linear and elementwise steps
         else:

@@ -30,6 +30,7 @@ ELEMENTWISE_FUNCTIONS = (torch.tanh, torch.sigmoid, torch.relu, F.tanh, F.sigmoi
                          F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.softplus, F.softsign, F.tanhshrink,
                          F.hardtanh, F.hardswish, F.logsigmoid)
 ELEMENTWISE_METHODS = ("tanh", "sigmoid", "relu")
+LOG_SOFTMAX_FUNCTIONS = (F.log_softmax, torch.log_softmax)
 
 _enabled = True
 
@@ -79,20 +80,40 @@ def _supported(module: nn.Module) -> bool:
 @dataclasses.dataclass
 class TailPlan:
     """``tail``: the steps after the layer. ``prefix``: the modules before it (a Sequential), or
-    None when the features come from running the model (a trace, checked by ``reproduces``)."""
+    None when the features come from running the model (a trace, checked by ``reproduces``).
+    ``log_softmax_dim``: the dim of a final log_softmax over the classes, left out of ``tail``
+    (cross entropy of log_softmax(u) is the cross entropy of u, and nll_loss of it too) and
+    applied by :meth:`run`."""
     layer: nn.Linear
     tail: List[nn.Module]
     prefix: Optional[List[nn.Module]]
+    log_softmax_dim: Optional[int] = None
 
     @property
     def traced(self) -> bool:
         return self.prefix is None
 
+    def run(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's output for the layer output z (forward only)."""
+        with torch.no_grad():
+            for module in self.tail:
+                z = module(z)
+            return z if self.log_softmax_dim is None else F.log_softmax(z, self.log_softmax_dim)
 
-def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True) -> Optional[TailPlan]:
+    def check_log_softmax(self, name: str, output_dim: int) -> None:
+        """The folded log_softmax must run over the classes: the output's last dim."""
+        if self.log_softmax_dim is not None and self.log_softmax_dim % output_dim != output_dim - 1:
+            raise ValueError(f"the model ends in log_softmax over dim {self.log_softmax_dim} of a {output_dim}-D "
+                             f"output, not over its classes (the last dim); layer {name!r} needs "
+                             "method='stochastic' or 'autograd'")
+
+
+def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True,
+         final_log_softmax: bool = False) -> Optional[TailPlan]:
     """The tail of ``layer`` (named ``name`` in ``model``) when the chain rule applies, else None;
-    ``trace=False`` looks at plain Sequentials only. Call it with the model in the mode it is
-    measured in (eval): a trace follows that mode."""
+    ``trace=False`` looks at plain Sequentials only; ``final_log_softmax`` accepts a log_softmax
+    over dim 1 or -1 as the model's last step (for cross entropy or nll_loss, or to run the tail).
+    Call it with the model in the mode it is measured in (eval): a trace follows that mode."""
     if not _enabled or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None
     flat = _flatten(model)
@@ -100,10 +121,15 @@ def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True) -> O
         if sum(m is layer for m in flat) != 1:
             return None  # a shared layer: the tap reports it
         at = next(i for i, m in enumerate(flat) if m is layer)
-        tail = flat[at + 1:]
-        return TailPlan(layer, tail, flat[:at]) if all(_supported(m) for m in tail) else None
-    tail = _traced_tail(model, name) if trace else None
-    return None if tail is None else TailPlan(layer, tail, None)
+        tail, prefix = flat[at + 1:], flat[:at]
+    else:
+        tail, prefix = _traced_tail(model, name) if trace else None, None
+    if tail is None:
+        return None
+    dim = None
+    if final_log_softmax and tail and type(tail[-1]) is nn.LogSoftmax and tail[-1].dim in (1, -1):
+        dim, tail = tail[-1].dim, tail[:-1]
+    return TailPlan(layer, tail, prefix, dim) if all(_supported(m) for m in tail) else None
 
 
 def _plain_sequential(module: nn.Module) -> bool:
@@ -152,7 +178,8 @@ def _step(user: fx.Node, node: fx.Node, modules) -> Optional[nn.Module]:
         return None
     if user.op == "call_module":
         module = modules[user.target]
-        return module if _supported(module) and not rest and not kwargs else None
+        kept = _supported(module) or type(module) is nn.LogSoftmax  # plan() decides on a final log_softmax
+        return module if kept and not rest and not kwargs else None
     if user.op == "call_function" and user.target in ELEMENTWISE_FUNCTIONS:
         return Elementwise(user.target, rest, kwargs)
     if user.op == "call_function" and user.target is F.dropout:  # F.dropout(x, p, training, inplace)
@@ -160,6 +187,12 @@ def _step(user: fx.Node, node: fx.Node, modules) -> Optional[nn.Module]:
         return None if training else nn.Identity()
     if user.op == "call_method" and user.target in ELEMENTWISE_METHODS and not rest and not kwargs:
         return Elementwise(getattr(torch, user.target))
+    if (user.op == "call_function" and user.target in LOG_SOFTMAX_FUNCTIONS) or \
+            (user.op == "call_method" and user.target == "log_softmax"):
+        dim = kwargs.get("dim", rest[0] if rest else None)
+        extra = {k: v for k, v in kwargs.items() if k not in ("dim", "_stacklevel")}  # F.log_softmax's defaults
+        if isinstance(dim, int) and len(rest) <= 1 and all(v is None for v in extra.values()):
+            return nn.LogSoftmax(dim)
     return None
 
 

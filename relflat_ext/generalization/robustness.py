@@ -23,7 +23,6 @@ from ..core.hooks import not_called, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear, weight_matrix
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
-from ..flatness import chain_rule
 from ..flatness import tail as _tail
 from ..flatness.accumulator import NotFinite, explain_not_finite
 
@@ -107,7 +106,7 @@ def _forward_with_features(problem: Problem, lin: nn.Linear, plan: Optional[_tai
         return problem.forward(x), None
     with tapped(lin, problem.name, replace_output=False) as tap:
         out = problem.forward(x)
-    if plan.traced and not _tail.reproduces(chain_rule.run_tail(plan.tail, tap.output), out):
+    if plan.traced and not _tail.reproduces(plan.run(tap.output), out):
         return out, None
     return out, tap.input
 
@@ -184,7 +183,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         # Where the rest of the model is a tail of Linear and elementwise steps (a Sequential, or a
         # trace checked against the model), the perturbed copies run only that tail from the
         # features of one forward pass; otherwise the whole model runs on the repeated batch.
-        plan = _tail.plan(model, name, lin) if problem.weight_uses == 1 else None
+        plan = _tail.plan(model, name, lin, final_log_softmax=True) if problem.weight_uses == 1 else None
         for x, y in problem.batches():
             n_b = batch_length(x)
             out, phi = _forward_with_features(problem, lin, plan, x)
@@ -205,7 +204,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 if phi is not None:
                     flat = phi.reshape(1, -1, m)
                     perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
-                    outputs = chain_rule.run_tail(plan.tail, lin(perturbed))
+                    outputs = plan.run(lin(perturbed))
                 else:
                     outputs = _perturbed_model_outputs(problem, lin, name, x, a_t)
                 pert = _per_sample_losses(problem.loss, outputs, y, a_t.shape[0])  # (copies, n_b)

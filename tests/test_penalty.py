@@ -332,3 +332,26 @@ def test_regularizer_on_a_transformer_classifier_head():
     assert penalty.item() == pytest.approx(want, rel=1e-10)
     grad = torch.autograd.grad(penalty, model.encoder.layers[0].self_attn.in_proj_weight)[0]
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", F.nll_loss])
+@pytest.mark.parametrize("layer", ["2", "4"])
+def test_penalty_of_a_model_that_returns_log_probabilities(loss, layer):
+    """A final LogSoftmax is taken into the loss (CE(log_softmax(u)) = CE(u) = nll_loss(...)): the
+    penalty and its gradient are those of the same network returning the logits."""
+    torch.manual_seed(0)
+    logits = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    log_probs = nn.Sequential(*logits, nn.LogSoftmax(dim=1))  # the same modules
+    x, y = data(30, 5, 4, "cross_entropy", seed=1)
+    values, grads = [], []
+    for model, how in ((log_probs, loss), (logits, "cross_entropy")):
+        reg = rf.FlatnessRegularizer(model, layer, loss=how)
+        model(x)
+        value = reg.penalty(y)
+        grads.append(torch.autograd.grad(value, [p for p in logits.parameters()]))
+        values.append(value.item())
+        reg.remove()
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    assert values[0] == pytest.approx(rf.relative_flatness(log_probs, layer, x, y, loss=loss).kappa, rel=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)

@@ -10,9 +10,8 @@ from torch import nn
 
 from ..core.hooks import check_vector_features
 from ..core.layers import LayerSpec, resolve_linear, unwrap_parallel, weight_matrix
-from ..core.losses import Loss, LossSpec, get_loss
+from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from . import tail as _tail
-from .chain_rule import run_tail
 from .penalty import penalty as _penalty
 
 
@@ -22,7 +21,8 @@ class FlatnessRegularizer:
 
     The layer must be an ``nn.Linear`` that produces the model's output (the closed form, with its
     fused backward kernel) or one followed, in a plain ``nn.Sequential`` (or a model torch.fx can
-    trace), by Linear layers and elementwise activations only (the differentiable chain rule).
+    trace), by Linear layers and elementwise activations only (the differentiable chain rule); a
+    final log_softmax counts as part of cross entropy or nll_loss.
     ``loss``: the training loss (a built-in name or a callable with mean reduction).
 
     - No second forward pass: a forward hook keeps the layer's input of the latest call.
@@ -42,7 +42,13 @@ class FlatnessRegularizer:
         self.name, self.layer = resolve_linear(inner, layer, "FlatnessRegularizer")
         self.loss = get_loss(loss)
         self.normalize_features = bool(normalize_features)
-        plan = _tail.plan(inner, self.name, self.layer)  # before our hooks exist (plan() avoids hooked models)
+        # Before our hooks exist (plan() avoids hooked models). A final log_softmax is taken into the
+        # loss where cross entropy or nll_loss absorbs it: CE(log_softmax(u)) = CE(u).
+        plan = _tail.plan(inner, self.name, self.layer,
+                          final_log_softmax=is_cross_entropy_after_log_softmax(self.loss))
+        if plan is not None and plan.log_softmax_dim is not None:
+            self.loss = get_loss("cross_entropy")
+        self._plan = plan
         self._tail: Optional[List[nn.Module]] = plan.tail if plan is not None else None
         self._tail_checked = plan is not None and not plan.traced
         self._lock = threading.Lock()  # DataParallel runs the replicas' hooks in threads
@@ -112,10 +118,10 @@ class FlatnessRegularizer:
             if not (_tail.is_linear(module) or _tail.is_elementwise(module) or type(module) in _tail.PASS_THROUGH):
                 raise ValueError(f"the modules after layer {self.name!r} include a {type(module).__name__} in its "
                                  "current mode (BatchNorm1d counts as elementwise only in eval mode)")
+        if isinstance(model_output, torch.Tensor):
+            self._plan.check_log_softmax(self.name, model_output.dim())
         if not self._tail_checked:  # a traced tail: must give the model's own output, once
-            with torch.no_grad():
-                replay = run_tail(self._tail, layer_output.detach())
-            if not _tail.reproduces(replay, model_output):
+            if not _tail.reproduces(self._plan.run(layer_output.detach()), model_output):
                 raise ValueError(f"the traced modules after layer {self.name!r} do not reproduce the model output; "
                                  "the penalty cannot follow this model's forward")
             self._tail_checked = True

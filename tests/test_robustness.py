@@ -129,6 +129,17 @@ class _Traced(nn.Module):
         return self.fc2(F.softplus(self.fc1(torch.tanh(self.fc0(self.count(x))))))
 
 
+class _InPlace(_Traced):
+    """The traced tail after ``fc1`` begins with an in-place ELU, which changes the layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ELU(inplace=True)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(torch.tanh(self.fc0(self.count(x))))))
+
+
 class _Tokens(nn.Module):
     """Token inputs, a token-wise tail after ``mid``, token targets."""
 
@@ -150,10 +161,10 @@ def _cases():
     log_probs = nn.Sequential(_Counted(), *mlp([6, 9, 4], "tanh", seed=4), nn.LogSoftmax(dim=1))
     return [("Sequential, middle layer", sequential, "3", x, y), ("Sequential, last layer", sequential, "5", x, y),
             ("traced", _Traced().double(), "fc1", x, y), ("tokens", _Tokens().double(), "mid", tokens, targets),
-            ("log-probabilities out", log_probs, "1", x, y)]
+            ("log-probabilities out", log_probs, "1", x, y), ("in place", _InPlace().double(), "fc1", x, y)]
 
 
-@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _cases()])
 def test_tail_only_copies_give_the_whole_models_values(case):
     """Where the rest of the model is a tail of Linear and elementwise steps, the perturbed copies
     run only that tail, from one forward pass's features (the modules before the layer run once

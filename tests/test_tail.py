@@ -1,6 +1,8 @@
 """The exact path's second-order chain rule (relflat_ext._chain_rule) == the authors' autograd
 baseline, float64, for every supported activation, loss and tail shape, in Sequential and in traced
 models; and the models it must leave to Hessian-vector products (relflat_ext._tail)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,3 +261,36 @@ def test_a_log_softmax_is_not_folded_where_it_changes_the_loss():
     tokens = nn.Sequential(nn.Linear(5, 4), nn.LogSoftmax(dim=1)).double()  # over the sequence, not the classes
     with pytest.raises(ValueError, match="not over its classes"):
         rf.relative_flatness(tokens, "0", torch.randn(3, 6, 5, dtype=torch.float64), torch.randint(0, 4, (3, 6)))
+
+
+class _InPlaceTail(nn.Module):
+    """Not a Sequential: traced, with an in-place activation right after the layer (torchvision's
+    ReLU(inplace=True) habit), which changes the layer's output tensor during the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(5, 7), nn.ELU(inplace=True), nn.Linear(7, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_in_place_operations_after_the_layer():
+    """The traced tail's check replays a copy of the layer output recorded before the model's
+    in-place ELU ran (the chain rule is kept, without a warning); Hessian-vector products let the
+    model work in place on a copy of their leaf (they raised "a leaf Variable that requires grad is
+    being used in an in-place operation")."""
+    torch.manual_seed(0)
+    x, y = data(30, 5, 4, "cross_entropy", seed=2)
+    traced = _InPlaceTail().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = rf.relative_flatness(traced, "fc1", x, y, lmax=True)
+    assert "chain rule" in fast.reason and "traced" in fast.reason
+    base = rf.relative_flatness_autograd(traced, "fc1", x, y, lmax=True)
+    assert fast.kappa == pytest.approx(base.kappa, rel=1e-10)
+    assert fast.kappa_lmax == pytest.approx(base.kappa_lmax, rel=1e-10)
+    hvp = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.LayerNorm(7), nn.Linear(7, 4)).double()
+    res = rf.relative_flatness(hvp, "0", x, y, lmax=True)
+    assert "Hessian-vector products" in res.reason
+    assert res.kappa == pytest.approx(rf.relative_flatness_autograd(hvp, "0", x, y).kappa, rel=1e-10)

@@ -83,8 +83,8 @@ class LayerTap:
     network becomes a differentiable function of z alone. Reading what the hook records after a
     forward pass that never ran the layer raises :class:`LayerNotCalled`."""
 
-    def __init__(self, layer: nn.Module, name: str, replace_output: bool):
-        self.name, self.replace_output = name, replace_output
+    def __init__(self, layer: nn.Module, name: str, replace_output: bool, copy_output: bool = False):
+        self.name, self.replace_output, self.copy_output = name, replace_output, copy_output
         self._features: Optional[torch.Tensor] = None
         self._output: Optional[torch.Tensor] = None
         self._raw_output: Optional[torch.Tensor] = None  # the layer's own output object
@@ -127,8 +127,11 @@ class LayerTap:
         self._features, self._raw_output = args[0].detach(), out
         if self.replace_output:
             self._output = out.detach().requires_grad_(True)
-            return self._output
-        self._output = out.detach()
+            # The model continues from a copy: it may work in place on it (ReLU(inplace=True) after
+            # the layer), which autograd refuses on a leaf.
+            return self._output.clone()
+        # A copy where the output is read after the forward: the model may change it in place.
+        self._output = out.detach().clone() if self.copy_output else out.detach()
         return None
 
     def reset(self):
@@ -139,8 +142,8 @@ class LayerTap:
 
 
 @contextlib.contextmanager
-def tapped(layer: nn.Module, name: str, replace_output: bool):
-    tap = LayerTap(layer, name, replace_output)
+def tapped(layer: nn.Module, name: str, replace_output: bool, copy_output: bool = False):
+    tap = LayerTap(layer, name, replace_output, copy_output)
     try:
         yield tap
     finally:

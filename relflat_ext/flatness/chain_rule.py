@@ -36,14 +36,6 @@ def out_features(tail: List[nn.Module], d: int) -> int:
     return widths[-1] if widths else d
 
 
-def run_tail(tail: List[nn.Module], z: torch.Tensor) -> torch.Tensor:
-    """The tail's output for the layer output z (forward only)."""
-    with torch.no_grad():
-        for module in tail:
-            z = module(z)
-    return z
-
-
 def _derivatives(module: nn.Module, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sigma(u), sigma'(u), sigma''(u) of an elementwise module, by autograd through the module."""
     with torch.enable_grad():

@@ -107,10 +107,11 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
             if from_prefix:
                 phi = prefix_features(plan, name, x, y)
             else:
-                with tapped(lin, name, replace_output=False) as tap, torch.no_grad():
+                replayed = plan is not None and plan.log_softmax_dim is not None
+                with tapped(lin, name, replace_output=False, copy_output=replayed) as tap, torch.no_grad():
                     out = problem.forward(x)
-                produced = (out is tap.raw_output if plan is None or plan.log_softmax_dim is None
-                            else _tail.reproduces(plan.run(tap.output), out))  # log_softmax(z): z's loss
+                produced = (_tail.reproduces(plan.run(tap.output), out) if replayed  # log_softmax(z): z's loss
+                            else out is tap.raw_output)
                 if not produced:
                     raise ValueError(f"method='closed_form' needs layer {name!r} to produce the model "
                                      "output; use method='exact'")

@@ -63,7 +63,7 @@ def _chain_rule_batch(acc: Accumulator, problem: Problem, plan: _tail.TailPlan, 
     name, lin = problem.name, problem.module
     with torch.no_grad():
         if plan.traced:
-            with tapped(lin, name, replace_output=False) as tap:
+            with tapped(lin, name, replace_output=False, copy_output=True) as tap:
                 out = problem.forward(x)
             phi, z = tap.sample_features(y), tap.output
             if not _tail.reproduces(plan.run(z), out):

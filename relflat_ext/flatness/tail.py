@@ -94,8 +94,10 @@ class TailPlan:
         return self.prefix is None
 
     def run(self, z: torch.Tensor) -> torch.Tensor:
-        """The model's output for the layer output z (forward only)."""
+        """The model's output for the layer output z (forward only; z is left as it is, whatever
+        the tail does in place)."""
         with torch.no_grad():
+            z = z.clone() if self.tail else z
             for module in self.tail:
                 z = module(z)
             return z if self.log_softmax_dim is None else F.log_softmax(z, self.log_softmax_dim)

@@ -104,7 +104,7 @@ def _forward_with_features(problem: Problem, lin: nn.Linear, plan: Optional[_tai
     (else None: a traced tail that does not reproduce the model's output)."""
     if plan is None:
         return problem.forward(x), None
-    with tapped(lin, problem.name, replace_output=False) as tap:
+    with tapped(lin, problem.name, replace_output=False, copy_output=plan.traced) as tap:
         out = problem.forward(x)
     if plan.traced and not _tail.reproduces(plan.run(tap.output), out):
         return out, None

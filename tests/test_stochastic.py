@@ -2,6 +2,7 @@
 convolutional layers, against exact values."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -221,3 +222,15 @@ def test_square_root_factor_at_a_confident_float32_minimum():
     assert est.converged and abs(est.value - exact) <= 4 * est.stderr, (est.value, est.stderr, exact)
     shared = rf.stochastic_estimate_layers(model, ["0", "3"], x, y, rel_tol=0.03, max_probes=2000, seed=0)["0"]
     assert abs(shared.value - exact) <= 4 * shared.stderr + 1e-6 * abs(exact), (shared.value, shared.stderr, exact)
+
+
+def test_lmax_asked_of_an_estimated_layer_is_said_to_be_missing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).double()
+    x, y = torch.randn(8, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.warns(RuntimeWarning, match="lmax asked, but layer '0' is estimated"):
+        res = rf.relative_flatness(model, "0", x, y, lmax=True, rel_tol=0.5, seed=0)
+    assert res.method == "stochastic" and res.kappa_lmax is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the profile asks block traces of every layer: no warning for those
+        rf.profile(model, x, y, rel_tol=0.5, max_probes=64, progress=False)

@@ -224,7 +224,7 @@ def test_generalization_tools_and_measures_take_dict_batches():
     same = rf.representativeness(plain, "inner.classifier", ids, labels, delta=0.1, folds=5, seed=0)
     assert rep.n == 30 and rep.value == pytest.approx(same.value, rel=1e-12, abs=1e-15)
     bound = rf.generalization_bound(model, "classifier", batch, delta=0.1, folds=5, seed=0)
-    assert bound.bound == pytest.approx(rep.value + 0.1 ** 2 / (2 * fr.m) * fr.kappa, rel=1e-9)  # Rep + delta^2/(2m) kappa
+    assert bound.bound == pytest.approx(rep.value + 0.1 ** 2 / (2 * fr.m) * fr.kappa, rel=1e-9)  # Rep + d^2/2m kappa
     fisher = rf.measures.fisher_rao_norm(model, batch, depth=3)
     assert fisher.norm_sq == pytest.approx(rf.measures.fisher_rao_norm(plain, ids, labels, depth=3).norm_sq, rel=1e-12)
     pac = rf.measures.pacbayes_flatness(model, batch, iterations=3, draws=2)

@@ -1,6 +1,7 @@
 """The exact path's second-order chain rule (relflat_ext._chain_rule) == the authors' autograd
 baseline, float64, for every supported activation, loss and tail shape, in Sequential and in traced
 models; and the models it must leave to Hessian-vector products (relflat_ext._tail)."""
+import copy
 import warnings
 
 import pytest
@@ -294,3 +295,25 @@ def test_in_place_operations_after_the_layer():
     res = rf.relative_flatness(hvp, "0", x, y, lmax=True)
     assert "Hessian-vector products" in res.reason
     assert res.kappa == pytest.approx(rf.relative_flatness_autograd(hvp, "0", x, y).kappa, rel=1e-10)
+
+
+def test_a_trained_confident_log_softmax_model_in_float32():
+    """Where users measure: the MNIST example's shape (log_softmax out, nll_loss), trained in float32
+    to a train loss below 1e-3; both layers on the fast paths against the float64 full Hessian."""
+    torch.manual_seed(0)
+    model = _LogSoftmaxNet()
+    x = data(60, 5, 4, "cross_entropy", seed=4, dtype=torch.float32)[0]
+    y = (x @ torch.randn(5, 4, generator=torch.Generator().manual_seed(5))).argmax(1)  # learnable labels
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = F.nll_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3
+    model.eval()
+    for layer, path in (("fc3", "closed_form"), ("fc2", "exact")):
+        res = rf.relative_flatness(model, layer, x, y, loss=F.nll_loss)
+        assert res.method == path and "log_softmax taken into" in res.reason
+        base = rf.relative_flatness_autograd(copy.deepcopy(model).double(), layer, x.double(), y, loss=F.nll_loss)
+        assert res.kappa == pytest.approx(base.kappa, rel=1e-5), (layer, res.kappa, base.kappa)

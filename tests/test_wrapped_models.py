@@ -1,6 +1,7 @@
 """Models as users wrap them. Parametrized weights (torch.nn.utils.parametrize: weight_norm,
-spectral_norm, ...) are measured as the weights they compute, on a copy, and the user's model keeps
-its parametrizations (pruned weights likewise, the model keeping its masks); a torch.compile'd model is measured by its modules' own names; a
+spectral_norm, ...), pruned weights and the older hook-based weight_norm / spectral_norm are
+measured as the weights they compute, on a copy, and the user's model keeps its parametrizations,
+masks and hooks; a torch.compile'd model is measured by its modules' own names; a
 (Distributed)DataParallel model as the module inside."""
 import copy
 
@@ -160,5 +161,6 @@ def test_a_data_parallel_model_is_measured_as_its_module():
         assert (got.kappa, got.method, got.layer) == (want.kappa, want.method, want.layer)
     assert rf.relative_flatness(wrapped, "0", x, y).reason.startswith("exact: second derivatives")
     assert [r["layer"] for r in rf.profile(wrapped, x, y, progress=False).rows] == ["0", "2"]
-    assert rf.feature_robustness(wrapped, "0", x, y, seed=0).value == rf.feature_robustness(plain, "0", x, y, seed=0).value
+    robustness = [rf.feature_robustness(m, "0", x, y, seed=0).value for m in (wrapped, plain)]
+    assert robustness[0] == robustness[1]
     assert_unchanged(wrapped, before)

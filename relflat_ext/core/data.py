@@ -148,8 +148,8 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
         return
     if isinstance(inputs, torch.Tensor):
         if targets is None or not isinstance(targets, torch.Tensor):
-            raise TypeError("targets must be a tensor when inputs is a tensor "
-                            "(pass inputs as an iterable of (x, y) batches, or one (x, y) pair, with targets=None otherwise)")
+            raise TypeError("targets must be a tensor when inputs is a tensor (pass inputs as an iterable of "
+                            "(x, y) batches, or one (x, y) pair, with targets=None otherwise)")
         if inputs.dim() == 0 or inputs.shape[0] == 0:
             raise ValueError("inputs is empty: at least one sample is needed")
         if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:

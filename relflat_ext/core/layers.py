@@ -148,8 +148,6 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
     return name, module
 
 
-
-
 def has_weight(module: nn.Module) -> bool:
     """A ``weight`` Parameter, or a weight computed from others (:func:`has_derived_weight`), which is
     measured as the weight it computes."""

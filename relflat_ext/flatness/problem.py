@@ -59,9 +59,10 @@ class Problem:
         """Validates everything that can be checked without a pass over the data. A half-precision
         model (float16, bfloat16) is measured as a float32 copy, with its data cast to float32:
         second derivatives in half precision keep two or three digits, and several CPU kernels
-        (QR, eigh) have none. A model with parametrized weights (weight_norm, spectral_norm, ...) is
-        measured as a copy in which each is the plain weight it computes: kappa is about the matrix
-        that multiplies the features, and derivatives need it as a leaf."""
+        (QR, eigh) have none. A model with derived weights (parametrizations, pruning, the older
+        hook-based weight_norm / spectral_norm) is measured as a copy in which each is the plain
+        weight it computes: kappa is about the matrix that multiplies the features, and derivatives
+        need it as a leaf. DataParallel / DistributedDataParallel: the module inside."""
         model = unwrap_parallel(model)
         name, module = resolve_weight_layer(model, layer)
         loss = get_loss(loss)

@@ -102,8 +102,8 @@ class FlatnessRegularizer:
             chunk_targets = targets
             if targets is not None and len(calls) > 1:
                 chunk_targets = targets[n:n + features.shape[0]].to(features.device)
-            value = _penalty(features, weight_matrix(module), chunk_targets, self.loss, module.bias, self.normalize_features,
-                             tail, check_targets=not self._targets_checked) * features.shape[0]
+            value = _penalty(features, weight_matrix(module), chunk_targets, self.loss, module.bias,
+                             self.normalize_features, tail, check_targets=not self._targets_checked) * features.shape[0]
             total = value if total is None else total + value.to(total.device)
             n += features.shape[0]
         self._targets_checked |= targets is not None  # their values once; a training loop's are alike

@@ -93,11 +93,11 @@ class TailPlan:
     def traced(self) -> bool:
         return self.prefix is None
 
-    def run(self, z: torch.Tensor) -> torch.Tensor:
-        """The model's output for the layer output z (forward only; z is left as it is, whatever
-        the tail does in place)."""
+    def run(self, z: torch.Tensor, keep_input: bool = True) -> torch.Tensor:
+        """The model's output for the layer output z (forward only). ``keep_input``: z is left as it
+        is, whatever the tail does in place (a copy first; not needed for a tensor made to be run)."""
         with torch.no_grad():
-            z = z.clone() if self.tail else z
+            z = z.clone() if keep_input and self.tail else z
             for module in self.tail:
                 z = module(z)
             return z if self.log_softmax_dim is None else F.log_softmax(z, self.log_softmax_dim)

@@ -204,7 +204,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 if phi is not None:
                     flat = phi.reshape(1, -1, m)
                     perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
-                    outputs = plan.run(lin(perturbed))
+                    outputs = plan.run(lin(perturbed), keep_input=False)
                 else:
                     outputs = _perturbed_model_outputs(problem, lin, name, x, a_t)
                 pert = _per_sample_losses(problem.loss, outputs, y, a_t.shape[0])  # (copies, n_b)

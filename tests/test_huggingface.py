@@ -260,3 +260,93 @@ def test_gpt2_conv1d_layers_of_the_last_block_are_exact(layer):
     trace = rf.measures.hessian_trace(model, layer, batch)  # from the block traces, in W's (d, m) frame
     assert trace == pytest.approx(float(torch.trace(rf.layer_hessian(model, layer, batch)[0])), rel=1e-9)
     assert rf.relative_flatness(model, "transformer.h.0.mlp.c_proj", batch, seed=0).method == "stochastic"
+
+
+def _classifier(problem_type, num_labels, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=23, num_labels=num_labels, max_position_embeddings=16,
+                                     problem_type=problem_type)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def _kappa_of_the_models_own_loss(model, layer, batch):
+    """Brute force: the full Hessian of ``model(**batch).loss`` in the layer's weight."""
+    name = f"{layer}.weight"
+    weight = dict(model.named_parameters())[name].detach()
+    loss = lambda w: torch.func.functional_call(model, {name: w}, kwargs=batch).loss  # noqa: E731
+    d, m = weight.shape
+    h = torch.autograd.functional.hessian(loss, weight).reshape(d, m, d, m)
+    return float((weight @ weight.T * torch.einsum("smtm->st", h)).sum())  # sum_st <w_s, w_t> Tr H_st
+
+
+CLASSIFIER_TASKS = [  # (declared problem_type, num_labels, labels, the built-in loss that is the model's own)
+    ("regression", 1, lambda g: torch.randn(6, generator=g, dtype=torch.float64), "mse"),
+    (None, 1, lambda g: torch.randn(6, generator=g, dtype=torch.float64), "mse"),
+    ("regression", 2, lambda g: torch.randn(6, 2, generator=g, dtype=torch.float64), "mse"),
+    ("multi_label_classification", 3, lambda g: (torch.rand(6, 3, generator=g) > 0.5).double(), "bce_with_logits"),
+    (None, 3, lambda g: (torch.rand(6, 3, generator=g) > 0.5).double(), "bce_with_logits"),
+    (None, 3, lambda g: torch.randint(0, 3, (6,), generator=g), "cross_entropy"),
+]
+
+
+@pytest.mark.parametrize("problem_type, num_labels, make_labels, own", CLASSIFIER_TASKS)
+def test_classifier_measured_with_its_own_loss(problem_type, num_labels, make_labels, own):
+    """A classifier's problem_type (declared, or inferred as transformers infers it) picks the loss:
+    MSE for regression, BCE with logits for multi-label; kappa agrees with the full Hessian of the
+    model's own loss, and the reason says which loss ran."""
+    from relflat_ext.flatness.problem import Problem
+    model = _classifier(problem_type, num_labels)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": make_labels(g)}
+    problem = Problem.build(model, "classifier", batch)
+    assert problem.loss.name == own
+    (x, y), = list(problem.batches())
+    with torch.no_grad():
+        torch.testing.assert_close(problem.loss(problem.forward(x), y), model(**batch).loss, rtol=1e-12, atol=0)
+    res = rf.relative_flatness(model, "classifier", batch, block_trace=True)
+    assert res.method == "closed_form"
+    assert (f"loss {own}, the model's own" in res.reason) == (own != "cross_entropy"), res.reason
+    brute = _kappa_of_the_models_own_loss(model, "classifier", batch)
+    assert brute > 0
+    torch.testing.assert_close(res.kappa, brute, rtol=1e-9, atol=0)
+    robust = rf.feature_robustness(model, "classifier", batch, delta=1e-3, n_samples=8, seed=0)
+    assert robust.kappa == res.kappa
+    # A DataLoader-like list of such batches decides the same way from its first batch.
+    halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    torch.testing.assert_close(rf.relative_flatness(model, "classifier", halves).kappa, res.kappa, rtol=1e-12, atol=0)
+
+
+def test_explicit_loss_overrides_the_models_own_and_accuracy_measures_refuse_regression():
+    model = _classifier("multi_label_classification", 3)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    one_hot = torch.eye(3, dtype=torch.float64)[torch.randint(0, 3, (6,), generator=g)]
+    batch = {"input_ids": ids, "labels": one_hot}
+    own = rf.relative_flatness(model, "classifier", batch)
+    asked = rf.relative_flatness(model, "classifier", batch, loss="cross_entropy")
+    assert "bce_with_logits" in own.reason and "the model's own" not in asked.reason
+    assert asked.kappa != own.kappa
+    regressor = _classifier("regression", 1)
+    batch = {"input_ids": ids, "labels": torch.randn(6, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="problem_type is 'regression'"):
+        rf.measures.pacbayes_flatness(regressor, batch)
+    assert rf.measures.fisher_rao_norm(regressor, batch).norm > 0
+
+
+@pytest.mark.parametrize("problem_type, num_labels", [(None, 3), ("regression", 1)])
+def test_regularizer_on_a_transformers_classifier(problem_type, num_labels):
+    """The penalty reads the output object's .logits and the model's own loss: it equals kappa of
+    the same batch, and its gradient reaches the classifier's weight."""
+    model = _classifier(problem_type, num_labels)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    labels = torch.randn(6, generator=g, dtype=torch.float64) if num_labels == 1 else torch.randint(0, 3, (6,))
+    with rf.FlatnessRegularizer(model, "classifier") as reg:
+        model(input_ids=ids)
+        penalty = reg.penalty(labels)
+        penalty.backward()
+    kappa = rf.relative_flatness(model, "classifier", {"input_ids": ids, "labels": labels}).kappa
+    torch.testing.assert_close(penalty.item(), kappa, rtol=1e-10, atol=0)
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0

@@ -57,7 +57,11 @@ def call_model(model: nn.Module, x: Inputs):
     """The model's output on a batch: ``model(**x)`` for a dict batch, else ``model(x)``; the
     ``.logits`` (or ``["logits"]``) of an output object that carries them, as transformers models
     return."""
-    out = model(**x) if is_dict_batch(x) else model(x)
+    return output_logits(model(**x) if is_dict_batch(x) else model(x))
+
+
+def output_logits(out):
+    """A model's output, or the ``.logits`` (``["logits"]``) of an output object that carries them."""
     if isinstance(out, torch.Tensor):
         return out
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
@@ -86,15 +90,75 @@ def is_encoder_decoder(model: nn.Module) -> bool:
             and hasattr(model, "prepare_decoder_input_ids_from_labels"))
 
 
+def problem_type(model: nn.Module, labels: Optional[torch.Tensor] = None) -> str:
+    """What a transformers sequence (or image, audio) classifier's own loss takes its task to be,
+    decided as that loss decides it: ``config.problem_type`` where declared, else "regression" for
+    one label, else "single_label_classification" for int64/int32 labels and
+    "multi_label_classification" for others; "" for other models, or while several labels and no
+    labels seen leave it open."""
+    name = type(model).__name__
+    if (not type(model).__module__.startswith("transformers.") or not name.endswith("Classification")
+            or name.endswith("TokenClassification")):
+        return ""
+    config = getattr(model, "config", None)
+    declared = getattr(config, "problem_type", None)
+    if declared in MODEL_LOSSES:
+        return declared
+    if getattr(config, "num_labels", None) == 1:
+        return "regression"
+    if labels is None:
+        return ""
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+# The built-in loss that is each problem type's own (transformers' MSELoss, BCEWithLogitsLoss and
+# CrossEntropyLoss, all with mean reduction).
+MODEL_LOSSES = {"regression": "mse", "multi_label_classification": "bce_with_logits",
+                "single_label_classification": "cross_entropy"}
+
+
+def model_loss(model: nn.Module, inputs=None, targets: Optional[torch.Tensor] = None) -> Tuple[str, str]:
+    """(the built-in loss that is the model's own, why, for the result's reason where it is not
+    cross entropy): a transformers classifier's by its :func:`problem_type` (the labels read from
+    the data where that is free: a tensor, a dict batch or the first of a list of batches), else
+    cross entropy."""
+    kind = problem_type(model, first_labels(inputs, targets))
+    loss = MODEL_LOSSES.get(kind, "cross_entropy")
+    return loss, (f"loss {loss}, the model's own (problem_type {kind!r})" if loss != "cross_entropy" else "")
+
+
+def first_labels(inputs, targets) -> Optional[torch.Tensor]:
+    """The targets of the data, or of its first batch, without consuming an iterator or loading one."""
+    inputs, targets = unpack_pair(inputs, targets)
+    if isinstance(targets, torch.Tensor):
+        return targets
+    batch = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+    if is_dict_batch(batch) and isinstance(batch.get(LABELS), torch.Tensor):
+        return batch[LABELS]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
 def label_convention(model: nn.Module) -> str:
     """How a transformers model's own loss reads dict batches' labels: "causal" (next token),
-    "seq2seq" (decoder inputs made from the labels), or "" (as given)."""
-    return "causal" if is_causal_lm(model) else "seq2seq" if is_encoder_decoder(model) else ""
+    "seq2seq" (decoder inputs made from the labels), "regression" (one output: labels (n,) scored
+    against the logits (n, 1)), or "" (as given)."""
+    if is_causal_lm(model):
+        return "causal"
+    if is_encoder_decoder(model):
+        return "seq2seq"
+    if problem_type(model) == "regression" and getattr(model.config, "num_labels", None) == 1:
+        return "regression"
+    return ""
 
 
 def as_the_model_takes(model: nn.Module, convention: str, x: Inputs, y: torch.Tensor) -> Batch:
-    """A dict batch and its labels as the model's own loss pairs them (:func:`label_convention`);
-    tensor batches are taken as given."""
+    """A batch and its labels as the model's own loss pairs them (:func:`label_convention`): a
+    one-output regressor's labels (n,) as (n, 1); the shifts and decoder inputs for dict batches
+    only (tensor batches are taken as given)."""
+    if convention == "regression" and y.dim() == 1:  # the model's MSELoss squeezes both sides
+        return x, y.unsqueeze(1)
     if not is_dict_batch(x):
         return x, y
     if convention == "causal":

@@ -26,7 +26,7 @@ PATHS: Dict[str, Callable[..., FlatnessResult]] = {"closed_form": closed_form.ru
 
 
 def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
-                      loss: LossSpec = "cross_entropy", method: str = "auto", normalize_features: bool = False,
+                      loss: Optional[LossSpec] = None, method: str = "auto", normalize_features: bool = False,
                       lmax: bool = False, block_trace: bool = False, batch_size: Optional[int] = None,
                       rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
                       weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None) -> FlatnessResult:
@@ -35,7 +35,9 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
     batches (a DataLoader) or one (x, y) pair with ``targets=None``; sums accumulate across batches.
     loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
-    default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples.
+    default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples;
+    None: the model's own, which is cross entropy except for a transformers classifier whose
+    ``problem_type`` says regression (MSE) or multi-label (BCE with logits).
     method (what each costs: docs/design.md, "Paths"):
 
     - "closed_form": the layer produces the model output and the loss is built in;
@@ -62,8 +64,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                       max_probes=max_probes, seed=seed, weight_view=weight_view)
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     result = _dispatch(problem, method, options)
-    if problem.precision_note:
-        result.reason = f"{result.reason}; {problem.precision_note}"
+    if problem.note:
+        result.reason = f"{result.reason}; {problem.note}"
     return result
 
 

@@ -23,7 +23,7 @@ DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 
 
 def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
-                  loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
+                  loss: Optional[LossSpec] = None, batch_size: Optional[int] = None,
                   vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
                   ) -> Tuple[torch.Tensor, int]:
     """(hessian, n): the dense Hessian (d*m, d*m) of the mean loss over all n samples w.r.t. the
@@ -75,7 +75,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
 
 
 def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
-                               *, loss: LossSpec = "cross_entropy", lmax: bool = False,
+                               *, loss: Optional[LossSpec] = None, lmax: bool = False,
                                normalize_features: bool = False, batch_size: Optional[int] = None,
                                vectorize: bool = False,
                                max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
@@ -88,8 +88,8 @@ def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targe
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
     result = run(problem, Options(normalize_features=normalize_features, lmax=lmax), vectorize=vectorize,
                  max_hessian_bytes=max_hessian_bytes)
-    if problem.precision_note:
-        result.reason = f"{result.reason}; {problem.precision_note}"
+    if problem.note:
+        result.reason = f"{result.reason}; {problem.note}"
     return result
 
 

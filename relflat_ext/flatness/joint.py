@@ -43,7 +43,7 @@ BATCHED_DIRECTIONS = 8
 
 
 def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], inputs, targets=None, *,
-                               loss: LossSpec = "cross_entropy", quantity: str = "kappa", rel_tol: float = 0.05,
+                               loss: Optional[LossSpec] = None, quantity: str = "kappa", rel_tol: float = 0.05,
                                max_probes: int = 1000, probes_per_round: int = 32, sketch: Union[str, int] = "auto",
                                seed: Optional[int] = None, batch_size: Optional[int] = None,
                                distributed: Optional[bool] = None,

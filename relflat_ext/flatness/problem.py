@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
-                         label_convention, unpack_pair)
+                         label_convention, model_loss, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
@@ -48,13 +48,13 @@ class Problem:
     loss: Loss
     distributed: bool
     weight_uses: int = 1
-    precision_note: str = ""  # what the measurement did to the model, for the result's reason
+    note: str = ""  # the loss the model chose and what the measurement did to the model, for the reason
     half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
     labels: str = ""  # dict batches' labels as the model's loss reads them: "causal", "seq2seq" or ""
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
-              loss: LossSpec = "cross_entropy", batch_size: Optional[int] = None,
+              loss: Optional[LossSpec] = None, batch_size: Optional[int] = None,
               distributed: Optional[bool] = None) -> "Problem":
         """Validates everything that can be checked without a pass over the data. A half-precision
         model (float16, bfloat16) is measured as a float32 copy, with its data cast to float32:
@@ -62,17 +62,22 @@ class Problem:
         (QR, eigh) have none. A model with derived weights (parametrizations, pruning, the older
         hook-based weight_norm / spectral_norm) is measured as a copy in which each is the plain
         weight it computes: kappa is about the matrix that multiplies the features, and derivatives
-        need it as a leaf. DataParallel / DistributedDataParallel: the module inside."""
+        need it as a leaf. DataParallel / DistributedDataParallel: the module inside. loss None:
+        the model's own (:func:`~relflat_ext.core.data.model_loss`: a transformers classifier's
+        problem type, else cross entropy)."""
         model = unwrap_parallel(model)
         name, module = resolve_weight_layer(model, layer)
-        loss = get_loss(loss)
         inputs, targets = unpack_pair(inputs, targets)
         check_data(inputs, targets, batch_size)
-        weight = module.weight
+        notes = []
+        if loss is None:
+            loss, why = model_loss(model, inputs, targets)
+            notes += [why] if why else []
+        loss = get_loss(loss)
+        weight, problem_model = module.weight, model
         if weight.device.type == "meta":
             raise ValueError(f"layer {name!r} has its weight on the meta device (no values): load or materialize the "
                              "model's weights first")
-        notes = []
         if has_derived_weights(model):  # weight_norm, spectral_norm, pruning: measured as the weights they compute
             model = fold_derived_weights(model)
             notes.append("measured on a copy with the parametrized or pruned weights folded into plain ones")
@@ -80,9 +85,9 @@ class Problem:
             half = f"computed in float32 from a {str(weight.dtype).replace('torch.', '')} model"
             warnings.warn(f"relflat_ext: {half} (a float32 copy; the model is left as it is)", RuntimeWarning,
                           stacklevel=3)
-            model = (model if notes else copy.deepcopy(model)).float()
+            model = (model if model is not problem_model else copy.deepcopy(model)).float()
             notes.append(half)
-        if notes:
+        if model is not problem_model:
             module = resolve_weight_layer(model, name)[1]
         note = "; ".join(notes)
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),

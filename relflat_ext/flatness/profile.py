@@ -94,7 +94,7 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (KiB on Linux)
 
 
-def profile(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
+def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] = None,
             layers: Union[str, Sequence[str]] = "auto", probes: str = "per_layer", rel_tol: float = 0.05,
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
             batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,

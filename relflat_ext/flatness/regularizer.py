@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..core.data import as_the_model_takes, label_convention, model_loss, output_logits
 from ..core.hooks import check_vector_features
 from ..core.layers import LayerSpec, resolve_linear, unwrap_parallel, weight_matrix
 from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
@@ -23,7 +24,9 @@ class FlatnessRegularizer:
     fused backward kernel) or one followed, in a plain ``nn.Sequential`` (or a model torch.fx can
     trace), by Linear layers and elementwise activations only (the differentiable chain rule); a
     final log_softmax counts as part of cross entropy or nll_loss.
-    ``loss``: the training loss (a built-in name or a callable with mean reduction).
+    ``loss``: the training loss (a built-in name or a callable with mean reduction); None: the
+    model's own (a transformers classifier's problem type, else cross entropy). A transformers
+    model's output object counts by its ``.logits``.
 
     - No second forward pass: a forward hook keeps the layer's input of the latest call.
     - ``torch.autocast``: the penalty is computed in float32 from the half-precision features.
@@ -36,11 +39,12 @@ class FlatnessRegularizer:
       takes the hooks off again.
     """
 
-    def __init__(self, model: nn.Module, layer: LayerSpec, loss: Union[LossSpec, Loss] = "cross_entropy",
+    def __init__(self, model: nn.Module, layer: LayerSpec, loss: Union[LossSpec, Loss, None] = None,
                  normalize_features: bool = False):
         inner = unwrap_parallel(model)
         self.name, self.layer = resolve_linear(inner, layer, "FlatnessRegularizer")
-        self.loss = get_loss(loss)
+        self.loss = get_loss(model_loss(inner)[0] if loss is None else loss)
+        self._labels = label_convention(inner)
         self.normalize_features = bool(normalize_features)
         # Before our hooks exist (plan() avoids hooked models). A final log_softmax is taken into the
         # loss where cross entropy or nll_loss absorbs it: CE(log_softmax(u)) = CE(u).
@@ -74,7 +78,7 @@ class FlatnessRegularizer:
 
     def _finish(self, module, args, out):
         with self._lock:
-            self._output = out
+            self._output = output_logits(out)
 
     def penalty(self, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Differentiable kappa_Tr (0-dim, float32 or the layer's dtype) of the latest forward pass'
@@ -97,6 +101,8 @@ class FlatnessRegularizer:
                 raise ValueError(f"under DataParallel the layer {self.name!r} must be the last module of a plain "
                                  "nn.Sequential, or followed there by Linear layers and activations only")
             tail = self._tail
+        if targets is not None and self._labels == "regression":  # labels (n,) as its own MSE reads them
+            targets = as_the_model_takes(None, self._labels, {}, targets)[1]
         total, n = None, 0
         for features, _, module in calls:  # one chunk per replica under DataParallel, else one
             chunk_targets = targets

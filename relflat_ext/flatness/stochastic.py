@@ -103,7 +103,7 @@ def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tenso
 
 
 def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None, *,
-                        loss: LossSpec = "cross_entropy", quantity: str = "kappa", rel_tol: float = 0.05,
+                        loss: Optional[LossSpec] = None, quantity: str = "kappa", rel_tol: float = 0.05,
                         max_probes: int = 1000, probes_per_round: int = 32, seed: Optional[int] = None,
                         batch_size: Optional[int] = None, feature_scale: Optional[torch.Tensor] = None,
                         weight_view: Optional[WeightView] = None, progress: bool = False,

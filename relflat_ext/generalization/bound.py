@@ -35,7 +35,7 @@ class BoundResult:
 
 def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                          delta: float = 0.1, folds: int = 10, repeats: int = 1,
-                         bandwidth: BandwidthSpec = "relative", loss: str = "cross_entropy",
+                         bandwidth: BandwidthSpec = "relative", loss: Optional[str] = None,
                          seed: Optional[int] = None, batch_size: Optional[int] = None,
                          held_out=None, labels: str = "train") -> BoundResult:
     """The paper's generalization-gap estimate ``Rep + delta^2/(2m) kappa_Tr`` for ``layer``, with

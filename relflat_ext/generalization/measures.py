@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.data import IGNORE_INDEX, batch_length, call_model, model_batches
+from ..core.data import IGNORE_INDEX, batch_length, call_model, first_labels, model_batches, model_loss, problem_type
 from ..core.hooks import preserved
 from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, acts_on_vectors, resolve_weight_layer,
                            weight_matrix)
@@ -27,7 +27,7 @@ def weight_norm(layer: nn.Module) -> float:
     return float(weight.detach().double().pow(2).sum())
 
 
-def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
+def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, *, loss: Optional[LossSpec] = None,
                   batch_size: Optional[int] = None, rel_tol: float = 0.05, max_probes: int = 1000,
                   seed: Optional[int] = 0) -> float:
     """Tr of the Hessian of the mean loss w.r.t. the layer's weight. Exact for nn.Linear on (n, m)
@@ -52,7 +52,7 @@ class FisherRao:
     depth: int
 
 
-def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = "cross_entropy",
+def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] = None,
                     depth: Optional[int] = None, batch_size: Optional[int] = None) -> FisherRao:
     """Liang et al.'s Fisher-Rao norm ``(L+1)^2 mean_i <dl/df(x_i), f(x_i)>^2``, with ``L+1`` the
     number of weight layers (Linear, Conv, ConvTranspose) unless ``depth`` is given. For bias-free ReLU networks
@@ -64,7 +64,7 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: LossSpec = 
             raise ValueError("the model has no Linear or Conv layers: pass depth explicitly")
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
-    record = get_loss(loss)
+    record = get_loss(model_loss(model, inputs, targets)[0] if loss is None else loss)
     total, n = 0.0, 0
     with preserved(model):
         for x, y in model_batches(model, inputs, targets, batch_size):
@@ -129,6 +129,9 @@ def pacbayes_flatness(model: nn.Module, inputs, targets=None, *, target_drop: fl
         raise ValueError(f"target_drop must be in (0, 1), got {target_drop!r}")
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    kind = problem_type(model, first_labels(inputs, targets))
+    if kind in ("regression", "multi_label_classification"):
+        raise ValueError(f"pacbayes_flatness scores top-1 accuracy; the model's problem_type is {kind!r}")
     params = [p for p in model.parameters()]
     if not params:
         raise ValueError("the model has no parameters")

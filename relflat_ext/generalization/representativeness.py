@@ -94,7 +94,7 @@ def _cv_bandwidth(features: torch.Tensor, folds: int) -> float:
 
 def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                        delta: float = 0.1, folds: int = 10, repeats: int = 1,
-                       bandwidth: BandwidthSpec = "relative", loss: str = "cross_entropy",
+                       bandwidth: BandwidthSpec = "relative", loss: Optional[str] = None,
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
                        held_out=None, labels: str = "train") -> RepresentativenessResult:
     """Representativeness of the data in the feature space entering ``layer`` (the estimator is

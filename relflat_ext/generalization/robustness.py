@@ -141,7 +141,7 @@ def _check_deltas(delta) -> List[float]:
 
 
 def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
-                       delta: Union[float, Sequence[float]] = 0.01, loss: LossSpec = "cross_entropy",
+                       delta: Union[float, Sequence[float]] = 0.01, loss: Optional[LossSpec] = None,
                        distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
                        kappa: Optional[float] = None, distributed: Optional[bool] = None

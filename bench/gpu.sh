@@ -7,7 +7,7 @@
 #      alone takes about 80 s for one architecture on one core of the CPU machine);
 #   2. the CUDA tests: edge shapes of every op against the CPU op and the float64 reference, zero
 #      sizes, side streams, 64-bit indexing, opcheck (tests/test_edges.py), and the op, gradient,
-#      confident-minima and KDE suites on the GPU (120 s; 35 s for their CPU cases on 2 cores; no -x:
+#      confident-minima, KDE and recurrent-layer suites on the GPU (120 s; 35 s for their CPU cases on 2 cores; no -x:
 #      every failure is listed);
 #   3. compute-sanitizer memcheck and racecheck on bench/gpu_sanitize.py, which reaches every
 #      kernel branch (40 s each; skipped if the tool is missing);
@@ -68,7 +68,7 @@ $PY -c "import relflat_ext; print(relflat_ext.build_info())" 2>&1 | tee -a "$sum
 
 step "tests"
 run tests 120 $PY -m pytest tests/test_edges.py tests/test_ops.py tests/test_gradients.py tests/test_numerics.py \
-  tests/test_kde.py -q -p no:cacheprovider -rfE --junitxml="$out/tests.xml"
+  tests/test_kde.py tests/test_recurrent.py -q -p no:cacheprovider -rfE --junitxml="$out/tests.xml"
 grep -E "passed|failed|error" "$out/tests.log" | tail -3 | tee -a "$summary"
 
 step "compute-sanitizer"

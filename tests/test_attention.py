@@ -89,3 +89,30 @@ def test_multihead_attention_in_proj_weight_by_parameter_name():
         rf.relative_flatness(net, name, x, y, method="exact")
     rows = rf.profile(net, x, y, max_probes=32, rel_tol=0.5, hessian_trace=False, progress=False).rows
     assert name in [r["layer"] for r in rows] and all(math.isfinite(r["kappa"]) for r in rows)
+
+
+def test_multihead_attention_with_separate_key_and_value_sizes():
+    """With kdim/vdim apart from the embedding size, MultiheadAttention keeps q, k and v projections
+    as three parameters: each is listed by the profile and estimated against its full Hessian."""
+    torch.manual_seed(0)
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = x[..., :8], x[..., 8:12], x[..., 12:]
+            return self.head(self.attn(q, k, v, need_weights=False)[0].mean(1))
+
+    net = CrossAttention().double()
+    x = torch.randn(6, 5, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    rows = rf.profile(net, x, y, max_probes=8, rel_tol=0.5, hessian_trace=False, progress=False).rows
+    assert [r["layer"] for r in rows] == ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                                          "attn.out_proj", "head"]
+    for name in ("attn.k_proj_weight", "attn.v_proj_weight"):
+        exact = rf.relative_flatness(net, name, x, y, method="autograd").kappa
+        est = rf.relative_flatness(net, name, x, y, rel_tol=0.05, max_probes=400, seed=0)
+        assert abs(est.kappa - exact) <= 4 * est.kappa_stderr, (name, est.kappa, est.kappa_stderr, exact)

@@ -6,6 +6,7 @@ import warnings
 from typing import Iterator
 
 import torch
+from torch import nn
 
 _BATCHED_HVP_OK = True
 
@@ -30,10 +31,19 @@ def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torc
 
 
 @contextlib.contextmanager
-def differentiable_attention() -> Iterator[None]:
-    """Runs scaled-dot-product attention through its math backend: the fused kernels (flash,
-    memory-efficient) have no double backward, which Hessian-vector products need. The caller's
-    backend choice is restored on exit."""
+def double_backward_kernels(model: nn.Module) -> Iterator[None]:
+    """Runs the model through kernels that have a double backward, which Hessian-vector products
+    need: scaled-dot-product attention through its math backend (the fused flash and
+    memory-efficient kernels have none), and, where the model has a recurrent layer, without cuDNN
+    (whose RNN has none, and whose backward refuses eval mode; without it, CUDA's fused RNN cells
+    switch to their differentiable backward when a graph is built). cuDNN stays on otherwise: its
+    convolutions are the fast ones. The caller's choices are restored on exit."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    cudnn = torch.backends.cudnn.enabled  # set alone: cudnn.flags() would reset the other flags too
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        torch.backends.cudnn.enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cudnn.enabled = cudnn

@@ -142,9 +142,11 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
             return layer, ParameterLayer(param)
     name, module = find_layer(model, layer, has_weight, "layers with weights")
     if not has_weight(module):
+        matrices = [f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False) if t.dim() == 2]
+        hint = f"; name one of its weight matrices instead: {', '.join(map(repr, matrices))}" if matrices else ""
         raise TypeError(f"layer {name!r} ({type(module).__name__}) has no weight parameter; relative flatness "
                         "needs a layer whose weight multiplies feature vectors (nn.Linear, nn.Conv1d/2d/3d, "
-                        "nn.ConvTranspose1d/2d/3d, or any module with a weight_view)")
+                        f"nn.ConvTranspose1d/2d/3d, or any module with a weight_view){hint}")
     return name, module
 
 
@@ -219,12 +221,15 @@ def weight_uses(model: nn.Module, module: nn.Module) -> int:
 
 def weight_layers(model: nn.Module) -> List[str]:
     """What is measured by default: the Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and
-    transformers' Conv1D), and the packed input projection of every nn.MultiheadAttention (a
-    parameter the model uses without a module)."""
+    transformers' Conv1D), and the weight matrices the model uses without a module's forward (named
+    as parameters): every nn.MultiheadAttention's input projections (packed, or q/k/v apart when
+    the key and value sizes differ) and every recurrent layer's (nn.RNN, nn.LSTM, nn.GRU) input,
+    hidden and projection matrices, each layer and direction."""
     names = []
     for n, m in model.named_modules():
         if isinstance(m, (nn.Linear, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)) or is_transposed_linear(m):
             names.append(n)
-        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-            names.append(f"{n}.in_proj_weight" if n else "in_proj_weight")
+        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+            names += [f"{n}.{p}" if n else p for p, t in m.named_parameters(recurse=False)
+                      if t.dim() == 2 and "weight" in p]
     return names

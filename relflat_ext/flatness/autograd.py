@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..core.hooks import preserved
-from ..core.hvp import differentiable_attention
+from ..core.hvp import double_backward_kernels
 from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, resolve_linear
 from ..core.losses import LossSpec
 from .normalization import inverse_scale, scale_over_data
@@ -50,7 +50,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
         weight = lin.weight
         weight.requires_grad_(True)
         for x, y in problem.batches():
-            with torch.enable_grad(), differentiable_attention():
+            with torch.enable_grad(), double_backward_kernels(problem.model):
                 out = problem.forward(x)
                 loss.check(out, y)
                 grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)

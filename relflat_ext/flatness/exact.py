@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from ..core.data import batch_length, take_rows
 from ..core.hooks import NotVectorFeatures, preserved, tapped
-from ..core.hvp import differentiable_attention, hessian_vector_products
+from ..core.hvp import double_backward_kernels, hessian_vector_products
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
 from .closed_form import TOKENS_NOTE, counted_rows, has_token_targets, output_dim, prefix_features
@@ -114,7 +114,7 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
     if n_b == 0:
         return
     with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad(), \
-            differentiable_attention():
+            double_backward_kernels(problem.model):
         out = problem.forward(x)
         loss.check(out, y)
         batch_loss = loss.for_derivatives(out, y)

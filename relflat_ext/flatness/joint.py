@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import differentiable_attention
+from ..core.hvp import double_backward_kernels
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from ..core.rng import standard_normal
@@ -235,7 +235,7 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
     global _BATCHED_OK
     batched = dirs[0].is_cuda if batched is None else batched
     loss = problem.loss
-    with torch.enable_grad(), differentiable_attention():
+    with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
         loss.check(out, y)
         grads = torch.autograd.grad(loss.for_derivatives(out, y), weights, create_graph=True, allow_unused=True)

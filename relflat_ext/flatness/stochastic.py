@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import differentiable_attention, hessian_vector_products
+from ..core.hvp import double_backward_kernels, hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
 from ..core.rng import standard_normal
@@ -57,7 +57,7 @@ def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
     mean loss with respect to the weight, n_b its number of terms."""
     loss = problem.loss
-    with torch.enable_grad(), differentiable_attention():
+    with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
         loss.check(out, y)
         value = loss.for_derivatives(out, y)

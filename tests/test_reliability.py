@@ -92,9 +92,9 @@ BAD += [
      ValueError, "class indices"),
     ("feature robustness: per-sample callable loss", lambda: rf.feature_robustness(
         M(), "0", X, Y, loss=lambda o, t: F.cross_entropy(o, t, reduction="none")), ValueError, "0-dim"),
-    ("feature robustness: conv layer", lambda: rf.feature_robustness(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), "0", torch.randn(4, 1, 8, 8),
-        torch.randint(0, 3, (4,))), TypeError, "feature robustness needs an nn.Linear"),
+    ("feature robustness: an embedding", lambda: rf.feature_robustness(
+        nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3)), "0", torch.randint(0, 5, (4, 2)),
+        torch.randint(0, 3, (4,))), TypeError, "weight_view"),
     ("representativeness: conv layer", lambda: rf.representativeness(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), "0", torch.randn(4, 1, 8, 8),
         torch.randint(0, 3, (4,)), folds=2), TypeError, "representativeness needs an nn.Linear"),

@@ -182,3 +182,95 @@ def test_tail_only_copies_give_the_whole_models_values(case):
     for a, b in zip(fast, whole):
         torch.testing.assert_close(a.samples, b.samples, rtol=1e-10, atol=1e-18)
     assert_unchanged(model, before)
+
+
+def _kappa_of_matrix(model, parameter, view, x, y):
+    """Brute force: kappa_Tr of the weight seen as the (d, m) matrix ``view(weight)``, from the
+    full Hessian of the mean cross entropy in that weight."""
+    weight = dict(model.named_parameters())[parameter].detach()
+    w = view(weight)
+    d, m = w.shape
+    hessian = torch.autograd.functional.hessian(
+        lambda v: F.cross_entropy(torch.func.functional_call(model, {parameter: v}, (x,)), y), weight)
+    # The Hessian in the matrix view: H[W] = J^T H[weight] J, the view being a permutation/reshape.
+    index = view(torch.arange(weight.numel()).reshape(weight.shape)).reshape(-1)
+    h = hessian.reshape(weight.numel(), weight.numel())[index][:, index].reshape(d, m, d, m)
+    return float((w @ w.T * torch.einsum("smtm->st", h)).sum())
+
+
+class _Convolutional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+        self.head = nn.Linear(3 * 12 * 12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(torch.tanh(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("layer, parameter, view", [
+    ("conv", "conv.weight", lambda w: w.reshape(w.shape[0], -1)),  # rows act on patches: (out, in * 3 * 3)
+    ("up", "up.weight", lambda w: w.reshape(w.shape[0], -1).T),     # (out * 2 * 2, in): on channel vectors
+])
+def test_theorem5_for_convolutions_through_the_weight(layer, parameter, view):
+    """A layer whose features are not per-sample vectors is perturbed through its weight,
+    ``W -> W (I + delta U)`` in kappa's (d, m) view; the small-delta limit agrees with kappa from
+    the full Hessian within 4 standard errors."""
+    torch.manual_seed(0)
+    model = _Convolutional().double()
+    x = torch.randn(30, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(2))
+    kappa = _kappa_of_matrix(model, parameter, view, x, y)
+    before = snapshot(model)
+    fr = rf.feature_robustness(model, layer, x, y, delta=1e-3, n_samples=400, seed=0, kappa=kappa)
+    assert fr.m == view(dict(model.named_parameters())[parameter]).shape[1]
+    ratio, se = _ratio(fr)
+    assert abs(ratio - kappa) <= 4 * se and se < 0.25 * kappa, (ratio, se, kappa)
+    assert_unchanged(model, before)
+    estimated = rf.feature_robustness(model, layer, x, y, delta=1e-3, n_samples=4, seed=0)
+    assert estimated.kappa_stderr is not None and estimated.kappa_stderr > 0  # kappa estimated, with its error
+
+
+def test_weight_perturbation_equals_feature_perturbation_on_a_linear_layer():
+    """The same draws through the weight (the Linear's weight named as a parameter) and through the
+    features (the module) give the same values: ``W (I + A) phi = W ((I + A) phi)``."""
+    model = mlp([6, 8, 7, 4], "tanh", seed=1)
+    x, y = data(40, 6, 4, "cross_entropy", seed=1)
+    for layer in ("0", "2"):
+        features = rf.feature_robustness(model, layer, x, y, delta=[1e-2, 0.5], n_samples=8, seed=3, kappa=1.0)
+        weight = rf.feature_robustness(model, f"{layer}.weight", x, y, delta=[1e-2, 0.5], n_samples=8, seed=3,
+                                       kappa=1.0)
+        for a, b in zip(features, weight):
+            torch.testing.assert_close(a.samples, b.samples, rtol=1e-9, atol=1e-16)
+
+
+def test_recurrent_weight_matrix_against_the_full_hessian():
+    """A recurrent layer's hidden-to-hidden matrix (named as a parameter): every step's state
+    perturbed through the weight; Theorem 5 against the autograd baseline's kappa."""
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(3, 5, batch_first=True).double(), nn.Linear(5, 3).double()
+    model = nn.Sequential()
+    model.rnn, model.head = rnn, head
+    model.forward = lambda x: head(rnn(x)[0][:, -1])
+    x = torch.randn(40, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(2))
+    kappa = rf.relative_flatness(model, "rnn.weight_hh_l0", x, y, method="autograd").kappa
+    fr = rf.feature_robustness(model, "rnn.weight_hh_l0", x, y, delta=1e-3, n_samples=200, seed=0, kappa=kappa)
+    ratio, se = _ratio(fr)
+    assert abs(ratio - kappa) <= 4 * se, (ratio, se, kappa)
+
+
+def test_tied_weight_perturbed_in_every_use_as_kappa_counts_it():
+    """A weight held by two Linear layers: kappa is a function of the parameter (every use counts),
+    so the perturbation goes through the weight, reaching both uses; Theorem 5 holds against the
+    full Hessian. A hook on one module would perturb one use and miss the cross terms."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = data(60, 6, 3, "cross_entropy", seed=4)
+    kappa = rf.relative_flatness(model, "0", x, y, method="autograd").kappa
+    fr = rf.feature_robustness(model, "0", x, y, delta=1e-3, n_samples=300, seed=0, kappa=kappa)
+    ratio, se = _ratio(fr)
+    assert abs(ratio - kappa) <= 4 * se and se < 0.2 * abs(kappa), (ratio, se, kappa)

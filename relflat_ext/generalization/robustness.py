@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import batch_length, repeat_rows
+from ..core.data import batch_length, is_dict_batch, output_logits, repeat_rows
 from ..core.hooks import not_called, preserved, tapped
-from ..core.layers import LayerSpec, resolve_linear, weight_matrix
+from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import Loss, LossSpec
 from ..flatness import Problem, relative_flatness
 from ..flatness import tail as _tail
@@ -36,7 +36,8 @@ class FeatureRobustnessResult:
     """value: mean of E_F over the perturbation draws (each an antithetic pair average when
     ``antithetic``); stderr: its standard error; predicted: ``delta^2/(2m) kappa_Tr`` (Theorem 5);
     samples (n_samples,): the per-draw estimates; n: the terms the loss averages (samples, or the
-    counted tokens of token targets, as relative_flatness counts them)."""
+    counted tokens of token targets, as relative_flatness counts them); kappa_stderr: the standard
+    error of kappa where it was estimated (``predicted``'s is ``delta^2/(2m)`` times it)."""
     delta: float
     value: float
     stderr: float
@@ -48,6 +49,7 @@ class FeatureRobustnessResult:
     n: int
     m: int
     layer: str
+    kappa_stderr: Optional[float] = None
 
 
 def random_perturbations(count: int, m: int, distribution: str, generator: torch.Generator,
@@ -133,6 +135,23 @@ def _perturbed_model_outputs(problem: Problem, lin: nn.Linear, name: str, x, a_t
     return outputs
 
 
+def _perturbed_weight_outputs(problem: Problem, parameter: str, view: WeightView, x, a_t: torch.Tensor
+                              ) -> torch.Tensor:
+    """The model on the batch once per matrix of ``a_t`` (copies, m, m), with the layer's W (d, m)
+    replaced by ``W + W a_t[c]^T = W (I + A_c)``: exactly every feature vector the weight multiplies
+    (a convolution's patches, each token, a recurrent step's state) perturbed as
+    ``phi -> (I + A_c) phi``. One forward pass per copy (through ``functional_call``), concatenated
+    as the repeated batch's outputs."""
+    w = view.to_matrix(dict(problem.model.named_parameters())[parameter])
+    outputs = []
+    for a in a_t:
+        weights = {parameter: view.from_matrix(w + w @ a.T)}
+        outputs.append(output_logits(torch.func.functional_call(
+            problem.model, weights, kwargs=x) if is_dict_batch(x) else
+            torch.func.functional_call(problem.model, weights, (x,))))
+    return torch.cat(outputs)
+
+
 def _check_deltas(delta) -> List[float]:
     deltas = [delta] if isinstance(delta, (int, float)) else list(delta)
     if not deltas or not all(isinstance(d, (int, float)) and math.isfinite(d) and d > 0 for d in deltas):
@@ -148,10 +167,14 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                        ) -> Union[FeatureRobustnessResult, List[FeatureRobustnessResult]]:
     """Monte Carlo feature robustness of ``layer``'s input features, with Theorem 5's prediction.
 
-    Perturbs the features entering ``layer`` (an ``nn.Linear``) as ``phi -> (I + delta U) phi``
-    with labels kept, for ``n_samples`` draws of U (each also at -U when ``antithetic``), batched:
-    the data batch is repeated once per draw (and sign and delta) and pushed through the model in
-    one forward pass, a forward pre-hook applying each copy's matrix with one batched matmul.
+    Perturbs the features entering ``layer`` as ``phi -> (I + delta U) phi`` with labels kept, for
+    ``n_samples`` draws of U (each also at -U when ``antithetic``). For an ``nn.Linear`` (or
+    Conv1D) this is batched: the data batch is repeated once per draw (and sign and delta) and
+    pushed through the model in one forward pass (or only through the tail after the layer),
+    each copy's matrix applied with one batched matmul. For any other layer kappa measures (a
+    convolution's patches, a transposed convolution, a weight matrix named as a parameter) the
+    same perturbation of every vector the weight multiplies is ``W -> W (I + delta U)`` in the
+    (d, m) view kappa uses: one forward pass per copy.
     delta: a float, or a list (one result per value, all from the same draws). The same draws
     serve every data batch, so a DataLoader (re-iterable) or tensors with ``batch_size`` stream.
     kappa: kappa_Tr if already known (else computed with :func:`relative_flatness`) for
@@ -165,8 +188,13 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (a standard error needs two), got {n_samples!r}")
     user_model, model = model, problem.model  # a float32 copy for a half-precision model
-    name, lin = resolve_linear(model, problem.name, "feature robustness")
-    m = weight_matrix(lin).shape[1]
+    name, lin = problem.name, problem.module
+    # Else perturbed through the weight, W -> W (I + A): also for a weight held in several places,
+    # whose every use kappa counts (a hook on one module would perturb one use).
+    features_seen = acts_on_vectors(lin) and problem.weight_uses == 1
+    view = matrix_view(lin, name)
+    parameter = name if isinstance(lin, ParameterLayer) else f"{name}.weight"
+    m = view.to_matrix(lin.weight).shape[1]
     dtype, device = lin.weight.dtype, lin.weight.device
     signs = [1.0, -1.0] if antithetic else [1.0]
     scales = torch.tensor([d * s for d in deltas for s in signs], dtype=dtype, device=device)  # (S,)
@@ -183,7 +211,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         # Where the rest of the model is a tail of Linear and elementwise steps (a Sequential, or a
         # trace checked against the model), the perturbed copies run only that tail from the
         # features of one forward pass; otherwise the whole model runs on the repeated batch.
-        plan = _tail.plan(model, name, lin, final_log_softmax=True) if problem.weight_uses == 1 else None
+        plan = _tail.plan(model, name, lin, final_log_softmax=True) if features_seen else None
         for x, y in problem.batches():
             n_b = batch_length(x)
             out, phi = _forward_with_features(problem, lin, plan, x)
@@ -205,8 +233,10 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                     flat = phi.reshape(1, -1, m)
                     perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
                     outputs = plan.run(lin(perturbed), keep_input=False)
-                else:
+                elif features_seen:
                     outputs = _perturbed_model_outputs(problem, lin, name, x, a_t)
+                else:
+                    outputs = _perturbed_weight_outputs(problem, parameter, view, x, a_t)
                 pert = _per_sample_losses(problem.loss, outputs, y, a_t.shape[0])  # (copies, n_b)
                 diff = (pert - base).sum(1).double().reshape(n_scales, k) * problem.positions(y)
                 sums[:, d0:d0 + k] += diff
@@ -215,9 +245,11 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         count = torch.tensor(float(n), dtype=torch.float64, device=device)
         dist.all_reduce_sum([sums, count])
         n = int(count.item())
+    kappa_stderr = None
     if kappa is None:
-        kappa = relative_flatness(user_model, name, inputs, targets, loss=loss, batch_size=batch_size,
-                                  block_trace=False, distributed=problem.distributed).kappa
+        measured = relative_flatness(user_model, name, inputs, targets, loss=loss, batch_size=batch_size,
+                                     block_trace=False, seed=seed, distributed=problem.distributed)
+        kappa, kappa_stderr = measured.kappa, measured.kappa_stderr
     if not bool(torch.isfinite(sums).all()):
         with explain_not_finite(dtype, problem.tensors):
             raise NotFinite("the perturbed losses are not finite")
@@ -228,5 +260,5 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         results.append(FeatureRobustnessResult(
             delta=d, value=float(draws.mean()), stderr=float(draws.std() / math.sqrt(n_samples)),
             predicted=d * d / (2 * m) * kappa, kappa=kappa, samples=draws, distribution=distribution,
-            antithetic=antithetic, n=n, m=m, layer=name))
+            antithetic=antithetic, n=n, m=m, layer=name, kappa_stderr=kappa_stderr))
     return results[0] if isinstance(delta, (int, float)) else results

@@ -117,6 +117,8 @@ BAD += [
     ("numpy inputs", lambda: rf.relative_flatness(M(), "0", X.numpy(), Y), TypeError, r"inputs is a numpy.ndarray"),
     ("numpy targets", lambda: rf.relative_flatness(M(), "0", X, Y.numpy()), TypeError, r"targets is a numpy"),
     ("numpy in a batch", lambda: rf.relative_flatness(M(), "0", [(X, Y.numpy())]), TypeError, "must hold tensors"),
+    ("several inputs as a tuple", lambda: rf.relative_flatness(M(), "0", [((X, X), Y)]), TypeError,
+     "pass each batch as a dict of its keyword arguments"),
     ("Fisher-Rao norm: label out of range", lambda: rf.measures.fisher_rao_norm(M(), X, torch.full((20,), 7)),
      ValueError, "class indices"),
     ("KDE: a 2-D tensor of bandwidths", lambda: rf.kde_log_density(X, X, torch.ones(2, 2)), ValueError, "1-D"),

@@ -239,8 +239,10 @@ def _check_not_array(what: str, value) -> None:
 
 def _check_batch_types(k: int, x, y) -> None:
     if not (isinstance(x, torch.Tensor) or is_dict_batch(x)) or not isinstance(y, torch.Tensor):
+        hint = (f"; for a model that takes several inputs, pass each batch as a dict of its keyword arguments "
+                f"with the targets under {LABELS!r}" if isinstance(x, (tuple, list)) else "")
         raise TypeError(f"batch {k} of inputs must hold tensors (x a tensor or a dict of them, y a tensor), got "
-                        f"({type(x).__name__}, {type(y).__name__})")
+                        f"({type(x).__name__}, {type(y).__name__}){hint}")
 
 
 def _check_finite_inputs(name: str, x: Inputs) -> None:

@@ -126,9 +126,10 @@ class ParameterLayer(nn.Module):
     it (inside ``F.multi_head_attention_forward``, a tied embedding, a custom function). Only the
     stochastic estimator can measure it: it needs the weight, not the features."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, owner: str = ""):
         super().__init__()
         self.weight = weight
+        self.owner = owner  # the type of the module that holds it, for tables
 
 
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
@@ -139,7 +140,7 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
         holder = dict(model.named_modules()).get(owner)
         param = getattr(holder, attr, None) if holder is not None and attr in holder._parameters else None
         if isinstance(param, nn.Parameter) and param.dim() == 2:
-            return layer, ParameterLayer(param)
+            return layer, ParameterLayer(param, type(holder).__name__)
     name, module = find_layer(model, layer, has_weight, "layers with weights")
     if not has_weight(module):
         matrices = [f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False) if t.dim() == 2]

@@ -155,7 +155,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
 
 
 def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:
-    kind = "Parameter" if isinstance(module, ParameterLayer) else type(module).__name__
+    kind = f"{module.owner or 'Parameter'} param" if isinstance(module, ParameterLayer) else type(module).__name__
     shape = weight_matrix(module).shape if acts_on_vectors(module) else module.weight.shape  # Conv1D: W, (d, m)
     return {"layer": name, "type": kind, "shape": list(shape), "kappa": kappa, "kappa_stderr": stderr,
             "kappa_normalized": normalized, "hessian_trace": trace, "hessian_trace_stderr": trace_se,

@@ -1,4 +1,5 @@
 """Feature robustness by Monte Carlo against Theorem 5: E_F / (delta^2/(2m)) -> kappa_Tr."""
+import copy
 import math
 
 import pytest
@@ -274,3 +275,23 @@ def test_tied_weight_perturbed_in_every_use_as_kappa_counts_it():
     fr = rf.feature_robustness(model, "0", x, y, delta=1e-3, n_samples=300, seed=0, kappa=kappa)
     ratio, se = _ratio(fr)
     assert abs(ratio - kappa) <= 4 * se and se < 0.2 * abs(kappa), (ratio, se, kappa)
+
+
+def test_trained_float32_convolution_at_a_confident_minimum():
+    """Where users are: LeNet-5 trained on digits to a training loss below 1e-3, float32. The
+    perturbation of conv2's patches through its weight at delta = 1e-2 agrees with kappa (the
+    estimator on a float64 copy) within 4 combined standard errors."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from relflat_ext.apps.training import fit
+    from relflat_ext.apps.zoo import lenet5
+    digits = sklearn.load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target[:256])
+    torch.manual_seed(0)
+    trained = fit(lenet5(), (x, y), 300, stop_below=1e-3, batch_size=256, lr=1e-2)
+    assert trained.reached
+    kappa = rf.relative_flatness(copy.deepcopy(trained.model).double(), "3", x.double(), y, seed=0, rel_tol=0.05)
+    fr = rf.feature_robustness(trained.model, "3", x, y, delta=1e-2, n_samples=200, seed=1, kappa=kappa.kappa)
+    ratio, se = _ratio(fr)
+    assert abs(ratio - kappa.kappa) <= 4 * math.hypot(se, kappa.kappa_stderr), (ratio, se, kappa)
+    assert se < 0.1 * kappa.kappa

@@ -117,6 +117,10 @@ BAD += [
     ("numpy inputs", lambda: rf.relative_flatness(M(), "0", X.numpy(), Y), TypeError, r"inputs is a numpy.ndarray"),
     ("numpy targets", lambda: rf.relative_flatness(M(), "0", X, Y.numpy()), TypeError, r"targets is a numpy"),
     ("numpy in a batch", lambda: rf.relative_flatness(M(), "0", [(X, Y.numpy())]), TypeError, "must hold tensors"),
+    ("a weight matrix named as a parameter where features are needed", lambda: rf.representativeness(
+        M(), "0.weight", X, Y), ValueError, r"is a parameter of shape \(4, 5\), not a module: this needs a module"),
+    ("a bias named as a layer", lambda: rf.relative_flatness(M(), "0.bias", X, Y), ValueError,
+     r"parameter of shape \(4,\), not a module: relative flatness needs a weight matrix"),
     ("several inputs as a tuple", lambda: rf.relative_flatness(M(), "0", [((X, X), Y)]), TypeError,
      "pass each batch as a dict of its keyword arguments"),
     ("Fisher-Rao norm: label out of range", lambda: rf.measures.fisher_rao_norm(M(), X, torch.full((20,), 7)),

@@ -38,6 +38,14 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
             layer = layer[len("module."):]  # a (Distributed)DataParallel wrapper's name for its module's layer
         if layer not in named:
             candidates = [n for n, m in named.items() if wanted(m)]
+            params = dict(model.named_parameters())
+            if layer in params:  # a parameter where a module is needed, or a parameter that is no matrix
+                shape = tuple(params[layer].shape)
+                raise ValueError(f"layer {layer!r} is a parameter of shape {shape}, not a module: "
+                                 + ("this needs a module and its per-sample input features (the estimator of "
+                                    "kappa, feature robustness and the Hessian trace take a weight matrix named "
+                                    "as a parameter)" if len(shape) == 2 else "relative flatness needs a weight matrix")
+                                 + f"; the model's {kind} are {candidates}")
             raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")
         return layer, named[layer]
     if isinstance(layer, nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 
 import relflat_ext as rf
 from relflat_ext.apps.cli import main as cli_main
+from relflat_ext.apps import zoo as rf_zoo
 from relflat_ext.apps.zoo import lenet5
 from models import assert_unchanged, snapshot
 
@@ -143,3 +144,26 @@ def test_layers_the_shared_probes_leave_unconverged_get_their_own():
         # the shared run gives up as soon as no layer is on course (well before its 200 products)
         assert r["method"] == "stochastic-shared+own" and 200 < r["probes"] < 300
         assert abs(r["kappa"] - exact) <= 4 * r["kappa_stderr"]
+
+
+@pytest.mark.parametrize("problem_type, num_labels", [(None, 3), ("regression", 1)])
+def test_cli_profile_of_a_local_hugging_face_checkpoint(tmp_path, capsys, problem_type, num_labels):
+    """A folder written by save_pretrained loads as the class its config names (no download);
+    synthetic token batches are labelled for the classifier's task, and the head is measured with
+    the model's own loss."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=40, num_labels=num_labels, max_position_embeddings=16,
+                                     problem_type=problem_type)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "checkpoint")
+    code = cli_main(["profile", "--model", str(tmp_path / "checkpoint"), "--samples", "12", "--seq-len", "8",
+                     "--rel-tol", "0.5", "--max-probes", "16", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "on synthetic-tokens (12 samples" in capsys.readouterr().out
+    rows = json.load(open(tmp_path / "out" / "profile.json"))
+    assert rows[-1]["layer"] == "classifier" and rows[-1]["method"] == "closed_form"
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "checkpoint").eval()
+    batches = rf_zoo.load_data("synthetic-tokens", batch_size=256, samples=12, seq_len=8, vocab=40, model=model)
+    assert rows[-1]["kappa"] == pytest.approx(rf.relative_flatness(model, "classifier", batches).kappa, rel=1e-6)
+    assert batches[0]["labels"].dtype == (torch.float32 if num_labels == 1 else torch.int64)

@@ -4,11 +4,13 @@ torchvision architectures, and anything importable as ``module:function``."""
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..core.data import problem_type
 from ..datasets import load_digits, synthetic_images
 
 BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet", "synthetic-tokens")
@@ -55,25 +57,35 @@ def _import(spec: str):
         raise ValueError(f"cannot import {spec!r} ({exc}); expected module:function") from exc
 
 
-def synthetic_tokens(samples: int, seq_len: int, vocab: int, batch_size: int, seed: int = 0) -> List[Dict]:
-    """Uniform random token sequences as language-model dict batches ``{"input_ids", "labels"}``
-    (labels = input_ids; a causal LM shifts them), ``batch_size`` sequences per batch."""
+def synthetic_tokens(samples: int, seq_len: int, vocab: int, batch_size: int, seed: int = 0,
+                     model: Optional[nn.Module] = None) -> List[Dict]:
+    """Uniform random token sequences as dict batches ``{"input_ids", "labels"}``, ``batch_size``
+    sequences per batch. The labels are the tokens (a causal LM shifts them), or, for a
+    transformers sequence classifier, random labels of its task (classes, float targets for
+    regression, 0/1 vectors for multi-label)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (samples, seq_len), generator=g)
-    return [{"input_ids": ids[s:s + batch_size], "labels": ids[s:s + batch_size]} for s in range(0, samples, batch_size)]
+    labels = ids
+    if model is not None and type(model).__name__.endswith("ForSequenceClassification"):
+        k, kind = model.config.num_labels, problem_type(model)
+        labels = (torch.randn((samples, k) if k > 1 else (samples,), generator=g) if kind == "regression" else
+                  (torch.rand((samples, k), generator=g) > 0.5).float() if kind == "multi_label_classification" else
+                  torch.randint(0, k, (samples,), generator=g))
+    return [{"input_ids": ids[s:s + batch_size], "labels": labels[s:s + batch_size]}
+            for s in range(0, samples, batch_size)]
 
 
 def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, seed: int = 0, vocab: int = 1000,
-              seq_len: int = 128):
+              seq_len: int = 128, model: Optional[nn.Module] = None):
     """A DataLoader for a built-in data set ("digits": scikit-learn's 1797 8x8 images as (1, 8, 8);
     "digits-flat": the same as 64-vectors; "synthetic-imagenet": Gaussian 3x224x224 images with
     random labels, 512 unless ``samples``; "synthetic-tokens": random sequences of ``seq_len``
-    tokens below ``vocab`` as dict batches, 64 unless ``samples``), or ``module:function``
-    returning a DataLoader."""
+    tokens below ``vocab`` as dict batches, 64 unless ``samples``, labelled for ``model``'s task:
+    :func:`synthetic_tokens`), or ``module:function`` returning a DataLoader."""
     if ":" in spec:
         return _import(spec)()
     if spec == "synthetic-tokens":
-        return synthetic_tokens(samples or 64, seq_len, vocab, batch_size, seed)
+        return synthetic_tokens(samples or 64, seq_len, vocab, batch_size, seed, model)
     if spec in ("digits", "digits-flat"):
         x, y = load_digits(image=spec == "digits")
     elif spec == "synthetic-imagenet":
@@ -98,12 +110,34 @@ def gpt2_random(spec: str = "gpt2-small-random") -> nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def hugging_face_checkpoint(path: str) -> nn.Module:
+    """A transformers model saved in a local folder (``save_pretrained``: config.json and the
+    weights), as the class its config names (``architectures``), in eval mode; nothing is
+    downloaded."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ValueError(f"{path!r} is a Hugging Face checkpoint; it needs transformers (pip install "
+                         "transformers)") from exc
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ValueError(f"the checkpoint in {path!r} names no transformers class in config.json's "
+                         f"'architectures' (got {names}); load it yourself and use module:function")
+    return cls.from_pretrained(path, local_files_only=True).eval()
+
+
 def load_model(spec: str, weights: Optional[str] = None, seed: int = 0) -> nn.Module:
     """"lenet5" (built in), "gpt2-small-random" / "gpt2-tiny-random" (transformers, random
-    weights), a torchvision model name (random weights unless ``weights``, a local state_dict
-    file), or ``module:function`` returning an nn.Module."""
+    weights), a local folder holding a Hugging Face checkpoint (:func:`hugging_face_checkpoint`),
+    a torchvision model name (random weights unless ``weights``, a local state_dict file), or
+    ``module:function`` returning an nn.Module."""
     torch.manual_seed(seed)
-    if ":" in spec:
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        model = hugging_face_checkpoint(spec)
+    elif ":" in spec:
         model = _import(spec)()
     elif spec == "lenet5":
         model = lenet5()

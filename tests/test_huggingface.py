@@ -350,3 +350,32 @@ def test_regularizer_on_a_transformers_classifier(problem_type, num_labels):
     kappa = rf.relative_flatness(model, "classifier", {"input_ids": ids, "labels": labels}).kappa
     torch.testing.assert_close(penalty.item(), kappa, rtol=1e-10, atol=0)
     assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_a_tokenized_datasets_columns_as_a_dataloader_yields_them():
+    """A DataLoader over a tokenized dataset yields its columns: the targets under "label" (which
+    transformers' collators rename to "labels"), the raw text and an index beside the model's
+    inputs. The labels are found and the other columns dropped, as the Trainer drops them."""
+    model = _classifier(None, 3)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    labels = torch.randint(0, 3, (6,), generator=g)
+    clean = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    columns = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "label": labels, "idx": torch.arange(6),
+               "text": ["some text"] * 6}
+    expected = rf.relative_flatness(model, "classifier", clean).kappa
+    assert rf.relative_flatness(model, "classifier", [columns]).kappa == expected
+    assert rf.feature_robustness(model, "bert.pooler.dense", [columns], n_samples=4, seed=0, kappa=1.0).value == \
+        rf.feature_robustness(model, "bert.pooler.dense", [clean], n_samples=4, seed=0, kappa=1.0).value
+
+    class Plain(nn.Module):  # a forward without **kwargs gets only what it names
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(23, 4), nn.Linear(4, 3)
+
+        def forward(self, input_ids):
+            return self.head(self.embed(input_ids).mean(1))
+
+    plain = Plain().double()
+    assert rf.relative_flatness(plain, "head", [{**columns, "label_ids": labels}]).kappa == \
+        rf.relative_flatness(plain, "head", ids, labels).kappa

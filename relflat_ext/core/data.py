@@ -4,6 +4,8 @@ batches, or Hugging Face style dict batches (the model's keyword arguments with 
 calling the model on a batch, taking the ``.logits`` of outputs that carry them."""
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
 Batch = Tuple[Inputs, torch.Tensor]
 LABELS = "labels"
+LABEL_ALIASES = ("label", "label_ids")
 IGNORE_INDEX = -100
 
 
@@ -42,22 +45,47 @@ def repeat_rows(x: Inputs, copies: int) -> Inputs:
 
 
 def split_labels(batch: Mapping, what: str) -> Batch:
-    """A dict batch -> (the model's keyword arguments, the targets under "labels"), checked."""
-    if LABELS not in batch:
+    """A dict batch -> (the model's keyword arguments, the targets under "labels"), checked. The
+    targets may also be under "label" or "label_ids", which transformers' data collators rename to
+    "labels" (a tokenized dataset's column is usually "label")."""
+    key = next((k for k in (LABELS, *LABEL_ALIASES) if k in batch), None)
+    if key is None:
         raise ValueError(f"{what} is a dict without {LABELS!r}: put the targets under {LABELS!r}, as transformers "
                          f"models take them (keys given: {sorted(batch)})")
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     rows = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
     if len(set(rows.values())) > 1 or 0 in rows.values():
         raise ValueError(f"{what}: every tensor of a dict batch needs the same number of samples in dim 0, got {rows}")
-    return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
+    return {k: v for k, v in batch.items() if k != key}, batch[key]
 
 
 def call_model(model: nn.Module, x: Inputs):
     """The model's output on a batch: ``model(**x)`` for a dict batch, else ``model(x)``; the
     ``.logits`` (or ``["logits"]``) of an output object that carries them, as transformers models
     return."""
-    return output_logits(model(**x) if is_dict_batch(x) else model(x))
+    return output_logits(model(**model_arguments(model, x)) if is_dict_batch(x) else model(x))
+
+
+def model_arguments(model: nn.Module, x: Mapping) -> Dict:
+    """A dict batch's entries that the model's forward names (a dataset's other columns, such as
+    the raw text or an index, dropped as transformers' Trainer drops them); all of them for a
+    forward that takes ``**kwargs``, except a transformers model's, whose ``**kwargs`` are
+    options, not data (the Trainer keeps only the named arguments there too)."""
+    accepted = _forward_parameters(type(model))
+    return dict(x) if accepted is None else {k: v for k, v in x.items() if k in accepted}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls) -> Optional[frozenset]:
+    """The names a module class' forward takes, or None where it takes any (``**kwargs`` outside
+    transformers, or no signature)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params) and not cls.__module__.startswith("transformers."):
+        return None
+    return frozenset(p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD)
 
 
 def output_logits(out):
@@ -133,8 +161,9 @@ def first_labels(inputs, targets) -> Optional[torch.Tensor]:
     if isinstance(targets, torch.Tensor):
         return targets
     batch = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
-    if is_dict_batch(batch) and isinstance(batch.get(LABELS), torch.Tensor):
-        return batch[LABELS]
+    if is_dict_batch(batch):
+        key = next((k for k in (LABELS, *LABEL_ALIASES) if k in batch), None)
+        return batch[key] if key is not None and isinstance(batch[key], torch.Tensor) else None
     if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
         return batch[1]
     return None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import batch_length, is_dict_batch, output_logits, repeat_rows
+from ..core.data import batch_length, is_dict_batch, model_arguments, output_logits, repeat_rows
 from ..core.hooks import not_called, preserved, tapped
 from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import Loss, LossSpec
@@ -147,7 +147,7 @@ def _perturbed_weight_outputs(problem: Problem, parameter: str, view: WeightView
     for a in a_t:
         weights = {parameter: view.from_matrix(w + w @ a.T)}
         outputs.append(output_logits(torch.func.functional_call(
-            problem.model, weights, kwargs=x) if is_dict_batch(x) else
+            problem.model, weights, kwargs=model_arguments(problem.model, x)) if is_dict_batch(x) else
             torch.func.functional_call(problem.model, weights, (x,))))
     return torch.cat(outputs)
 

@@ -1,7 +1,10 @@
 """The loss table: every record's pieces agree with autograd on the function it names."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import relflat_ext as rf
 from relflat_ext.core.losses import LOSSES, CallableLoss, DiagonalHessian, SoftmaxHessian, get_loss
 
 N, D = 6, 4
@@ -61,3 +64,32 @@ def test_get_loss():
     assert isinstance(custom, CallableLoss) and not custom.builtin and custom.output_hessian(torch.zeros(2, 2)) is None
     with pytest.raises(ValueError, match="loss must be one of"):
         get_loss("hinge")
+
+
+def test_torchs_own_losses_are_the_built_ins_and_others_stay_callables():
+    """torch's loss functions and modules with the built-ins' arguments get the built-in record
+    (closed forms, kernels, representativeness); weighted, smoothed or otherwise changed ones stay
+    callables; a sum reduction (kappa n times too large) is refused."""
+    for fn, name in ((F.cross_entropy, "cross_entropy"), (nn.CrossEntropyLoss(), "cross_entropy"),
+                     (F.mse_loss, "mse"), (nn.MSELoss(), "mse"),
+                     (F.binary_cross_entropy_with_logits, "bce_with_logits"), (nn.BCEWithLogitsLoss(), "bce_with_logits")):
+        assert get_loss(fn) is LOSSES[name], fn
+    for fn in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(3)),
+               nn.CrossEntropyLoss(ignore_index=0), nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), nn.NLLLoss(),
+               F.nll_loss, nn.L1Loss()):
+        assert isinstance(get_loss(fn), CallableLoss), fn
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match=f"reduction={reduction!r}"):
+            get_loss(nn.MSELoss(reduction=reduction))
+
+
+def test_a_loss_module_gets_the_closed_form_and_the_same_kappa():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    named = rf.relative_flatness(model, "2", x, y, loss="cross_entropy")
+    module = rf.relative_flatness(model, "2", x, y, loss=nn.CrossEntropyLoss())
+    assert module.method == "closed_form" and module.kappa == named.kappa
+    callable_ = rf.relative_flatness(model, "2", x, y, loss=lambda out, t: F.cross_entropy(out, t))
+    assert callable_.method == "exact"
+    torch.testing.assert_close(callable_.kappa, named.kappa, rtol=1e-12, atol=0)

@@ -117,7 +117,8 @@ def test_model_is_left_unchanged_and_loaders_stream():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(folds=121), "folds"), (dict(folds=1), "folds"), (dict(delta=0.0), "delta"),
     (dict(bandwidth=-1.0), "bandwidth"), (dict(bandwidth="silverman"), "bandwidth"),
-    (dict(repeats=0), "repeats"), (dict(labels="both"), "labels"), (dict(loss=F.cross_entropy), "built-in"),
+    (dict(repeats=0), "repeats"), (dict(labels="both"), "labels"),
+    (dict(loss=lambda out, y: F.cross_entropy(out, y)), "built-in"),
 ])
 def test_bad_input_is_rejected_clearly(kwargs, match):
     model, x, y = _setup()

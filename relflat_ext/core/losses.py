@@ -362,10 +362,35 @@ def is_cross_entropy_after_log_softmax(loss: Loss) -> bool:
     return defaults and (type(fn) is nn.NLLLoss or (type(fn) is nn.CrossEntropyLoss and fn.label_smoothing == 0))
 
 
+def builtin_equivalent(fn: Callable) -> Optional[str]:
+    """The built-in loss that a torch loss function or module with the built-ins' arguments is
+    (``F.cross_entropy``, ``nn.CrossEntropyLoss()``, ``F.mse_loss``, ``nn.MSELoss()``,
+    ``F.binary_cross_entropy_with_logits``, ``nn.BCEWithLogitsLoss()``), so that it gets the closed
+    forms and kernels; None for anything else (class weights, label smoothing, pos_weight, ...)."""
+    functions = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse", F.binary_cross_entropy_with_logits: "bce_with_logits"}
+    if fn in functions:
+        return functions[fn]
+    if getattr(fn, "reduction", None) != "mean" or getattr(fn, "weight", None) is not None:
+        return None
+    if type(fn) is nn.CrossEntropyLoss and fn.ignore_index == -100 and fn.label_smoothing == 0:
+        return "cross_entropy"
+    if type(fn) is nn.MSELoss:
+        return "mse"
+    if type(fn) is nn.BCEWithLogitsLoss and fn.pos_weight is None:
+        return "bce_with_logits"
+    return None
+
+
 def get_loss(loss: Union[LossSpec, Loss]) -> Loss:
-    """The record of a built-in loss name or a user callable, with a clear error for anything else."""
+    """The record of a built-in loss name or a user callable (torch's own losses with the
+    built-ins' arguments become the built-in), with a clear error for anything else."""
     if isinstance(loss, Loss):
         return loss
+    if isinstance(loss, nn.modules.loss._Loss) and loss.reduction != "mean":
+        raise ValueError(f"loss is a {type(loss).__name__} with reduction={loss.reduction!r}; relative flatness is "
+                         "defined for the mean loss over samples: use reduction='mean'")
+    if callable(loss) and builtin_equivalent(loss):
+        return LOSSES[builtin_equivalent(loss)]
     if callable(loss):
         return CallableLoss(loss)
     if isinstance(loss, str) and loss in LOSSES:

@@ -44,11 +44,15 @@ def repeat_rows(x: Inputs, copies: int) -> Inputs:
     return x.repeat(copies, *([1] * (x.dim() - 1)))
 
 
+def labels_key(batch: Mapping) -> Optional[str]:
+    """Where a dict batch keeps its targets: "labels", or "label" / "label_ids", which transformers'
+    data collators rename to "labels" (a tokenized dataset's column is usually "label")."""
+    return next((k for k in (LABELS, *LABEL_ALIASES) if k in batch), None)
+
+
 def split_labels(batch: Mapping, what: str) -> Batch:
-    """A dict batch -> (the model's keyword arguments, the targets under "labels"), checked. The
-    targets may also be under "label" or "label_ids", which transformers' data collators rename to
-    "labels" (a tokenized dataset's column is usually "label")."""
-    key = next((k for k in (LABELS, *LABEL_ALIASES) if k in batch), None)
+    """A dict batch -> (the model's keyword arguments, the targets under :func:`labels_key`), checked."""
+    key = labels_key(batch)
     if key is None:
         raise ValueError(f"{what} is a dict without {LABELS!r}: put the targets under {LABELS!r}, as transformers "
                          f"models take them (keys given: {sorted(batch)})")
@@ -162,7 +166,7 @@ def first_labels(inputs, targets) -> Optional[torch.Tensor]:
         return targets
     batch = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
     if is_dict_batch(batch):
-        key = next((k for k in (LABELS, *LABEL_ALIASES) if k in batch), None)
+        key = labels_key(batch)
         return batch[key] if key is not None and isinstance(batch[key], torch.Tensor) else None
     if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
         return batch[1]

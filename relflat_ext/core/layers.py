@@ -131,8 +131,10 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 class ParameterLayer(nn.Module):
     """A weight matrix named as a parameter of the model (``"layers.0.self_attn.in_proj_weight"``):
     a (rows, cols) matrix acting on feature vectors of length cols, used wherever the model uses
-    it (inside ``F.multi_head_attention_forward``, a tied embedding, a custom function). Only the
-    stochastic estimator can measure it: it needs the weight, not the features."""
+    it (inside ``F.multi_head_attention_forward``, a recurrent layer's fused op, a tied embedding, a
+    custom function). Only what needs the weight alone, not the features, measures it: the
+    stochastic estimator (kappa, Tr H), the autograd baseline and feature robustness through the
+    weight."""
 
     def __init__(self, weight: nn.Parameter, owner: str = ""):
         super().__init__()

@@ -50,7 +50,7 @@ class Problem:
     weight_uses: int = 1
     note: str = ""  # the loss the model chose and what the measurement did to the model, for the reason
     half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
-    labels: str = ""  # dict batches' labels as the model's loss reads them: "causal", "seq2seq" or ""
+    labels: str = ""  # labels as the model's loss reads them: "causal", "seq2seq", "regression" or ""
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,

@@ -379,3 +379,23 @@ def test_a_tokenized_datasets_columns_as_a_dataloader_yields_them():
     plain = Plain().double()
     assert rf.relative_flatness(plain, "head", [{**columns, "label_ids": labels}]).kappa == \
         rf.relative_flatness(plain, "head", ids, labels).kappa
+
+
+def test_tuple_outputs_of_return_dict_false_models():
+    """``return_dict=False``: a transformers model returns a tuple whose first entry is the logits
+    (no labels are passed): measured, regularized and perturbed as the output object would be."""
+    model = _classifier(None, 3)
+    tuple_model = _classifier(None, 3)
+    tuple_model.config.return_dict = False
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 23, (6, 7), generator=g)
+    batch = {"input_ids": ids, "labels": torch.randint(0, 3, (6,), generator=g)}
+    assert isinstance(tuple_model(input_ids=ids), tuple)
+    expected = rf.relative_flatness(model, "classifier", batch).kappa
+    assert rf.relative_flatness(tuple_model, "classifier", batch).kappa == expected
+    with rf.FlatnessRegularizer(tuple_model, "classifier") as reg:
+        tuple_model(input_ids=ids)
+        torch.testing.assert_close(reg.penalty(batch["labels"]).item(), expected, rtol=1e-12, atol=0)
+    assert rf.feature_robustness(tuple_model, "bert.pooler.dense.weight", batch, n_samples=4, seed=0,
+                                 kappa=1.0).value == \
+        rf.feature_robustness(model, "bert.pooler.dense.weight", batch, n_samples=4, seed=0, kappa=1.0).value

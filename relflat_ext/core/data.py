@@ -67,7 +67,7 @@ def call_model(model: nn.Module, x: Inputs):
     """The model's output on a batch: ``model(**x)`` for a dict batch, else ``model(x)``; the
     ``.logits`` (or ``["logits"]``) of an output object that carries them, as transformers models
     return."""
-    return output_logits(model(**model_arguments(model, x)) if is_dict_batch(x) else model(x))
+    return output_logits(model(**model_arguments(model, x)) if is_dict_batch(x) else model(x), model)
 
 
 def model_arguments(model: nn.Module, x: Mapping) -> Dict:
@@ -92,10 +92,15 @@ def _forward_parameters(cls) -> Optional[frozenset]:
     return frozenset(p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD)
 
 
-def output_logits(out):
-    """A model's output, or the ``.logits`` (``["logits"]``) of an output object that carries them."""
+def output_logits(out, model: nn.Module):
+    """A model's output, or the ``.logits`` (``["logits"]``) of an output object that carries them,
+    or the first entry of a transformers model's tuple output (``return_dict=False``: the logits
+    come first when no labels are passed)."""
     if isinstance(out, torch.Tensor):
         return out
+    if (isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor)
+            and type(model).__module__.startswith("transformers.")):
+        return out[0]
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else out
 

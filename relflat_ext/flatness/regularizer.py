@@ -78,7 +78,7 @@ class FlatnessRegularizer:
 
     def _finish(self, module, args, out):
         with self._lock:
-            self._output = output_logits(out)
+            self._output = output_logits(out, module)
 
     def penalty(self, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Differentiable kappa_Tr (0-dim, float32 or the layer's dtype) of the latest forward pass'

@@ -148,7 +148,7 @@ def _perturbed_weight_outputs(problem: Problem, parameter: str, view: WeightView
         weights = {parameter: view.from_matrix(w + w @ a.T)}
         outputs.append(output_logits(torch.func.functional_call(
             problem.model, weights, kwargs=model_arguments(problem.model, x)) if is_dict_batch(x) else
-            torch.func.functional_call(problem.model, weights, (x,))))
+            torch.func.functional_call(problem.model, weights, (x,)), problem.model))
     return torch.cat(outputs)
 
 

@@ -72,7 +72,8 @@ def test_torchs_own_losses_are_the_built_ins_and_others_stay_callables():
     callables; a sum reduction (kappa n times too large) is refused."""
     for fn, name in ((F.cross_entropy, "cross_entropy"), (nn.CrossEntropyLoss(), "cross_entropy"),
                      (F.mse_loss, "mse"), (nn.MSELoss(), "mse"),
-                     (F.binary_cross_entropy_with_logits, "bce_with_logits"), (nn.BCEWithLogitsLoss(), "bce_with_logits")):
+                     (F.binary_cross_entropy_with_logits, "bce_with_logits"),
+                     (nn.BCEWithLogitsLoss(), "bce_with_logits")):
         assert get_loss(fn) is LOSSES[name], fn
     for fn in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(3)),
                nn.CrossEntropyLoss(ignore_index=0), nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), nn.NLLLoss(),

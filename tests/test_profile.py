@@ -167,3 +167,24 @@ def test_cli_profile_of_a_local_hugging_face_checkpoint(tmp_path, capsys, proble
     batches = rf_zoo.load_data("synthetic-tokens", batch_size=256, samples=12, seq_len=8, vocab=40, model=model)
     assert rows[-1]["kappa"] == pytest.approx(rf.relative_flatness(model, "classifier", batches).kappa, rel=1e-6)
     assert batches[0]["labels"].dtype == (torch.float32 if num_labels == 1 else torch.int64)
+
+
+@pytest.mark.parametrize("hessian_trace", [True, False])
+def test_normalized_kappa_from_the_exact_paths_own_products(hessian_trace, capsys):
+    """Where the exact path runs Hessian-vector products (a LayerNorm after the layer), the profile
+    takes Theorem 4's normalized kappa from the same products (a product along W's column k
+    scaled by s_k): equal to a separate normalize_features call, for m < d (products along W's
+    columns) and m > d (along the unit vectors), with a progress line on stderr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x = torch.randn(40, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.1, 2.0, 1.0], dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    table = rf.profile(model, x, y, hessian_trace=hessian_trace, rel_tol=0.5, max_probes=16)
+    rows = {r["layer"]: r for r in table.rows}
+    for layer in ("0", "2"):  # (9, 5): m < d; (4, 9): m > d
+        assert rows[layer]["method"] == "exact"
+        separate = rf.relative_flatness(model, layer, x, y, normalize_features=True)
+        assert "Hessian-vector products" in separate.reason
+        torch.testing.assert_close(rows[layer]["kappa_normalized"], separate.kappa, rtol=1e-10, atol=0)
+        assert rows[layer]["kappa_normalized"] != pytest.approx(rows[layer]["kappa"], rel=1e-3)
+    assert "exact kappa of '0'" in capsys.readouterr().err

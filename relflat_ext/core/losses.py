@@ -367,7 +367,8 @@ def builtin_equivalent(fn: Callable) -> Optional[str]:
     (``F.cross_entropy``, ``nn.CrossEntropyLoss()``, ``F.mse_loss``, ``nn.MSELoss()``,
     ``F.binary_cross_entropy_with_logits``, ``nn.BCEWithLogitsLoss()``), so that it gets the closed
     forms and kernels; None for anything else (class weights, label smoothing, pos_weight, ...)."""
-    functions = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse", F.binary_cross_entropy_with_logits: "bce_with_logits"}
+    functions = {F.cross_entropy: "cross_entropy", F.mse_loss: "mse",
+                 F.binary_cross_entropy_with_logits: "bce_with_logits"}
     if fn in functions:
         return functions[fn]
     if getattr(fn, "reduction", None) != "mean" or getattr(fn, "weight", None) is not None:

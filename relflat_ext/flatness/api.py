@@ -29,7 +29,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                       loss: Optional[LossSpec] = None, method: str = "auto", normalize_features: bool = False,
                       lmax: bool = False, block_trace: bool = False, batch_size: Optional[int] = None,
                       rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
-                      weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None) -> FlatnessResult:
+                      weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None,
+                      progress: bool = False) -> FlatnessResult:
     """Relative flatness kappa_Tr of ``layer`` (a name or a submodule of ``model``) on the data.
 
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
@@ -56,12 +57,14 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     max-eigenvalue variant. block_trace: also ``T[s, t] = Tr(H_{s,t})`` (d, d); off by default, as
     it can cost as much as kappa on wide layers. distributed: with torch.distributed initialized
     (None: auto; True: required), each rank's data is a shard and every rank gets the result on
-    all of them. The model is measured in eval mode and left exactly as it was.
+    all of them. progress: a line on stderr counting the Hessian-vector products of the exact
+    path and the estimator's probes (the paths that can take minutes on large layers). The model
+    is measured in eval mode and left exactly as it was.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     options = Options(normalize_features=normalize_features, lmax=lmax, block_trace=block_trace, rel_tol=rel_tol,
-                      max_probes=max_probes, seed=seed, weight_view=weight_view)
+                      max_probes=max_probes, seed=seed, weight_view=weight_view, progress=progress)
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     result = _dispatch(problem, method, options)
     if problem.note:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,6 +15,7 @@ from .. import ops
 from ..core.data import batch_length, take_rows
 from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.hvp import double_backward_kernels, hessian_vector_products
+from ..core.progress import ProgressLine
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
 from .closed_form import TOKENS_NOTE, counted_rows, has_token_targets, output_dim, prefix_features
@@ -35,6 +36,15 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     scale = scale_over_data(problem) if options.normalize_features else None
     w = problem.matrix.detach() if scale is None else problem.matrix.detach() * scale
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
+    report = ProgressLine(f"exact kappa of {problem.name!r}") if options.progress and plan is None else None
+    # The normalized kappa from the same products: the output Hessians do not depend on the scale.
+    normalized = None
+    if options.normalized_too and scale is None and plan is None:
+        try:
+            normalized_scale = scale_over_data(problem)
+            normalized = (Accumulator(w * normalized_scale, False, False, problem.distributed), normalized_scale)
+        except ValueError:  # no per-sample feature vectors: the products below say so, for the caller's fallback
+            pass
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
         tokens = False
         for x, y in problem.batches():
@@ -50,8 +60,13 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
                 n_x = batch_length(x)
                 step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if w.device.type == "cpu" else n_x
                 for s in range(0, n_x, step):
-                    _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale)
+                    _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale, report,
+                               normalized)
         result = acc.result("exact", problem.name, scale, start)
+        if normalized is not None:
+            result.kappa_normalized = normalized[0].result("exact", problem.name, normalized[1], start).kappa
+    if report:
+        report.close()
     result.reason = reason + (TOKENS_NOTE if tokens else "")
     return result
 
@@ -108,7 +123,12 @@ def check_token_wise(name: str, out: torch.Tensor, z: torch.Tensor) -> None:
                                 "layer): tokens are not independent samples; use method='stochastic' (or 'auto')")
 
 
-def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor],
+               report: Optional[ProgressLine] = None,
+               normalized: Optional[Tuple[Accumulator, torch.Tensor]] = None) -> None:
+    """Adds the chunk's samples to ``acc`` (and, given ``normalized`` = (accumulator, Theorem 4's
+    scale s), to the normalized kappa's sums from the same products: the features become phi / s
+    and the weight W diag(s); a product along W's column k becomes s_k times itself)."""
     loss = problem.loss
     n_b = problem.count(y)  # terms of the batch mean: samples, or counted tokens
     if n_b == 0:
@@ -129,6 +149,10 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
     # Rows whose term does not count (ignored tokens) get Hz_i = 0 from the products themselves.
     sq_norms = phi.pow(2).sum(1) * n_b
     acc.n += n_b
+    if normalized is not None:
+        acc_n, s_n = normalized
+        sq_norms_n = (phi * inverse_scale(s_n)).pow(2).sum(1) * n_b
+        acc_n.n += n_b
     if not grad_z.requires_grad:  # loss linear in z: Hz = 0, nothing to add
         return
     use_weight_probes = m < d and acc.block is None and acc.diag_blocks is None
@@ -145,10 +169,15 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
         gram_cols = w[:, cols] if use_weight_probes else acc.gram[:, cols]
         per_sample, block = ops.contract_output_hessians(sq_norms, hz, gram_cols, acc.block is not None)
         acc.kappa_sum = acc.kappa_sum + per_sample.sum()
+        if normalized is not None:
+            cols_n = w[:, cols] * s_n[cols].pow(2) if use_weight_probes else acc_n.gram[:, cols]
+            acc_n.kappa_sum = acc_n.kappa_sum + ops.contract_output_hessians(sq_norms_n, hz, cols_n, False)[0].sum()
         if acc.block is not None:
             acc.block[:, cols] += block
         if hdiag is not None:
             idx = torch.arange(cols.start, cols.stop, device=hz.device)
             hdiag[:, cols] = hz[:, idx, idx - cols.start] * n_b
+        if report:
+            report.add(dirs.shape[0], note=f"{acc.n} samples so far")
     if hdiag is not None:
         acc.add_diagonal(hdiag, phi)

@@ -24,7 +24,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What to compute besides kappa_Tr, and the stochastic estimator's stopping rule."""
+    """What to compute besides kappa_Tr, the stochastic estimator's stopping rule, and whether to
+    show progress."""
     normalize_features: bool = False
     lmax: bool = False
     block_trace: bool = False
@@ -32,6 +33,8 @@ class Options:
     max_probes: int = 1000
     seed: Optional[int] = None
     weight_view: Optional[WeightView] = None
+    progress: bool = False  # a progress line on stderr for the products of the exact path and the estimator
+    normalized_too: bool = False  # the exact path's Hessian-vector products also give Theorem 4's kappa
 
 
 @dataclasses.dataclass

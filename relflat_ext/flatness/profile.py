@@ -26,6 +26,7 @@ from torch import nn
 from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap_parallel, weight_layers,
                            weight_matrix)
 from ..core.losses import LossSpec
+from ..core.progress import ProgressLine
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
 from .problem import Options, Problem
@@ -99,16 +100,17 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
             batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,
             distributed: Optional[bool] = None) -> ProfileTable:
-    """Measures every Linear/Conv/ConvTranspose layer (``layers="auto"``, transformers' Conv1D and packed
-    attention projections included) or the named ones: exactly where ``relative_flatness``
-    (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, each on its
-    own (``probes="per_layer"``) or all with one shared set of Hessian-vector products
-    (``"shared"``, method "stochastic-shared", ``sketch`` as in
-    :func:`stochastic_estimate_layers`; ``max_probes`` bounds the products). Adds Theorem 4's normalized kappa
-    where it is defined (Linear layers on per-sample features), the Hessian trace (exact from the
-    block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's
-    peak allocation, or on the CPU the process's resident high-water mark. Progress goes to
-    stderr: a line per exact layer, a running count of products for the shared estimate."""
+    """Measures every Linear/Conv/ConvTranspose layer (``layers="auto"``, transformers' Conv1D, the
+    attention and recurrent matrices of :func:`weight_layers` included) or the named ones: exactly
+    where ``relative_flatness`` (``method="auto"``) would, the others by the stochastic estimator
+    to ``rel_tol``, each on its own (``probes="per_layer"``) or all with one shared set of
+    Hessian-vector products (``"shared"``, method "stochastic-shared", ``sketch`` as in
+    :func:`stochastic_estimate_layers`; ``max_probes`` bounds the products). Adds Theorem 4's
+    normalized kappa where it is defined (Linear layers on per-sample features; on the Hessian-vector-product path
+    from the same products as kappa), the Hessian trace (exact from the block traces, else
+    estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's peak allocation, or on
+    the CPU the process's resident high-water mark. Progress goes to stderr: a line per layer, and
+    a running count of products wherever they are many (exact Hessian-vector products, estimates)."""
     if probes not in PROBE_MODES:
         raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
     model = unwrap_parallel(model)
@@ -124,22 +126,27 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
+        # Tr(H) = Tr(T) where exact; the normalized kappa from the exact path's own products.
+        # With shared probes, the estimator's budget does not bound the exact path's products.
+        options = Options(block_trace=hessian_trace, progress=progress, normalized_too=True)
+        problem = Problem.build(model, name, inputs, targets, loss, batch_size, distributed)
         if probes == "shared":
-            problem = Problem.build(model, name, inputs, targets, loss, batch_size, distributed)
-            res = _dispatch(problem, "auto", Options(block_trace=hessian_trace), estimate=lambda *args: None)
-            if res is None:  # the estimator's layer: measured with the others below
-                deferred.append(name)
-                continue
+            res = _dispatch(problem, "auto", options, estimate=lambda *args: None)
         else:
-            res = relative_flatness(model, name, inputs, targets, rel_tol=rel_tol, max_probes=max_probes, seed=seed,
-                                    block_trace=hessian_trace, **common)  # Tr(H) = Tr(T) where exact
+            res = _dispatch(problem, "auto", dataclasses.replace(options, rel_tol=rel_tol, max_probes=max_probes,
+                                                                 seed=seed))
+        if res is None:  # the estimator's layer: measured with the others below
+            deferred.append(name)
+            continue
         normalized = trace = trace_se = None
         if res.method != "stochastic":
-            normalized = relative_flatness(model, name, inputs, targets, normalize_features=True, **common).kappa
+            normalized = res.kappa_normalized
+            if normalized is None:  # the closed form and the chain rule: cheap to run again
+                normalized = relative_flatness(model, name, inputs, targets, normalize_features=True, **common).kappa
             trace = _trace_from_block_traces(res)
         elif hessian_trace:
             est = stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
-                                      max_probes=max_probes, seed=seed, **common)
+                                      max_probes=max_probes, seed=seed, progress=progress, **common)
             trace, trace_se = est.value, est.stderr
         rows[name] = _row(name, module, res.kappa, res.kappa_stderr, normalized, trace, trace_se, res.method, res.n,
                           res.probes, time.perf_counter() - start)
@@ -175,7 +182,7 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
     runs = [("kappa", "kappa")] + ([("hessian_trace", "Hessian trace")] if hessian_trace else [])
     results = {}
     for quantity, label in runs:
-        report = _ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
+        report = ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
         results[quantity] = stochastic_estimate_layers(model, deferred, inputs, targets, quantity=quantity,
                                                        rel_tol=rel_tol, max_probes=max_probes, sketch=sketch,
                                                        seed=seed, progress=report, give_up=True, **common)
@@ -213,21 +220,6 @@ def _pooled(a, b, rel_tol: float):
     value, stderr = (wa * a.value + wb * b.value) / (wa + wb), (wa + wb) ** -0.5
     return dataclasses.replace(b, value=value, stderr=stderr, probes=a.probes + b.probes,
                                converged=stderr <= rel_tol * abs(value))
-
-
-class _ProgressLine:
-    """A progress bar on stderr, rewritten in place: products done of the budget."""
-
-    def __init__(self, label: str):
-        self.label, self.start = label, time.perf_counter()
-
-    def __call__(self, done: int, budget: int) -> None:
-        filled = int(30 * done / max(budget, 1))
-        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{budget} Hessian-vector products ({self.label}, "
-              f"{time.perf_counter() - self.start:.1f} s)", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        print(file=sys.stderr, flush=True)
 
 
 def _trace_from_block_traces(res) -> Optional[float]:

@@ -13,7 +13,9 @@ class FlatnessResult:
     ``T[s, t] = Tr(H_{s,t})`` (None when not asked); method: the path that ran; n: samples used;
     layer: the layer's name; feature_scale (m,): Theorem 4's per-feature standard deviations when
     ``normalize_features`` (0 for zero-spread features, which are dropped); seconds: wall time; for the
-    stochastic method kappa_stderr (standard error) and probes; reason: why this path ran."""
+    stochastic method kappa_stderr (standard error) and probes; reason: why this path ran;
+    kappa_normalized: Theorem 4's normalized kappa where it was computed alongside kappa, from the
+    same Hessian-vector products (the profile asks it of the exact path)."""
     kappa: float
     kappa_lmax: Optional[float]
     block_trace: Optional[torch.Tensor]
@@ -25,3 +27,4 @@ class FlatnessResult:
     kappa_stderr: Optional[float] = None
     probes: Optional[int] = None
     reason: str = ""
+    kappa_normalized: Optional[float] = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from typing import List, Optional
@@ -31,6 +30,7 @@ from ..core.hooks import preserved
 from ..core.hvp import double_backward_kernels, hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
+from ..core.progress import ProgressLine
 from ..core.rng import standard_normal
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
@@ -133,7 +133,7 @@ def run(problem: Problem, options: Options, reason: str) -> FlatnessResult:
                              "Conv1D)")
         scale = scale_over_data(problem)
     est = estimate(problem, rel_tol=options.rel_tol, max_probes=options.max_probes, seed=options.seed,
-                   feature_scale=scale, weight_view=options.weight_view)
+                   feature_scale=scale, weight_view=options.weight_view, progress=options.progress)
     return FlatnessResult(est.value, None, None, "stochastic", est.n, problem.name, scale, est.seconds,
                           kappa_stderr=est.stderr, probes=est.probes, reason=reason)
 
@@ -171,6 +171,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
     n = 0
     value = stderr = math.nan
     converged = False
+    report = ProgressLine(f"stochastic {quantity} of {name!r}", "probes") if progress else None
     with preserved(model):
         weight.requires_grad_(True)
         for rnd in range(math.ceil(max_probes / probes_per_round)):
@@ -189,11 +190,12 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             allq = torch.cat(samples)
             value = float(allq.mean())
             stderr = float(allq.std() / math.sqrt(allq.numel()))
-            if progress:
-                print(f"relflat stochastic {quantity} of {name!r}: {allq.numel()} probes, {value:.6g} +- {stderr:.2g}",
-                      file=sys.stderr, flush=True)
-            if stderr <= rel_tol * abs(value):
-                converged = True
+            converged = stderr <= rel_tol * abs(value)
+            if report:
+                report(allq.numel(), max_probes, f"{quantity} {value:.5g} +- {stderr:.2g}")
+            if converged:
                 break
+    if report:
+        report.close()
     return StochasticEstimate(value, stderr, int(sum(s.numel() for s in samples)), torch.cat(samples).to(w_mat.dtype),
                               converged, n, time.perf_counter() - start)

@@ -195,8 +195,8 @@ def as_the_model_takes(model: nn.Module, convention: str, x: Inputs, y: torch.Te
     """A batch and its labels as the model's own loss pairs them (:func:`label_convention`): a
     one-output regressor's labels (n,) as (n, 1); the shifts and decoder inputs for dict batches
     only (tensor batches are taken as given)."""
-    if convention == "regression" and y.dim() == 1:  # the model's MSELoss squeezes both sides
-        return x, y.unsqueeze(1)
+    if convention == "regression":
+        return x, regression_labels(y)
     if not is_dict_batch(x):
         return x, y
     if convention == "causal":
@@ -204,6 +204,12 @@ def as_the_model_takes(model: nn.Module, convention: str, x: Inputs, y: torch.Te
     if convention == "seq2seq" and not {"decoder_input_ids", "decoder_inputs_embeds"} & x.keys():
         return {**x, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=y)}, y
     return x, y
+
+
+def regression_labels(y: torch.Tensor) -> torch.Tensor:
+    """A one-output regressor's labels (n,) as (n, 1), the logits' shape: its MSELoss squeezes both
+    sides. Other shapes as given."""
+    return y.unsqueeze(1) if y.dim() == 1 else y
 
 
 def model_batches(model: nn.Module, inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],

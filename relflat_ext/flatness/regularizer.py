@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.data import as_the_model_takes, label_convention, model_loss, output_logits
+from ..core.data import label_convention, model_loss, output_logits, regression_labels
 from ..core.hooks import check_vector_features
 from ..core.layers import LayerSpec, resolve_linear, unwrap_parallel, weight_matrix
 from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
@@ -101,8 +101,8 @@ class FlatnessRegularizer:
                 raise ValueError(f"under DataParallel the layer {self.name!r} must be the last module of a plain "
                                  "nn.Sequential, or followed there by Linear layers and activations only")
             tail = self._tail
-        if targets is not None and self._labels == "regression":  # labels (n,) as its own MSE reads them
-            targets = as_the_model_takes(None, self._labels, {}, targets)[1]
+        if targets is not None and self._labels == "regression":
+            targets = regression_labels(targets)
         total, n = None, 0
         for features, _, module in calls:  # one chunk per replica under DataParallel, else one
             chunk_targets = targets

@@ -121,6 +121,9 @@ BAD += [
         M(), "0.weight", X, Y), ValueError, r"is a parameter of shape \(4, 5\), not a module: this needs a module"),
     ("a bias named as a layer", lambda: rf.relative_flatness(M(), "0.bias", X, Y), ValueError,
      r"parameter of shape \(4,\), not a module: relative flatness needs a weight matrix"),
+    ("cross entropy over one logit", lambda: rf.relative_flatness(
+        nn.Sequential(nn.Linear(6, 1)), "0", torch.randn(4, 6), torch.zeros(4, dtype=torch.long)), ValueError,
+     "single output is 0 whatever the model does"),
     ("several inputs as a tuple", lambda: rf.relative_flatness(M(), "0", [((X, X), Y)]), TypeError,
      "pass each batch as a dict of its keyword arguments"),
     ("Fisher-Rao norm: label out of range", lambda: rf.measures.fisher_rao_norm(M(), X, torch.full((20,), 7)),

@@ -252,6 +252,9 @@ class CrossEntropy(Loss):
         d, index_shape = shape[1], (n,) + shape[2:]
         if len(shape) >= 3 and tuple(targets.shape) == shape[:-1] and tuple(targets.shape) != index_shape:
             d, index_shape = shape[-1], shape[:-1]  # the token layout: the classes last
+        if d == 1:
+            raise ValueError("cross_entropy over a single output is 0 whatever the model does (zero curvature, kappa "
+                             "0): for one logit per sample use loss='bce_with_logits' (or 'mse')")
         if tuple(targets.shape) == index_shape and not targets.is_floating_point() and targets.dtype != torch.bool:
             low, high = torch.aminmax(targets) if targets.numel() else (0, 0)  # one pass, not min and max
             if int(low) == -100:  # ignored labels: the range of the others (a second pass only then)

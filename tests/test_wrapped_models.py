@@ -149,6 +149,18 @@ def test_a_compiled_model_is_measured_by_its_modules_names():
                                                            seed=0).kappa, rel=1e-10)
 
 
+def test_feature_robustness_through_the_weight_of_a_compiled_model():
+    """Perturbing a compiled model's convolution through its weight runs the module inside the
+    wrapper (the wrapper would recompile for every new weight): the eager model's values."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+    x, y = torch.randn(12, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    compiled = torch.compile(plain, backend="eager")
+    got = rf.feature_robustness(compiled, "0", x, y, delta=0.1, n_samples=8, seed=0, kappa=1.0)
+    want = rf.feature_robustness(plain, "0", x, y, delta=0.1, n_samples=8, seed=0, kappa=1.0)
+    torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=0)
+
+
 def test_a_data_parallel_model_is_measured_as_its_module():
     """DataParallel (and DistributedDataParallel) add gradient synchronization, not function: the
     module inside is measured, by its plain names or the wrapper's ("module.<name>"), on the same

@@ -142,13 +142,17 @@ def _perturbed_weight_outputs(problem: Problem, parameter: str, view: WeightView
     (a convolution's patches, each token, a recurrent step's state) perturbed as
     ``phi -> (I + A_c) phi``. One forward pass per copy (through ``functional_call``), concatenated
     as the repeated batch's outputs."""
-    w = view.to_matrix(dict(problem.model.named_parameters())[parameter])
+    model = problem.model
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper would recompile for every new weight
+    if isinstance(inner, nn.Module) and parameter.startswith("_orig_mod."):
+        model, parameter = inner, parameter[len("_orig_mod."):]
+    w = view.to_matrix(dict(model.named_parameters())[parameter])
     outputs = []
     for a in a_t:
         weights = {parameter: view.from_matrix(w + w @ a.T)}
         outputs.append(output_logits(torch.func.functional_call(
-            problem.model, weights, kwargs=model_arguments(problem.model, x)) if is_dict_batch(x) else
-            torch.func.functional_call(problem.model, weights, (x,)), problem.model))
+            model, weights, kwargs=model_arguments(model, x)) if is_dict_batch(x) else
+            torch.func.functional_call(model, weights, (x,)), model))
     return torch.cat(outputs)
 
 

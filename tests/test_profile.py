@@ -188,3 +188,18 @@ def test_normalized_kappa_from_the_exact_paths_own_products(hessian_trace, capsy
         torch.testing.assert_close(rows[layer]["kappa_normalized"], separate.kappa, rtol=1e-10, atol=0)
         assert rows[layer]["kappa_normalized"] != pytest.approx(rows[layer]["kappa"], rel=1e-3)
     assert "exact kappa of '0'" in capsys.readouterr().err
+
+
+def test_cli_profile_of_a_local_image_classifier_checkpoint(tmp_path, capsys):
+    """An image model's checkpoint gets synthetic images of its config's size, channels and labels."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=2, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=4)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    code = cli_main(["profile", "--model", str(tmp_path / "vit"), "--samples", "8", "--rel-tol", "0.5",
+                     "--max-probes", "8", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "on synthetic-imagenet (8 samples" in capsys.readouterr().out
+    rows = json.load(open(tmp_path / "out" / "profile.json"))
+    assert rows[-1]["layer"] == "classifier" and rows[-1]["shape"] == [4, 16] and rows[-1]["method"] == "closed_form"

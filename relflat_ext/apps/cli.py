@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                            "(save_pretrained), a torchvision model name, or module:function")
     prof.add_argument("--weights", default=None, help="a local state_dict file for the model")
     prof.add_argument("--data", default=None,
-                      help="'digits' (the default), 'digits-flat', 'synthetic-imagenet', 'synthetic-tokens' (the "
-                           "default for language models, labelled for a sequence classifier's task), or "
-                           "module:function returning a DataLoader")
+                      help="'digits' (the default), 'digits-flat', 'synthetic-imagenet' (the default for a "
+                           "transformers image model, sized by its config), 'synthetic-tokens' (the default for "
+                           "language models, labelled for a sequence classifier's task), or module:function "
+                           "returning a DataLoader")
     prof.add_argument("--seq-len", type=POSITIVE, default=128, help="tokens per sequence for synthetic-tokens")
     prof.add_argument("--samples", type=POSITIVE, default=None, help="use the first N samples")
     prof.add_argument("--batch-size", type=POSITIVE, default=256)
@@ -131,7 +132,8 @@ def _profile(args) -> None:
 
     model = load_model(args.model, args.weights, seed=args.seed)
     config = getattr(model, "config", None)
-    data = args.data or ("synthetic-tokens" if hasattr(config, "vocab_size") else "digits")
+    data = args.data or ("synthetic-tokens" if hasattr(config, "vocab_size") else
+                         "synthetic-imagenet" if hasattr(config, "image_size") else "digits")
     loader = load_data(data, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
                        vocab=getattr(config, "vocab_size", 1000), seq_len=args.seq_len, model=model)
     epochs = args.train_epochs if args.train_epochs is not None else (30 if args.model == "lenet5" else 0)

@@ -79,7 +79,8 @@ def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, s
               seq_len: int = 128, model: Optional[nn.Module] = None):
     """A DataLoader for a built-in data set ("digits": scikit-learn's 1797 8x8 images as (1, 8, 8);
     "digits-flat": the same as 64-vectors; "synthetic-imagenet": Gaussian 3x224x224 images with
-    random labels, 512 unless ``samples``; "synthetic-tokens": random sequences of ``seq_len``
+    random labels, 512 unless ``samples`` (sized and labelled by a transformers ``model``'s config:
+    image size, channels, labels); "synthetic-tokens": random sequences of ``seq_len``
     tokens below ``vocab`` as dict batches, 64 unless ``samples``, labelled for ``model``'s task:
     :func:`synthetic_tokens`), or ``module:function`` returning a DataLoader."""
     if ":" in spec:
@@ -88,8 +89,11 @@ def load_data(spec: str, batch_size: int = 256, samples: Optional[int] = None, s
         return synthetic_tokens(samples or 64, seq_len, vocab, batch_size, seed, model)
     if spec in ("digits", "digits-flat"):
         x, y = load_digits(image=spec == "digits")
-    elif spec == "synthetic-imagenet":
-        x, y = synthetic_images(samples or 512, seed)
+    elif spec == "synthetic-imagenet":  # shaped for a transformers image classifier's config where given
+        config = getattr(model, "config", None)
+        size, channels = getattr(config, "image_size", 224), getattr(config, "num_channels", 3)
+        x, y = synthetic_images(samples or 512, seed, classes=getattr(config, "num_labels", 1000),
+                                size=size if isinstance(size, int) else size[0], channels=channels)
     else:
         raise ValueError(f"data must be one of {BUILTIN_DATA} or module:function, got {spec!r}")
     if samples is not None:

@@ -25,8 +25,8 @@ def digits_split(seed: int = 0, test_fraction: float = 0.3, image: bool = False)
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-def synthetic_images(n: int = 512, seed: int = 0, classes: int = 1000, size: int = 224):
-    """(x, y): Gaussian 3 x size x size images with uniform random labels, for timing ImageNet-size
-    models (no real ImageNet data can be loaded here)."""
+def synthetic_images(n: int = 512, seed: int = 0, classes: int = 1000, size: int = 224, channels: int = 3):
+    """(x, y): Gaussian channels x size x size images with uniform random labels, for timing
+    ImageNet-size models (no real ImageNet data can be loaded here)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, channels, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)

@@ -121,6 +121,8 @@ BAD += [
         M(), "0.weight", X, Y), ValueError, r"is a parameter of shape \(4, 5\), not a module: this needs a module"),
     ("a bias named as a layer", lambda: rf.relative_flatness(M(), "0.bias", X, Y), ValueError,
      r"parameter of shape \(4,\), not a module: relative flatness needs a weight matrix"),
+    ("int32 class indices", lambda: rf.relative_flatness(M(), "2", X, Y.int()), ValueError,
+     r"must be int64 \(torch.long\), as F.cross_entropy takes them; got torch.int32: pass targets.long\(\)"),
     ("cross entropy over one logit", lambda: rf.relative_flatness(
         nn.Sequential(nn.Linear(6, 1)), "0", torch.randn(4, 6), torch.zeros(4, dtype=torch.long)), ValueError,
      "single output is 0 whatever the model does"),

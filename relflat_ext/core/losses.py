@@ -256,6 +256,9 @@ class CrossEntropy(Loss):
             raise ValueError("cross_entropy over a single output is 0 whatever the model does (zero curvature, kappa "
                              "0): for one logit per sample use loss='bce_with_logits' (or 'mse')")
         if tuple(targets.shape) == index_shape and not targets.is_floating_point() and targets.dtype != torch.bool:
+            if targets.dtype not in (torch.long, torch.uint8):
+                raise ValueError(f"class-index targets for cross_entropy must be int64 (torch.long), as "
+                                 f"F.cross_entropy takes them; got {targets.dtype}: pass targets.long()")
             low, high = torch.aminmax(targets) if targets.numel() else (0, 0)  # one pass, not min and max
             if int(low) == -100:  # ignored labels: the range of the others (a second pass only then)
                 used = targets[targets != -100]

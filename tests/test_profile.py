@@ -190,6 +190,26 @@ def test_normalized_kappa_from_the_exact_paths_own_products(hessian_trace, capsy
     assert "exact kappa of '0'" in capsys.readouterr().err
 
 
+def test_normalized_kappa_from_shared_products_at_a_trained_float32_minimum():
+    """Where users are: the same LayerNorm-tailed net trained in float32 to a training loss below
+    1e-3; the shared products agree with a separate normalize_features call to float32 rounding."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2000):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3
+    rows = {r["layer"]: r for r in rf.profile(model.eval(), x, y, hessian_trace=False, progress=False).rows}
+    for layer in ("0", "2"):
+        assert rows[layer]["method"] == "exact"
+        separate = rf.relative_flatness(model, layer, x, y, normalize_features=True).kappa
+        torch.testing.assert_close(rows[layer]["kappa_normalized"], separate, rtol=1e-6, atol=0)  # measured 1.9e-7
+
+
 def test_cli_profile_of_a_local_image_classifier_checkpoint(tmp_path, capsys):
     """An image model's checkpoint gets synthetic images of its config's size, channels and labels."""
     transformers = pytest.importorskip("transformers")

@@ -106,9 +106,9 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
     to ``rel_tol``, each on its own (``probes="per_layer"``) or all with one shared set of
     Hessian-vector products (``"shared"``, method "stochastic-shared", ``sketch`` as in
     :func:`stochastic_estimate_layers`; ``max_probes`` bounds the products). Adds Theorem 4's
-    normalized kappa where it is defined (Linear layers on per-sample features; on the Hessian-vector-product path
-    from the same products as kappa), the Hessian trace (exact from the block traces, else
-    estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's peak allocation, or on
+    normalized kappa where it is defined (Linear layers on per-sample features; on the
+    Hessian-vector-product path from the same products as kappa), the Hessian trace (exact from
+    the block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's peak allocation, or on
     the CPU the process's resident high-water mark. Progress goes to stderr: a line per layer, and
     a running count of products wherever they are many (exact Hessian-vector products, estimates)."""
     if probes not in PROBE_MODES:

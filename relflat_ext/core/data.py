@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import plain
+
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
 Batch = Tuple[Inputs, torch.Tensor]
 LABELS = "labels"
@@ -301,7 +303,13 @@ def iterate_batches(inputs, targets: Optional[torch.Tensor], batch_size: Optiona
     tensors chunked, the targets under "labels"), or from an iterable of (x, y) pairs or of dict
     batches (a DataLoader, with ``targets=None``). Checks shapes, and finiteness unless
     ``check_values`` is False (for callers that check their result instead: a scan can cost more
-    than the work)."""
+    than the work). Tensors come detached (:func:`~.modes.plain`)."""
+    for x, y in _batches(inputs, targets, batch_size, check_values):
+        yield ({k: plain(v) for k, v in x.items()} if is_dict_batch(x) else plain(x)), plain(y)
+
+
+def _batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
+             check_values: bool) -> Iterator[Batch]:
     inputs, targets = unpack_pair(inputs, targets)
     check_data(inputs, targets, batch_size)
     if is_dict_batch(inputs):

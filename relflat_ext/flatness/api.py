@@ -18,6 +18,7 @@ from torch import nn
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
 from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
 from ..core.losses import LossSpec, get_loss, is_cross_entropy_after_log_softmax
+from ..core.modes import measurement
 from . import autograd, closed_form, exact, stochastic, tail as _tail
 from .problem import HALF_DTYPES, METHODS, Options, Problem
 from .result import FlatnessResult
@@ -25,6 +26,7 @@ from .result import FlatnessResult
 PATHS: Dict[str, Callable[..., FlatnessResult]] = {"closed_form": closed_form.run, "exact": exact.run}
 
 
+@measurement
 def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                       loss: Optional[LossSpec] = None, method: str = "auto", normalize_features: bool = False,
                       lmax: bool = False, block_trace: bool = False, batch_size: Optional[int] = None,

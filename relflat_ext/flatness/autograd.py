@@ -15,6 +15,7 @@ from ..core.hooks import preserved
 from ..core.hvp import double_backward_kernels
 from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, resolve_linear
 from ..core.losses import LossSpec
+from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -22,6 +23,7 @@ from .result import FlatnessResult
 DEFAULT_MAX_HESSIAN_BYTES = 4 << 30
 
 
+@measurement
 def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                   loss: Optional[LossSpec] = None, batch_size: Optional[int] = None,
                   vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
@@ -74,6 +76,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
     return hessian / n, n
 
 
+@measurement
 def relative_flatness_autograd(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
                                *, loss: Optional[LossSpec] = None, lmax: bool = False,
                                normalize_features: bool = False, batch_size: Optional[int] = None,

@@ -33,6 +33,7 @@ from ..core.hvp import double_backward_kernels
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from ..core.rng import standard_normal
+from ..core.modes import measurement
 from .problem import Problem
 from .stochastic import QUANTITIES, StochasticEstimate, probe_factor
 
@@ -42,6 +43,7 @@ SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension)
 BATCHED_DIRECTIONS = 8
 
 
+@measurement
 def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], inputs, targets=None, *,
                                loss: Optional[LossSpec] = None, quantity: str = "kappa", rel_tol: float = 0.05,
                                max_probes: int = 1000, probes_per_round: int = 32, sketch: Union[str, int] = "auto",

@@ -11,6 +11,7 @@ from torch import nn
 from ..core import dist
 from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
+from ..core.modes import measurement
 from .problem import Problem
 
 
@@ -35,6 +36,7 @@ def scale_of(features: torch.Tensor) -> torch.Tensor:
     return features.std(dim=0, unbiased=False)
 
 
+@measurement
 def feature_scale(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                   batch_size: Optional[int] = None, distributed: Optional[bool] = None) -> torch.Tensor:
     """Per-feature standard deviation (m,) of the input of ``layer`` (population form, over all

@@ -78,6 +78,9 @@ class Problem:
             notes += [why] if why else []
         loss = get_loss(loss)
         weight, problem_model = module.weight, model
+        if weight.is_inference():
+            raise ValueError(f"layer {name!r} has a weight made under torch.inference_mode(), which autograd cannot "
+                             "differentiate: build or load the model outside inference mode")
         if weight.device.type == "meta":
             raise ValueError(f"layer {name!r} has its weight on the meta device (no values): load or materialize the "
                              "model's weights first")

@@ -27,6 +27,7 @@ from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer
                            weight_matrix)
 from ..core.losses import LossSpec
 from ..core.progress import ProgressLine
+from ..core.modes import measurement
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
 from .problem import Options, Problem
@@ -95,6 +96,7 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (KiB on Linux)
 
 
+@measurement
 def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] = None,
             layers: Union[str, Sequence[str]] = "auto", probes: str = "per_layer", rel_tol: float = 0.05,
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,

@@ -32,6 +32,7 @@ from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
 from ..core.progress import ProgressLine
 from ..core.rng import standard_normal
+from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -102,6 +103,7 @@ def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tenso
     return torch.stack([view.from_matrix(mat) for mat in mats])
 
 
+@measurement
 def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None, *,
                         loss: Optional[LossSpec] = None, quantity: str = "kappa", rel_tol: float = 0.05,
                         max_probes: int = 1000, probes_per_round: int = 32, seed: Optional[int] = None,

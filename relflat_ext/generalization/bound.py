@@ -10,6 +10,7 @@ from torch import nn
 
 from ..core.hooks import preserved
 from ..core.layers import LayerSpec
+from ..core.modes import measurement
 from ..flatness import FlatnessResult, Problem, relative_flatness
 from .representativeness import BandwidthSpec, RepresentativenessResult, representativeness
 
@@ -33,6 +34,7 @@ class BoundResult:
     details: Tuple[RepresentativenessResult, FlatnessResult]
 
 
+@measurement
 def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                          delta: float = 0.1, folds: int = 10, repeats: int = 1,
                          bandwidth: BandwidthSpec = "relative", loss: Optional[str] = None,

@@ -16,6 +16,7 @@ from ..core.hooks import preserved
 from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, acts_on_vectors, resolve_weight_layer,
                            weight_matrix)
 from ..core.losses import LossSpec, get_loss
+from ..core.modes import measurement
 from ..flatness import relative_flatness, stochastic_estimate
 
 
@@ -27,6 +28,7 @@ def weight_norm(layer: nn.Module) -> float:
     return float(weight.detach().double().pow(2).sum())
 
 
+@measurement
 def hessian_trace(model: nn.Module, layer: LayerSpec, inputs, targets=None, *, loss: Optional[LossSpec] = None,
                   batch_size: Optional[int] = None, rel_tol: float = 0.05, max_probes: int = 1000,
                   seed: Optional[int] = 0) -> float:
@@ -52,6 +54,7 @@ class FisherRao:
     depth: int
 
 
+@measurement
 def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] = None,
                     depth: Optional[int] = None, batch_size: Optional[int] = None) -> FisherRao:
     """Liang et al.'s Fisher-Rao norm ``(L+1)^2 mean_i <dl/df(x_i), f(x_i)>^2``, with ``L+1`` the
@@ -116,6 +119,7 @@ def _accuracy(model, inputs, targets, batch_size) -> (float, int):
     return correct / n, n
 
 
+@measurement
 def pacbayes_flatness(model: nn.Module, inputs, targets=None, *, target_drop: float = 0.1, draws: int = 10,
                       sigma_max: float = 2.0, iterations: int = 15, seed: int = 0,
                       batch_size: Optional[int] = None) -> PacBayes:

@@ -29,6 +29,7 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
+from ..core.modes import measurement
 from ..flatness import Problem
 from .kde import select_bandwidth
 
@@ -92,6 +93,7 @@ def _cv_bandwidth(features: torch.Tensor, folds: int) -> float:
     return select_bandwidth(features, grid, folds=folds).bandwidth
 
 
+@measurement
 def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                        delta: float = 0.1, folds: int = 10, repeats: int = 1,
                        bandwidth: BandwidthSpec = "relative", loss: Optional[str] = None,

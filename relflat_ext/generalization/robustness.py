@@ -22,6 +22,7 @@ from ..core.data import batch_length, is_dict_batch, model_arguments, output_log
 from ..core.hooks import not_called, preserved, tapped
 from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import Loss, LossSpec
+from ..core.modes import measurement
 from ..flatness import Problem, relative_flatness
 from ..flatness import tail as _tail
 from ..flatness.accumulator import NotFinite, explain_not_finite
@@ -163,6 +164,7 @@ def _check_deltas(delta) -> List[float]:
     return [float(d) for d in deltas]
 
 
+@measurement
 def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None, *,
                        delta: Union[float, Sequence[float]] = 0.01, loss: Optional[LossSpec] = None,
                        distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,

@@ -49,6 +49,10 @@ BAD_CALLS = [
      ValueError, "too large for torch.float32"),
     ("NaN in the weights", lambda m, x, y: rf.relative_flatness(_poisoned(m), "2", x, y), ValueError,
      r"2\.weight contains NaN"),
+    ("a Dataset of single samples", lambda m, x, y: rf.relative_flatness(m, "2", torch.utils.data.TensorDataset(x, y)),
+     TypeError, "DataLoader"),
+    ("dict batch the forward cannot take", lambda m, x, y: rf.relative_flatness(m, "0", {"image": x, "labels": y}),
+     ValueError, r"Sequential.forward .* no \['input'\]"),
     ("wrong input width", lambda m, x, y: rf.relative_flatness(m, "2", x[:, :3], y), RuntimeError, "shapes cannot be multiplied"),
 ]
 
@@ -112,3 +116,63 @@ def test_from_features_errors():
         rf.relative_flatness_from_features(f, torch.randn(3, 5), torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="rows summing to 1"):
         rf.relative_flatness_from_features(f, w, torch.rand(10, 3))
+
+
+class _SkipsInEval(nn.Module):
+    """An auxiliary head the forward uses in training only (as torchvision's Inception and GoogLeNet
+    do), and a layer it runs under torch.no_grad()."""
+
+    def __init__(self, freeze: bool = True):
+        super().__init__()
+        self.freeze = freeze
+        self.frozen = nn.Linear(5, 6)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+        self.aux = nn.Linear(6, 4)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(not self.freeze):
+            x = torch.tanh(self.frozen(x))
+        h = torch.tanh(self.body(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+UNREACHED_CALLS = {
+    "stochastic": lambda m, x, y, layer: rf.relative_flatness(m, layer, x, y, method="stochastic"),
+    "autograd": lambda m, x, y, layer: rf.relative_flatness_autograd(m, layer, x, y),
+    "shared": lambda m, x, y, layer: rf.stochastic_estimate_layers(m, ["body", layer], x, y),
+    "shared without sketch": lambda m, x, y, layer: rf.stochastic_estimate_layers(m, ["body", layer], x, y, sketch=0),
+    "auto": lambda m, x, y, layer: rf.relative_flatness(m, layer, x, y),
+}
+
+
+@pytest.mark.parametrize("call", UNREACHED_CALLS)
+@pytest.mark.parametrize("layer", ["aux", "frozen"])
+def test_a_weight_the_loss_does_not_reach_gets_an_error_naming_it(call, layer):
+    """Before: torch's "element 0 of tensors does not require grad", or, with shared probes, a kappa
+    of exactly 0 with no error bar. The exact path needs no graph to the weight, only the features,
+    so ``auto`` measures the layer run under no_grad (the loss is a function of its weight all
+    the same)."""
+    model = _SkipsInEval().double()
+    x, y = data(20, 5, 4, "cross_entropy")
+    before = snapshot(model)
+    if (layer, call) == ("frozen", "auto"):
+        exact = rf.relative_flatness(model, layer, x, y)
+        unfrozen = _SkipsInEval(freeze=False).double()
+        unfrozen.load_state_dict(model.state_dict())
+        assert exact.method == "exact"
+        assert exact.kappa == pytest.approx(rf.relative_flatness_autograd(unfrozen, layer, x, y).kappa, rel=1e-10)
+    else:
+        with pytest.raises(ValueError, match=f"'{layer}' through autograd.*use_reentrant=False"):
+            UNREACHED_CALLS[call](model, x, y, layer)
+    assert_unchanged(model, before)
+
+
+def test_the_profile_marks_a_layer_the_loss_does_not_reach_and_measures_the_others():
+    model = _SkipsInEval().double()
+    x, y = data(40, 5, 4, "cross_entropy")
+    for probes in ("per_layer", "shared"):
+        rows = {r["layer"]: r for r in rf.profile(model, x, y, probes=probes, progress=False, rel_tol=0.2).rows}
+        assert rows["aux"]["method"] == "unused" and rows["aux"]["kappa"] is None
+        for name in ("body", "head"):
+            assert rows[name]["kappa"] == pytest.approx(rf.relative_flatness(model, name, x, y).kappa, rel=1e-9)

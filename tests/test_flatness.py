@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import relflat_ext as rf
 from relflat_ext.flatness import tail as _tail
@@ -110,3 +111,39 @@ def test_auto_computes_exactly_where_no_hvps_are_needed(widths, layer, method):
     assert res.method == method and res.kappa_stderr is None, res.reason
     base = rf.relative_flatness(model, layer, x, y, method="exact")
     _close(res.kappa, base.kappa, 1e-12)
+
+
+class _RoutedExperts(nn.Module):
+    """Mixture of experts: each sample goes through one expert, chosen by its features, so an
+    expert's input has fewer rows than the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        route = h[:, 0] > 0
+        out = torch.zeros_like(h).index_put((route.nonzero()[:, 0],), self.experts[0](h[route]))
+        out = out.index_put(((~route).nonzero()[:, 0],), self.experts[1](h[~route]))
+        return self.head(torch.tanh(out))
+
+
+def test_routed_experts_are_measured_exactly_over_the_samples_they_see():
+    """Before: the profile crashed computing the normalized kappa (a mask of the batch's length on
+    the expert's fewer rows); representativeness failed with a shape error from the KDE."""
+    torch.manual_seed(0)
+    model = _RoutedExperts().double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 4, (40,))
+    rows = {r["layer"]: r for r in rf.profile(model, x, y, progress=False).rows}
+    for name in ("experts.0", "experts.1"):
+        assert rows[name]["method"] == "exact"
+        assert rows[name]["kappa"] == pytest.approx(rf.relative_flatness_autograd(model, name, x, y).kappa, rel=1e-10)
+        normalized = rf.relative_flatness_autograd(model, name, x, y, normalize_features=True).kappa
+        assert rows[name]["kappa_normalized"] == pytest.approx(normalized, rel=1e-10)
+        assert rf.relative_flatness(model, name, x, y, normalize_features=True).kappa == pytest.approx(normalized,
+                                                                                                      rel=1e-10)
+        with pytest.raises(ValueError, match="one feature vector per sample"):
+            rf.representativeness(model, name, x, y)

@@ -234,3 +234,26 @@ def test_lmax_asked_of_an_estimated_layer_is_said_to_be_missing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the profile asks block traces of every layer: no warning for those
         rf.profile(model, x, y, rel_tol=0.5, max_probes=64, progress=False)
+
+
+def test_a_layer_some_batches_skip_is_measured_over_the_batches_that_use_it():
+    """A mixture-of-experts router: each batch goes through one expert, so the loss of some batches
+    does not reach an expert's weight. That is no error: those batches add zero curvature."""
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(5, 4) for _ in range(2))
+
+        def forward(self, x):
+            return self.experts[int(x[0, 0] > 0)](torch.tanh(x))
+
+    torch.manual_seed(0)
+    model = Routed().double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 4, (40,))
+    x[:20, 0], x[20:, 0] = x[:20, 0].abs() + 0.1, -x[20:, 0].abs() - 0.1  # batch 0: expert 1; batch 1: expert 0
+    for name in ("experts.0", "experts.1"):
+        exact = rf.relative_flatness_autograd(model, name, x, y, batch_size=20).kappa
+        est = rf.relative_flatness(model, name, x, y, batch_size=20, method="stochastic", rel_tol=0.05, seed=0)
+        assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+        shared = rf.stochastic_estimate_layers(model, ["experts.0", "experts.1"], x, y, batch_size=20, seed=0)[name]
+        assert abs(shared.value - exact) <= 4 * shared.stderr + 1e-9 * exact

@@ -76,22 +76,33 @@ def model_arguments(model: nn.Module, x: Mapping) -> Dict:
     """A dict batch's entries that the model's forward names (a dataset's other columns, such as
     the raw text or an index, dropped as transformers' Trainer drops them); all of them for a
     forward that takes ``**kwargs``, except a transformers model's, whose ``**kwargs`` are
-    options, not data (the Trainer keeps only the named arguments there too)."""
-    accepted = _forward_parameters(type(model))
-    return dict(x) if accepted is None else {k: v for k, v in x.items() if k in accepted}
+    options, not data (the Trainer keeps only the named arguments there too). A ValueError when
+    the batch lacks an argument the forward requires (an ``nn.Sequential`` given ``{"image": ...}``)."""
+    signature = _forward_signature(type(model))
+    if signature is None:
+        return dict(x)
+    accepted, required = signature
+    missing = sorted(required - set(x))
+    if missing:
+        raise ValueError(f"a dict batch is passed to {type(model).__name__}.forward as keyword arguments, but it has "
+                         f"no {missing} (keys given: {sorted(x)}): name the keys after the forward's arguments, or "
+                         "yield (x, y) pairs")
+    return {k: v for k, v in x.items() if k in accepted}
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_parameters(cls) -> Optional[frozenset]:
-    """The names a module class' forward takes, or None where it takes any (``**kwargs`` outside
-    transformers, or no signature)."""
+def _forward_signature(cls) -> Optional[Tuple[frozenset, frozenset]]:
+    """(the names a module class' forward takes, those without a default), or None where it takes
+    any (``**kwargs`` outside transformers, or no signature)."""
     try:
-        params = inspect.signature(cls.forward).parameters.values()
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
     except (TypeError, ValueError):
         return None
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params) and not cls.__module__.startswith("transformers."):
         return None
-    return frozenset(p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD)
+    named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return (frozenset(p.name for p in named),
+            frozenset(p.name for p in named if p.default is inspect.Parameter.empty))
 
 
 def output_logits(out, model: nn.Module):
@@ -268,6 +279,9 @@ def check_data(inputs, targets, batch_size: Optional[int]) -> None:
         return
     if targets is not None:
         raise TypeError("targets must be None when inputs is an iterable of (x, y) batches")
+    if isinstance(inputs, torch.utils.data.Dataset):  # its items are single samples, not batches
+        raise TypeError(f"inputs is a {type(inputs).__name__}, whose items are single samples: pass "
+                        "torch.utils.data.DataLoader(dataset, batch_size=...) to measure it in batches")
     if not isinstance(inputs, Iterable):
         raise TypeError(f"inputs must be a tensor or an iterable of (x, y) batches, got {type(inputs).__name__}")
     if isinstance(inputs, Iterator):  # a generator or iterator: a second pass would see nothing

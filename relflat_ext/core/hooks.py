@@ -72,9 +72,10 @@ class LayerNotCalled(ValueError):
 
 
 def not_called(name: str, what: str = "this path") -> LayerNotCalled:
-    return LayerNotCalled(f"the model never calls layer {name!r}'s forward (it uses the weight directly, as "
-                          f"nn.MultiheadAttention does with out_proj), so {what} cannot see its input features; "
-                          "relative_flatness(method='stochastic') works from the weight alone")
+    return LayerNotCalled(f"the model did not call layer {name!r}'s forward on a batch (it uses the weight "
+                          "directly, as nn.MultiheadAttention does with out_proj, or routes the whole batch past "
+                          f"it), so {what} cannot see its input features; relative_flatness(method='stochastic') "
+                          "works from the weight alone")
 
 
 class LayerTap:

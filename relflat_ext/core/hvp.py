@@ -3,12 +3,38 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from . import dist
+
 _BATCHED_HVP_OK = True
+
+
+class WeightNotInLoss(ValueError):
+    """The loss does not reach these layers' weights through autograd (``names``)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        super().__init__(
+            f"the loss does not depend on the weight of {', '.join(map(repr, self.names))} through autograd: the "
+            "model's forward (in eval mode) does not use it, or uses it where gradients cannot follow (under "
+            "torch.no_grad(), after .detach(), or inside torch.utils.checkpoint(use_reentrant=True), which "
+            "torch.autograd.grad cannot differentiate: use use_reentrant=False)")
+
+
+def check_reached(reached: Sequence[bool], names: Sequence[str], distributed: bool, device) -> None:
+    """Raises :class:`WeightNotInLoss` for the layers whose weight no batch's loss reached (on any
+    rank: a mixture-of-experts layer may sit out some batches, not all of them)."""
+    if distributed:
+        flags = torch.tensor([float(r) for r in reached], dtype=torch.float64, device=device)
+        dist.all_reduce_sum([flags])
+        reached = [bool(f > 0) for f in flags]
+    missing = [name for name, r in zip(names, reached) if not r]
+    if missing:
+        raise WeightNotInLoss(missing)
 
 
 def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torch.Tensor,

@@ -100,8 +100,9 @@ def _dispatch(problem: Problem, method: str, options: Options,
     except LayerNotCalled:
         if method != "auto":
             raise
-        return estimate(problem, options, "stochastic: the model uses the layer's weight without calling its forward "
-                                          "(no per-sample features to see)")
+        return estimate(problem, options, "stochastic: the model did not call the layer's forward on a batch (it "
+                                          "uses the weight directly, or routes the batch past it): no per-sample "
+                                          "features to see")
 
 
 def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, Optional[_tail.TailPlan], str]:

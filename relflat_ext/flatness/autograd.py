@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..core.hooks import preserved
-from ..core.hvp import double_backward_kernels
+from ..core.hvp import check_reached, double_backward_kernels
 from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, resolve_linear
 from ..core.losses import LossSpec
 from ..core.modes import measurement
@@ -47,7 +47,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
                          "which never forms it")
     loss = problem.loss
     hessian = lin.weight.new_zeros((dm, dm))
-    n = 0
+    n, reached = 0, False
     with preserved(problem.model):
         weight = lin.weight
         weight.requires_grad_(True)
@@ -55,9 +55,15 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
             with torch.enable_grad(), double_backward_kernels(problem.model):
                 out = problem.forward(x)
                 loss.check(out, y)
-                grad = torch.autograd.grad(loss(out, y), weight, create_graph=True)[0].reshape(-1)
+                value = loss(out, y)
+                grad = torch.autograd.grad(value, weight, create_graph=True, allow_unused=True)[0] \
+                    if value.requires_grad else None
             weight_b = problem.count(y)  # batch means -> sums over terms; divided by n below
             n += weight_b
+            if grad is None:  # the batch's loss does not reach the weight
+                continue
+            reached = True
+            grad = grad.reshape(-1)
             if not grad.requires_grad:  # loss linear in the weight
                 continue
             if vectorize:
@@ -70,6 +76,7 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
             else:
                 for r in range(dm):
                     hessian[r] += weight_b * torch.autograd.grad(grad[r], weight, retain_graph=True)[0].reshape(-1)
+    check_reached([reached], [name], False, hessian.device)
     if is_transposed_linear(lin):  # the Hessian in weight (m, d) -> in W = weight.T (d, m)
         m, d = lin.weight.shape
         hessian = hessian.reshape(m, d, m, d).permute(1, 0, 3, 2).reshape(dm, dm)

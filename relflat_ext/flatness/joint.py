@@ -29,11 +29,11 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import double_backward_kernels
+from ..core.hvp import check_reached, double_backward_kernels
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
-from ..core.rng import standard_normal
 from ..core.modes import measurement
+from ..core.rng import standard_normal
 from .problem import Problem
 from .stochastic import QUANTITIES, StochasticEstimate, probe_factor
 
@@ -106,6 +106,7 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
         basis = None
         if sketch:
             basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
+            check_reached(operator.reached, names, problem.distributed, device)  # after the first pass
             used += sketch
             exact = operator.quadratic_forms(basis).sum(0)
             used += sketch
@@ -117,6 +118,8 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             if basis is not None:
                 u = u - (u @ basis.T) @ basis
             samples.append(operator.quadratic_forms(u))  # (count, L)
+            if basis is None and len(samples) == 1:  # after the first pass over the data
+                check_reached(operator.reached, names, problem.distributed, device)
             used += count
             if progress:
                 progress(used, max_probes)
@@ -186,6 +189,7 @@ class _Operator:
 
     def __init__(self, problem: Problem, weights: List[torch.Tensor], space: _ProbeSpace):
         self.problem, self.weights, self.space, self.n = problem, weights, space, 0
+        self.reached = [False] * len(weights)  # whether some batch's loss reached each weight
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         dirs = self.space.to_weights(p)
@@ -216,7 +220,9 @@ class _Operator:
             count = self.problem.count(y)
             if count:
                 self.n += count
-                yield count, _batch_hvps(self.problem, self.weights, x, y, dirs)
+                hvs = _batch_hvps(self.problem, self.weights, x, y, dirs)
+                self.reached = [r or rows is not None for r, rows in zip(self.reached, hvs)]
+                yield count, hvs
 
     def _total_count(self, sums: List[torch.Tensor]) -> int:
         """The number of terms over all ranks, all-reducing ``sums`` in place on the way."""
@@ -230,8 +236,8 @@ class _Operator:
 def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
                 batched: Optional[bool] = None) -> List[Optional[List[torch.Tensor]]]:
     """Per layer, the k products H_b V_j (each weight-shaped) for the k joint directions
-    V_j = (dirs[0][j], ...), H_b the Hessian of the batch's mean loss; None for a weight the loss
-    does not depend on twice. A list, not a stacked tensor: the callers consume them one by one.
+    V_j = (dirs[0][j], ...), H_b the Hessian of the batch's mean loss; an empty list for a weight
+    the loss is linear in, None for one it does not reach through autograd. A list, not a stacked tensor: the callers consume them one by one.
     ``batched`` (default: on CUDA) runs blocks of directions through one vmap'd backward pass,
     falling back to one pass per direction where an op has no batching rule."""
     global _BATCHED_OK
@@ -240,10 +246,13 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
     with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
         loss.check(out, y)
-        grads = torch.autograd.grad(loss.for_derivatives(out, y), weights, create_graph=True, allow_unused=True)
+        value = loss.for_derivatives(out, y)
+        grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True) if value.requires_grad \
+            else [None] * len(weights)
         live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]
-        result: List[Optional[List[torch.Tensor]]] = [None] * len(weights)
-        if not live:  # the loss is linear in every weight
+        # None: the loss does not reach the weight; []: it is linear in it (both contribute zeros)
+        result: List[Optional[List[torch.Tensor]]] = [None if g is None else [] for g in grads]
+        if not live:
             return result
         rows = [[] for _ in live]
         k = dirs[0].shape[0]

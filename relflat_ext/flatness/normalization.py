@@ -61,8 +61,9 @@ def scale_over_data(problem: Problem) -> torch.Tensor:
             except NotVectorFeatures as exc:
                 raise ValueError(f"normalize_features (Theorem 4) needs per-sample feature vectors (n, m): {exc}"
                                  .split("; the exact path")[0]) from None
-            if phi.shape[0] != y.shape[0]:  # tokens: the counted ones, as the paths sum over
-                phi = phi[y.reshape(-1) != -100]
+            if phi.shape[0] != y.shape[0] and phi.shape[0] == y.numel():  # tokens: the counted ones, as the
+                phi = phi[y.reshape(-1) != -100]                            # paths sum over
+            # other row counts: a layer that sees some of the samples (a routed expert), over those
             total = phi.sum(0) if total is None else total + phi.sum(0)
             sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)
             n += phi.shape[0]

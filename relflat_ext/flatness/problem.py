@@ -13,7 +13,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
-                         label_convention, model_loss, unpack_pair)
+                         label_convention, model_arguments, model_loss, unpack_pair)
 from ..core.layers import (LayerSpec, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
@@ -136,6 +136,7 @@ class Problem:
         """Inputs the model can take: floating inputs in the model's dtype (half ones are cast when
         the model is measured as a float32 copy), integer inputs only into an embedding."""
         if is_dict_batch(x):
+            model_arguments(self.model, x)  # raises where the forward cannot take the batch
             for key, value in x.items():
                 if isinstance(value, torch.Tensor) and key != "labels":
                     self._check_input(value, f"{what}[{key!r}]")

@@ -23,11 +23,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..core.hvp import WeightNotInLoss
 from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap_parallel, weight_layers,
                            weight_matrix)
 from ..core.losses import LossSpec
-from ..core.progress import ProgressLine
 from ..core.modes import measurement
+from ..core.progress import ProgressLine
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
 from .problem import Options, Problem
@@ -74,11 +75,12 @@ class ProfileTable:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        names = [r["layer"] for r in self.rows]
-        kappa = [max(r["kappa"], 1e-300) for r in self.rows]
-        err = [r["kappa_stderr"] or 0.0 for r in self.rows]
+        measured = [r for r in self.rows if r["kappa"] is not None]  # not the unused layers
+        names = [r["layer"] for r in measured]
+        kappa = [max(r["kappa"], 1e-300) for r in measured]
+        err = [r["kappa_stderr"] or 0.0 for r in measured]
         fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 4))
-        colors = ["tab:orange" if r["method"].startswith("stochastic") else "tab:blue" for r in self.rows]
+        colors = ["tab:orange" if r["method"].startswith("stochastic") else "tab:blue" for r in measured]
         ax.bar(range(len(names)), kappa, yerr=err, color=colors, capsize=3)
         ax.set_yscale("log")
         ax.set_xticks(range(len(names)))
@@ -132,11 +134,15 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
         # With shared probes, the estimator's budget does not bound the exact path's products.
         options = Options(block_trace=hessian_trace, progress=progress, normalized_too=True)
         problem = Problem.build(model, name, inputs, targets, loss, batch_size, distributed)
-        if probes == "shared":
-            res = _dispatch(problem, "auto", options, estimate=lambda *args: None)
-        else:
-            res = _dispatch(problem, "auto", dataclasses.replace(options, rel_tol=rel_tol, max_probes=max_probes,
-                                                                 seed=seed))
+        try:
+            if probes == "shared":
+                res = _dispatch(problem, "auto", options, estimate=lambda *args: None)
+            else:
+                res = _dispatch(problem, "auto", dataclasses.replace(options, rel_tol=rel_tol, max_probes=max_probes,
+                                                                     seed=seed))
+        except WeightNotInLoss as exc:
+            rows[name] = _unused_row(name, module, exc, progress)
+            continue
         if res is None:  # the estimator's layer: measured with the others below
             deferred.append(name)
             continue
@@ -172,6 +178,14 @@ def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, pr
             "probes": probe_count, "seconds": seconds, "peak_memory_mib": _peak_mib(module.weight.device)}
 
 
+def _unused_row(name, module, exc: WeightNotInLoss, progress: bool) -> Dict:
+    """A layer the loss does not reach through autograd (an auxiliary head the model skips in eval
+    mode): no numbers, method "unused"."""
+    if progress:
+        print(f"relflat profile: {name}: not measured: {exc}", file=sys.stderr, flush=True)
+    return _row(name, module, None, None, None, None, None, "unused", None, None, 0.0)
+
+
 def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_probes, sketch, seed, hessian_trace,
             progress) -> Dict[str, Dict]:
     """The estimator's layers, all from one shared set of Hessian-vector products (and a second set
@@ -183,15 +197,24 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
     start = time.perf_counter()
     runs = [("kappa", "kappa")] + ([("hessian_trace", "Hessian trace")] if hessian_trace else [])
     results = {}
-    for quantity, label in runs:
-        report = ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
-        results[quantity] = stochastic_estimate_layers(model, deferred, inputs, targets, quantity=quantity,
-                                                       rel_tol=rel_tol, max_probes=max_probes, sketch=sketch,
-                                                       seed=seed, progress=report, give_up=True, **common)
-        if report:
-            report.close()
-    seconds = time.perf_counter() - start
     rows = {}
+    for quantity, label in runs:
+        while True:  # without the layers the loss turns out not to reach (found on the first pass)
+            report = ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
+            try:
+                results[quantity] = stochastic_estimate_layers(
+                    model, deferred, inputs, targets, quantity=quantity, rel_tol=rel_tol, max_probes=max_probes,
+                    sketch=sketch, seed=seed, progress=report, give_up=True, **common)
+                break
+            except WeightNotInLoss as exc:
+                rows.update({name: _unused_row(name, modules[name], exc, progress) for name in exc.names})
+                deferred = [name for name in deferred if name not in exc.names]
+                if not deferred:
+                    return rows
+            finally:
+                if report:
+                    report.close()
+    seconds = time.perf_counter() - start
     for name in deferred:
         est, method = results["kappa"][name], "stochastic-shared"
         trace = results.get("hessian_trace", {}).get(name)

@@ -27,12 +27,12 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import double_backward_kernels, hessian_vector_products
+from ..core.hvp import check_reached, double_backward_kernels, hessian_vector_products
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
+from ..core.modes import measurement
 from ..core.progress import ProgressLine
 from ..core.rng import standard_normal
-from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -54,15 +54,19 @@ class StochasticEstimate:
     seconds: float
 
 
-def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -> torch.Tensor:
+def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -> Optional[torch.Tensor]:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
-    mean loss with respect to the weight, n_b its number of terms."""
+    mean loss with respect to the weight, n_b its number of terms; None where the batch's loss
+    does not reach the weight through autograd."""
     loss = problem.loss
     with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
         loss.check(out, y)
         value = loss.for_derivatives(out, y)
-        grad = torch.autograd.grad(value, weight, create_graph=True)[0]
+        grad = torch.autograd.grad(value, weight, create_graph=True, allow_unused=True)[0] \
+            if value.requires_grad else None
+        if grad is None:  # the batch's loss does not reach the weight
+            return None
         if not grad.requires_grad:  # loss linear in the weight
             return directions.new_zeros(directions.shape[0])
         # Batched (vmap) HVPs pay off on GPUs; on the CPU vmap falls back to slow loops for
@@ -180,10 +184,15 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             count = min(probes_per_round, max_probes - rnd * probes_per_round)
             gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
             dirs = _directions(quantity, w_mat, factor, view, count, gen, feature_scale, probe_distribution)
-            total, n = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0
+            total, n, reached = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0, False
             for x, y in problem.batches():
-                total += _quadratic_forms(problem, weight, x, y, dirs).double()
+                forms = _quadratic_forms(problem, weight, x, y, dirs)
+                if forms is not None:
+                    total += forms.double()
+                    reached = True
                 n += problem.count(y)
+            if rnd == 0:
+                check_reached([reached], [name], problem.distributed, w_mat.device)
             if problem.distributed:
                 count = torch.tensor(float(n), dtype=torch.float64, device=total.device)
                 dist.all_reduce_sum([total, count])

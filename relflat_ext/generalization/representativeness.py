@@ -68,6 +68,10 @@ def _collect(problem: Problem, lin: nn.Linear):
                 raise ValueError(f"the model output must be (n, d) for representativeness (one output per sample, "
                                  f"whose features the kernel compares), got {tuple(out.shape)}")
             problem.loss.check(out, y)
+            if tap.features.shape[0] != out.shape[0]:
+                raise ValueError(f"layer {problem.name!r} sees {tap.features.shape[0]} feature vectors for "
+                                 f"{out.shape[0]} samples (the model routes some samples through it, or reshapes "
+                                 "them): representativeness needs one feature vector per sample")
             feats.append(tap.features)
             outs.append(out)
             ys.append(y)

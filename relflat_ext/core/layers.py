@@ -44,7 +44,8 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
                 raise ValueError(f"layer {layer!r} is a parameter of shape {shape}, not a module: "
                                  + ("this needs a module and its per-sample input features (the estimator of "
                                     "kappa, feature robustness and the Hessian trace take a weight matrix named "
-                                    "as a parameter)" if len(shape) == 2 else "relative flatness needs a weight matrix")
+                                    "as a parameter)" if len(shape) in (2, 3) else
+                                    "relative flatness needs a weight matrix")
                                  + f"; the model's {kind} are {candidates}")
             raise ValueError(f"layer {layer!r} is not in the model; its {kind} are {candidates}")
         return layer, named[layer]
@@ -88,7 +89,9 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
     if view is not None:
         return view
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) or (isinstance(module, ParameterLayer) and weight.dim() == 2):
+    if isinstance(module, ParameterLayer):
+        return module.view(name)
+    if isinstance(module, nn.Linear):
         return WeightView(lambda w: w, lambda mat: mat)
     if isinstance(module, CONV_TYPES):
         shape = tuple(weight.shape)
@@ -129,27 +132,46 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 class ParameterLayer(nn.Module):
-    """A weight matrix named as a parameter of the model (``"layers.0.self_attn.in_proj_weight"``):
-    a (rows, cols) matrix acting on feature vectors of length cols, used wherever the model uses
-    it (inside ``F.multi_head_attention_forward``, a recurrent layer's fused op, a tied embedding, a
-    custom function). Only what needs the weight alone, not the features, measures it: the
-    stochastic estimator (kappa, Tr H), the autograd baseline and feature robustness through the
-    weight."""
+    """A weight named as a parameter of the model (``"layers.0.self_attn.in_proj_weight"``), used
+    wherever the model uses it (inside ``F.multi_head_attention_forward``, a recurrent layer's fused
+    op, a tied embedding, a custom function): a 2-D matrix, or 3-D experts stacked along dim 0
+    (a mixture-of-experts layer's ``(experts, out, in)`` weights, whose rows all act on the same
+    features, so W is the (experts * out, in) stack). ``layout`` says which way the model
+    multiplies it (:mod:`~.usage`): "rows" (``F.linear(x, W)``, the default for a matrix) or
+    "columns" (``x @ W``, W stored (in, out)); a stack needs it found. Only what needs the weight
+    alone, not the features, measures it: the stochastic estimator (kappa, Tr H), the autograd
+    baseline and feature robustness through the weight."""
 
     def __init__(self, weight: nn.Parameter, owner: str = ""):
         super().__init__()
         self.weight = weight
         self.owner = owner  # the type of the module that holds it, for tables
+        self.layout: Optional[str] = "rows" if weight.dim() == 2 else None
+
+    def view(self, name: str) -> WeightView:
+        """The (d, m) view of the weight, as its layout says."""
+        shape = tuple(self.weight.shape)
+        if self.layout is None:
+            raise TypeError(f"parameter {name!r} {shape}: the model does not multiply it as a matrix (or stack of "
+                            "matrices) in a way seen on the first batch (F.linear, matmul, @); pass "
+                            "weight_view=WeightView(to_matrix, from_matrix) saying how it multiplies features")
+        if len(shape) == 2:
+            return (WeightView(lambda w: w, lambda mat: mat) if self.layout == "rows"
+                    else WeightView(lambda w: w.T, lambda mat: mat.T))
+        if self.layout == "rows":  # (experts, out, in)
+            return WeightView(lambda w: w.reshape(-1, shape[2]), lambda mat: mat.reshape(shape))
+        return WeightView(lambda w: w.transpose(1, 2).reshape(-1, shape[1]),  # (experts, in, out)
+                          lambda mat: mat.reshape(shape[0], shape[2], shape[1]).transpose(1, 2))
 
 
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
-    """(name, module) of a layer with a ``weight`` parameter inside ``model``, or of a 2-D
-    parameter named directly (wrapped in a :class:`ParameterLayer`)."""
+    """(name, module) of a layer with a ``weight`` parameter inside ``model``, or of a 2-D or
+    stacked 3-D parameter named directly (wrapped in a :class:`ParameterLayer`)."""
     if isinstance(layer, str) and isinstance(model, nn.Module):
         owner, _, attr = layer.rpartition(".")  # "a.b.in_proj_weight": a parameter of module "a.b"
         holder = dict(model.named_modules()).get(owner)
         param = getattr(holder, attr, None) if holder is not None and attr in holder._parameters else None
-        if isinstance(param, nn.Parameter) and param.dim() == 2:
+        if isinstance(param, nn.Parameter) and param.dim() in (2, 3):
             return layer, ParameterLayer(param, type(holder).__name__)
     name, module = find_layer(model, layer, has_weight, "layers with weights")
     if not has_weight(module):

@@ -13,7 +13,7 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
-from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, resolve_linear
+from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, matrix_view, resolve_linear
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
@@ -77,9 +77,12 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
                 for r in range(dm):
                     hessian[r] += weight_b * torch.autograd.grad(grad[r], weight, retain_graph=True)[0].reshape(-1)
     check_reached([reached], [name], False, hessian.device)
-    if is_transposed_linear(lin):  # the Hessian in weight (m, d) -> in W = weight.T (d, m)
-        m, d = lin.weight.shape
-        hessian = hessian.reshape(m, d, m, d).permute(1, 0, 3, 2).reshape(dm, dm)
+    # Indexed by the weight's entries -> by W's (d, m) entries (Conv1D's and x @ W's transposes,
+    # a stack of experts' rows): the position in the weight of each entry of W.
+    order = matrix_view(lin, name).to_matrix(torch.arange(dm, device=hessian.device).reshape(lin.weight.shape))
+    order = order.reshape(-1)
+    if not torch.equal(order, torch.arange(dm, device=order.device)):
+        hessian = hessian[order][:, order]
     return hessian / n, n
 
 

@@ -78,6 +78,7 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
         raise ValueError(f"sketch must be 'auto' or a number of columns >= 0, got {sketch!r}")
     problem = Problem.build(model, layers[0], inputs, targets, loss, batch_size, distributed)
     resolved = [resolve_weight_layer(problem.model, layer) for layer in layers]
+    problem.orient(resolved)
     names = [name for name, _ in resolved]
     weights = [module.weight for _, module in resolved]
     if len({id(w) for w in weights}) < len(weights):

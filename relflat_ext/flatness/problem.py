@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,9 +14,11 @@ from torch import nn
 from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
                          label_convention, model_arguments, model_loss, unpack_pair)
-from ..core.layers import (LayerSpec, WeightView, fold_derived_weights, has_derived_weights,
+from ..core.hooks import preserved
+from ..core.layers import (LayerSpec, ParameterLayer, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
+from ..core.usage import multiplication_layouts
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -101,7 +103,23 @@ class Problem:
                       labels=label_convention(model))
         if isinstance(inputs, torch.Tensor) or is_dict_batch(inputs):
             problem._check_input(inputs, "inputs")
+        problem.orient([(name, module)])
         return problem
+
+    def orient(self, layers: List[Tuple[str, nn.Module]]) -> None:
+        """Sets the layout of each weight named as a parameter (:class:`ParameterLayer`) to the way
+        the model multiplies it on the first batch (:func:`~relflat_ext.core.usage.multiplication_layouts`):
+        a matrix the model uses as ``x @ W`` is seen transposed, a stack of experts as the model
+        slices it. A matrix whose use is not seen (a fused recurrent op) keeps its rows."""
+        params = {name: module.weight for name, module in layers if isinstance(module, ParameterLayer)}
+        if not params:
+            return
+        x, _ = next(iter(self.batches(check_values=False)))  # the measurement checks the values
+        with preserved(self.model):
+            found = multiplication_layouts(params, lambda: self.forward(x))
+        for name, module in layers:
+            if isinstance(module, ParameterLayer) and (found[name] is not None or module.weight.dim() != 2):
+                module.layout = found[name]
 
     def forward(self, x: Inputs):
         """The model's output on a batch (its ``.logits`` where it returns an output object)."""
@@ -129,7 +147,10 @@ class Problem:
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The (d, m) W of a layer acting on feature vectors (transformers' Conv1D stores W^T)."""
+        """The (d, m) W of a layer acting on feature vectors (transformers' Conv1D stores W^T), or
+        of a weight named as a parameter, as the model multiplies it."""
+        if isinstance(self.module, ParameterLayer):
+            return self.module.view(self.name).to_matrix(self.module.weight)
         return weight_matrix(self.module)
 
     def _check_input(self, x: Inputs, what: str) -> None:

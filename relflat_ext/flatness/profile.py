@@ -23,12 +23,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..core.hooks import preserved
 from ..core.hvp import WeightNotInLoss
 from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap_parallel, weight_layers,
                            weight_matrix)
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.progress import ProgressLine
+from ..core.usage import multiplication_layouts
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
 from .problem import Options, Problem
@@ -119,6 +121,8 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
         raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
     model = unwrap_parallel(model)
     names = weight_layers(model) if layers == "auto" else list(layers)
+    if layers == "auto":
+        names += _multiplied_parameters(model, names, inputs, targets, loss, batch_size, distributed)
     if not names:
         raise ValueError("the model has no Linear or Conv layers to profile; name the layers to measure")
     resolved = [resolve_weight_layer(model, name) for name in names]
@@ -167,6 +171,26 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
         rows.update(_shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_probes, sketch, seed,
                             hessian_trace, progress))
     return ProfileTable([rows[name] for name, _ in resolved])
+
+
+def _multiplied_parameters(model: nn.Module, listed: List[str], inputs, targets, loss, batch_size,
+                           distributed) -> List[str]:
+    """The other 2-D and stacked 3-D parameters the model multiplies features with (seen on the
+    first batch): a mixture-of-experts layer's expert stacks and router, a custom module's weight;
+    not embedding tables it only looks up, nor weights of the layers already listed."""
+    covered = {id(resolve_weight_layer(model, name)[1].weight) for name in listed}
+    candidates = {}
+    for name, param in model.named_parameters():
+        if param.dim() in (2, 3) and id(param) not in covered:
+            candidates[name] = param
+    if not candidates:
+        return []
+    problem = Problem.build(model, listed[0] if listed else next(iter(candidates)), inputs, targets, loss,
+                            batch_size, distributed)
+    x, _ = next(iter(problem.batches()))
+    with preserved(problem.model):
+        found = multiplication_layouts(candidates, lambda: problem.forward(x))
+    return [name for name, layout in found.items() if layout is not None]
 
 
 def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:

@@ -1,0 +1,89 @@
+"""How a model multiplies a parameter: watched during one forward pass, so that a weight named as
+a parameter is seen as the (d, m) matrix that multiplies feature vectors the right way round.
+``F.linear(x, W)`` (and ``W @ x``) use W's rows, ``x @ W`` its columns; slices (a stacked
+expert's ``W[e]``) keep the orientation and transposes flip it. Only functions that multiply
+count; an embedding lookup of the same table (a tied embedding) is no multiplication."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Set
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+ROWS, COLUMNS = "rows", "columns"  # W (out, in) as F.linear takes it; W (in, out) as x @ W takes it
+
+# Functions whose output is the tracked tensor re-shaped or sliced, and whether they swap its last
+# two dims (then its rows are the original's columns).
+_SAME = {torch.Tensor.__getitem__, torch.Tensor.select, torch.select, torch.Tensor.narrow, torch.narrow,
+         torch.Tensor.index_select, torch.index_select, torch.Tensor.to, torch.Tensor.float, torch.Tensor.double,
+         torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.contiguous, torch.Tensor.unsqueeze,
+         torch.unsqueeze, torch.Tensor.expand, torch.Tensor.clone, torch.Tensor.chunk, torch.Tensor.split,
+         torch.Tensor.unbind, torch.unbind, torch.chunk, torch.split}
+_FLIP = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
+_TRANSPOSES = {torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes}
+# (function, positions of the left and right operands)
+_PRODUCTS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
+             torch.Tensor.__rmatmul__: (1, 0), torch.mm: (0, 1), torch.Tensor.mm: (0, 1), torch.bmm: (0, 1),
+             torch.Tensor.bmm: (0, 1), torch.addmm: (1, 2), torch.baddbmm: (1, 2)}
+if hasattr(torch, "_grouped_mm"):
+    _PRODUCTS[torch._grouped_mm] = (0, 1)
+_IGNORED = {F.embedding, torch.embedding, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__,
+            torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__}
+
+
+class _Watch(TorchFunctionMode):
+    def __init__(self, params: Dict[str, torch.Tensor]):
+        super().__init__()
+        self.tracked: Dict[int, tuple] = {id(p): (name, False, p) for name, p in params.items()}
+        self.uses: Dict[str, Set[str]] = {name: set() for name in params}
+
+    def _track(self, out, name: str, flipped: bool) -> None:
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.tracked[id(t)] = (name, flipped, t)  # the tensor is kept: its id stays its own
+
+    def _entry(self, t):
+        return self.tracked.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        source = self._entry(args[0]) if args else None
+        if source is not None and func in _SAME:
+            self._track(out, source[0], source[1])
+        elif source is not None and func in _FLIP:
+            self._track(out, source[0], not source[1])
+        elif source is not None and func in _TRANSPOSES:
+            dims = {d % args[0].dim() for d in (list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")])}
+            self._track(out, source[0], source[1] ^ (dims == {args[0].dim() - 1, args[0].dim() - 2}))
+        elif func is F.linear or func is torch._C._nn.linear:
+            weight = self._entry(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if weight is not None:
+                self.uses[weight[0]].add(COLUMNS if weight[1] else ROWS)
+            self._other_uses(args[2:] + tuple(v for k, v in kwargs.items() if k != "weight") + args[:1])
+        elif func in _PRODUCTS:
+            left, right = (self._entry(args[i]) if i < len(args) else None for i in _PRODUCTS[func])
+            if right is not None:
+                self.uses[right[0]].add(ROWS if right[1] else COLUMNS)
+            if left is not None:
+                self.uses[left[0]].add(COLUMNS if left[1] else ROWS)
+        elif func not in _IGNORED:
+            self._other_uses(tuple(args) + tuple(kwargs.values()))
+        return out
+
+    def _other_uses(self, values) -> None:
+        for v in values:
+            entry = self._entry(v)
+            if entry is not None:
+                self.uses[entry[0]].add("other")
+
+
+def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Dict[str, Optional[str]]:
+    """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS, or
+    None where it does not multiply it, or also uses it otherwise, or both ways."""
+    watch = _Watch(params)
+    with watch, torch.no_grad():
+        run()
+    return {name: next(iter(uses)) if len(uses) == 1 and uses <= {ROWS, COLUMNS} else None
+            for name, uses in watch.uses.items()}

@@ -68,7 +68,7 @@ $PY -c "import relflat_ext; print(relflat_ext.build_info())" 2>&1 | tee -a "$sum
 
 step "tests"
 run tests 120 $PY -m pytest tests/test_edges.py tests/test_ops.py tests/test_gradients.py tests/test_numerics.py \
-  tests/test_kde.py tests/test_recurrent.py -q -p no:cacheprovider -rfE --junitxml="$out/tests.xml"
+  tests/test_kde.py tests/test_recurrent.py tests/test_modes.py -q -p no:cacheprovider -rfE --junitxml="$out/tests.xml"
 grep -E "passed|failed|error" "$out/tests.log" | tail -3 | tee -a "$summary"
 
 step "compute-sanitizer"

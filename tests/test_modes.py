@@ -87,3 +87,17 @@ def test_a_model_built_under_inference_mode_gets_an_error_naming_it():
         net = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match="inference_mode"):
         rf.relative_flatness(net, "0", torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_batches_go_to_the_device_of_a_model_on_a_gpu():
+    """A DataLoader yields CPU tensors; a model on one GPU gets each batch moved there (tensors given
+    whole stay on the CPU and move one batch at a time)."""
+    net, _, x, y = _setup()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    deterministic = ("closed_form", "chain_rule", "autograd", "fisher_rao")  # no random draws, which differ on a GPU
+    expected = {what: MEASUREMENTS[what](net, None, x, y) for what in deterministic}
+    gpu = net.cuda()
+    assert rf.relative_flatness(gpu, "2", loader).kappa == pytest.approx(expected["closed_form"], rel=1e-4)
+    for what, value in expected.items():
+        assert MEASUREMENTS[what](gpu, None, x, y) == pytest.approx(value, rel=1e-4, abs=1e-9)

@@ -227,10 +227,31 @@ def regression_labels(y: torch.Tensor) -> torch.Tensor:
 
 def model_batches(model: nn.Module, inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
                   check_values: bool = True) -> Iterator[Batch]:
-    """:func:`iterate_batches`, with dict batches' labels as the model's own loss takes them."""
-    convention = label_convention(model)
+    """:func:`iterate_batches`, on the model's device (:func:`data_device`), with dict batches'
+    labels as the model's own loss takes them."""
+    convention, device = label_convention(model), data_device(model)
     for x, y in iterate_batches(inputs, targets, batch_size, check_values):
-        yield as_the_model_takes(model, convention, x, y)
+        yield as_the_model_takes(model, convention, *to_device(x, y, device))
+
+
+def data_device(model: nn.Module) -> Optional[torch.device]:
+    """Where the batches go before the model sees them: the device of a model held on one
+    accelerator, since a DataLoader yields CPU tensors (and tensors given whole can then exceed
+    the accelerator's memory, one batch at a time); None (the data stay where they are) for a
+    CPU model or one spread over several devices."""
+    devices = {p.device for p in model.parameters()}
+    device = devices.pop() if len(devices) == 1 else None
+    return device if device is not None and device.type not in ("cpu", "meta") else None
+
+
+def to_device(x: Inputs, y: torch.Tensor, device: Optional[torch.device]) -> Batch:
+    """The batch's CPU tensors moved to ``device`` (None: unchanged)."""
+    if device is None:
+        return x, y
+
+    def move(t):
+        return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+    return ({k: move(v) for k, v in x.items()} if is_dict_batch(x) else move(x)), move(y)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, is_dict_batch, iterate_batches,
-                         label_convention, model_arguments, model_loss, unpack_pair)
+from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, data_device, is_dict_batch,
+                         iterate_batches, label_convention, model_arguments, model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
@@ -56,6 +56,7 @@ class Problem:
     note: str = ""  # the loss the model chose and what the measurement did to the model, for the reason
     half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
     labels: str = ""  # labels as the model's loss reads them: "causal", "seq2seq", "regression" or ""
+    device: Optional[torch.device] = None  # where batches go first (a model on one accelerator), or None
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
@@ -100,7 +101,7 @@ class Problem:
         note = "; ".join(notes)
         problem = cls(model, name, module, inputs, targets, batch_size, loss, dist.active(distributed),
                       weight_uses(model, module), note, half_copy=weight.dtype in HALF_DTYPES,
-                      labels=label_convention(model))
+                      labels=label_convention(model), device=data_device(model))
         if isinstance(inputs, torch.Tensor) or is_dict_batch(inputs):
             problem._check_input(inputs, "inputs")
         problem.orient([(name, module)])
@@ -181,7 +182,7 @@ class Problem:
             if self.half_copy:
                 x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
                 y = _float(y)
-            yield as_the_model_takes(self.model, self.labels, x, y)
+            yield as_the_model_takes(self.model, self.labels, *to_device(x, y, self.device))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

@@ -295,3 +295,27 @@ def test_trained_float32_convolution_at_a_confident_minimum():
     ratio, se = _ratio(fr)
     assert abs(ratio - kappa.kappa) <= 4 * math.hypot(se, kappa.kappa_stderr), (ratio, se, kappa)
     assert se < 0.1 * kappa.kappa
+
+
+def test_a_model_returning_logits_and_features_with_a_loss_that_picks_the_logits():
+    """Research models often return ``(logits, features)``; a callable loss picks the logits.
+    Before: feature robustness crashed reshaping the tuple."""
+    class Both(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            h = torch.tanh(self.net[0](x))
+            return self.net[2](h), h
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    both = Both(net)
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    pick = lambda out, target: F.cross_entropy(out[0], target)  # noqa: E731
+    for layer in ("0", "2"):
+        plain = rf.feature_robustness(net, layer, x, y, delta=0.05, seed=3, n_samples=32)
+        picked = rf.feature_robustness(both, f"net.{layer}", x, y, loss=pick, delta=0.05, seed=3, n_samples=32)
+        assert picked.value == pytest.approx(plain.value, rel=1e-9)
+        assert picked.kappa == pytest.approx(plain.kappa, rel=1e-9)

@@ -196,9 +196,11 @@ class Loss:
         """The model's output and the targets, as the function takes them: a clear error instead
         of one from deep inside torch."""
         if not isinstance(output, torch.Tensor):
+            entry = (f"[{next(iter(output))!r}]" if isinstance(output, dict) and output else
+                     "[0]" if isinstance(output, (tuple, list)) else ".logits")
             raise TypeError(f"the model returns a {type(output).__name__}; the built-in loss {self.name!r} needs a "
-                            "tensor: pass a callable loss that picks it, e.g. "
-                            "loss=lambda out, y: F.cross_entropy(out['scores'], y)")
+                            f"tensor: pass a callable loss that picks it, e.g. loss=lambda out, y: "
+                            f"F.{self.name}(out{entry}, y)")
         if output.dim() == 0:
             raise ValueError("the model output must have one row per sample, got a 0-dim tensor")
         self.check_targets(targets, tuple(output.shape))
@@ -340,7 +342,7 @@ class CallableLoss(Loss):
 
     def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Only the mean is known: every sample gets it (exact for sums over the samples)."""
-        return self(output, target).expand(output.shape[0])
+        return self(output, target).expand(target.shape[0])
 
     def check(self, output, targets) -> None:
         """The callable decides what it takes."""

@@ -15,6 +15,7 @@ import warnings
 from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..core import dist
@@ -98,8 +99,25 @@ def _per_sample_losses(loss: Loss, out: torch.Tensor, y: torch.Tensor, copies: i
     """Per-sample losses (copies, n) of ``out`` (copies * n, ...) against y (n, ...) repeated."""
     n = y.shape[0]
     if not loss.builtin:  # a callable gives only the batch mean: one call per copy
-        return torch.stack([loss.per_sample(o, y) for o in out.reshape(copies, n, *out.shape[1:])])
+        return torch.stack([loss.per_sample(_copy(out, c, copies, n), y) for c in range(copies)])
     return loss.per_sample(out, y.repeat(copies, *([1] * (y.dim() - 1)))).reshape(copies, n)
+
+
+def _output_rows(out, n: int) -> int:
+    """Rows of the output on a batch of n samples (samples, or tokens), of its largest tensor where
+    it is a tuple or dict: what bounds how many perturbed copies fit in one forward pass."""
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() > 1]
+    return max([t.shape[:-1].numel() for t in tensors], default=n)
+
+
+def _copy(out, c: int, copies: int, n: int):
+    """Copy ``c`` of an output over the batch repeated ``copies`` times: of every tensor in it
+    (a tuple or dict the callable loss picks from) whose first dim is copies * n."""
+    def take(t):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == copies * n:
+            return t.reshape(copies, n, *t.shape[1:])[c]
+        return t
+    return pytree.tree_map(take, out)
 
 
 def _forward_with_features(problem: Problem, lin: nn.Linear, plan: Optional[_tail.TailPlan], x):
@@ -228,7 +246,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 plan = None
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
-            rows = out.shape[:-1].numel() if out.dim() > 1 else n_b  # output rows: samples, or tokens
+            rows = _output_rows(out, n_b)
             per_forward = max(1, MAX_ROWS_PER_FORWARD // (rows * n_scales))
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)

@@ -53,6 +53,10 @@ BAD_CALLS = [
      TypeError, "DataLoader"),
     ("dict batch the forward cannot take", lambda m, x, y: rf.relative_flatness(m, "0", {"image": x, "labels": y}),
      ValueError, r"Sequential.forward .* no \['input'\]"),
+    ("a bias Parameter as the layer", lambda m, x, y: rf.relative_flatness(m, m[0].bias, x, y), ValueError,
+     "'0.bias' is a parameter of shape"),
+    ("a foreign Parameter as the layer", lambda m, x, y: rf.relative_flatness(m, nn.Parameter(torch.ones(2, 2)), x, y),
+     ValueError, "not a parameter of the model"),
     ("wrong input width", lambda m, x, y: rf.relative_flatness(m, "2", x[:, :3], y), RuntimeError, "shapes cannot be multiplied"),
 ]
 
@@ -176,3 +180,11 @@ def test_the_profile_marks_a_layer_the_loss_does_not_reach_and_measures_the_othe
         assert rows["aux"]["method"] == "unused" and rows["aux"]["kappa"] is None
         for name in ("body", "head"):
             assert rows[name]["kappa"] == pytest.approx(rf.relative_flatness(model, name, x, y).kappa, rel=1e-9)
+
+
+def test_a_weight_parameter_given_as_the_layer_is_its_module():
+    model, x, y = _setup()
+    for k in ("0", "2"):
+        by_parameter = rf.relative_flatness(model, model[int(k)].weight, x, y)
+        by_name = rf.relative_flatness(model, k, x, y)
+        assert (by_parameter.kappa, by_parameter.method, by_parameter.layer) == (by_name.kappa, by_name.method, k)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weig
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-LayerSpec = Union[str, nn.Module]
+LayerSpec = Union[str, nn.Module, nn.Parameter]
 PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -30,6 +30,7 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
     error listing the model's modules for which ``wanted`` holds (described as ``kind``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layer = _parameter_name(model, layer)
     named = dict(model.named_modules())
     if isinstance(layer, str):
         if layer not in named and f"_orig_mod.{layer}" in named:  # torch.compile's wrapper: its module's names
@@ -55,6 +56,18 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
             raise ValueError(f"layer (a {type(layer).__name__}) is not a submodule of the model")
         return matches[0], layer
     raise TypeError(f"layer must be an nn.Module inside model or its name, got {type(layer).__name__}")
+
+
+def _parameter_name(model: nn.Module, layer: LayerSpec) -> LayerSpec:
+    """A Parameter given as the layer -> the name of the module whose ``weight`` it is, or its own
+    name (a parameter named directly); anything else unchanged."""
+    if not isinstance(layer, nn.Parameter):
+        return layer
+    name = next((n for n, p in model.named_parameters() if p is layer), None)
+    if name is None:
+        raise ValueError(f"layer (a Parameter of shape {tuple(layer.shape)}) is not a parameter of the model")
+    owner, _, attr = name.rpartition(".")
+    return owner if attr == "weight" and owner else name
 
 
 def resolve_linear(model: nn.Module, layer: LayerSpec, purpose: str = "") -> Tuple[str, nn.Module]:
@@ -167,6 +180,8 @@ class ParameterLayer(nn.Module):
 def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
     """(name, module) of a layer with a ``weight`` parameter inside ``model``, or of a 2-D or
     stacked 3-D parameter named directly (wrapped in a :class:`ParameterLayer`)."""
+    if isinstance(model, nn.Module):
+        layer = _parameter_name(model, layer)
     if isinstance(layer, str) and isinstance(model, nn.Module):
         owner, _, attr = layer.rpartition(".")  # "a.b.in_proj_weight": a parameter of module "a.b"
         holder = dict(model.named_modules()).get(owner)

@@ -33,7 +33,8 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                       rel_tol: float = 0.05, max_probes: int = 1000, seed: Optional[int] = None,
                       weight_view: Optional[WeightView] = None, distributed: Optional[bool] = None,
                       progress: bool = False) -> FlatnessResult:
-    """Relative flatness kappa_Tr of ``layer`` (a name or a submodule of ``model``) on the data.
+    """Relative flatness kappa_Tr of ``layer`` (a name, a submodule of ``model``, or its weight
+    Parameter) on the data.
 
     inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
     batches (a DataLoader) or one (x, y) pair with ``targets=None``; sums accumulate across batches.

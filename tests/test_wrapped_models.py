@@ -135,11 +135,18 @@ def test_hook_computed_weights_are_measured_as_the_matrices_they_compute(derive)
         assert bool((grad[pruned[2].weight_mask == 0] == 0).all())  # no gradient through a pruned entry
 
 
-def test_a_compiled_model_is_measured_by_its_modules_names():
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_is_measured_by_its_modules_names(backend):
     """torch.compile wraps the model (its modules become "_orig_mod.<name>"): the plain names work,
-    and the values are the eager model's."""
+    and the values are the eager model's. With the backends users compile with (inductor, and
+    aot_eager here, which is quick to compile), the compiled graph has no double backward: the
+    module inside is measured. Before: "torch.compile with aot_autograd does not currently support
+    double backward" from the estimator, the autograd baseline and every Hessian-vector product."""
     _, plain, x, y = _models(seed=4)
-    compiled = torch.compile(plain, backend="eager")
+    compiled = torch.compile(plain, backend=backend)
+    compiled(x)
+    assert rf.relative_flatness_autograd(compiled, "0", x, y).kappa == pytest.approx(
+        rf.relative_flatness_autograd(plain, "0", x, y).kappa, rel=1e-12)
     for name in ("0", "2", "_orig_mod.2"):
         got = rf.relative_flatness(compiled, name, x, y).kappa
         assert got == pytest.approx(rf.relative_flatness(plain, name.replace("_orig_mod.", ""), x, y).kappa,

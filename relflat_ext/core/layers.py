@@ -18,10 +18,31 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel or DistributedDataParallel: measured directly (the wrapper's
-    forward adds gradient synchronization, not function), with its layers' plain names."""
-    return model.module if isinstance(model, PARALLEL_WRAPPERS) else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel (whose forward adds gradient
+    synchronization, not function) and inside torch.compile's wrapper (whose compiled graphs have
+    no double backward, which every second-order path needs; the module computes the same
+    function eagerly): measured directly, with its layers' plain names."""
+    while True:
+        if isinstance(model, PARALLEL_WRAPPERS):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _plain_name(names, layer: str) -> str:
+    """A layer name as ``names`` (a model's) has it: "_orig_mod." (torch.compile) and "module."
+    ((Distributed)DataParallel) prefixes added or dropped where that finds it."""
+    if layer in names:
+        return layer
+    if f"_orig_mod.{layer}" in names:
+        return f"_orig_mod.{layer}"
+    for prefix in ("module.", "_orig_mod."):
+        if layer.startswith(prefix):
+            return _plain_name(names, layer[len(prefix):])
+    return layer
 
 
 def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m, nn.Linear),
@@ -33,10 +54,7 @@ def find_layer(model: nn.Module, layer: LayerSpec, wanted=lambda m: isinstance(m
     layer = _parameter_name(model, layer)
     named = dict(model.named_modules())
     if isinstance(layer, str):
-        if layer not in named and f"_orig_mod.{layer}" in named:  # torch.compile's wrapper: its module's names
-            layer = f"_orig_mod.{layer}"
-        if layer not in named and layer.startswith("module.") and layer[len("module."):] in named:
-            layer = layer[len("module."):]  # a (Distributed)DataParallel wrapper's name for its module's layer
+        layer = _plain_name(named, layer)  # a wrapper's names for its module's layers
         if layer not in named:
             candidates = [n for n, m in named.items() if wanted(m)]
             params = dict(model.named_parameters())
@@ -183,6 +201,7 @@ def resolve_weight_layer(model: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Mo
     if isinstance(model, nn.Module):
         layer = _parameter_name(model, layer)
     if isinstance(layer, str) and isinstance(model, nn.Module):
+        layer = _plain_name(dict(model.named_parameters()), layer)
         owner, _, attr = layer.rpartition(".")  # "a.b.in_proj_weight": a parameter of module "a.b"
         holder = dict(model.named_modules()).get(owner)
         param = getattr(holder, attr, None) if holder is not None and attr in holder._parameters else None

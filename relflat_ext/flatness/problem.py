@@ -16,7 +16,7 @@ from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_da
                          iterate_batches, label_convention, model_arguments, model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView, fold_derived_weights, has_derived_weights,
-                           resolve_weight_layer, unwrap_parallel, weight_matrix, weight_uses)
+                           resolve_weight_layer, unwrap, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 from ..core.usage import multiplication_layouts
 
@@ -71,7 +71,7 @@ class Problem:
         need it as a leaf. DataParallel / DistributedDataParallel: the module inside. loss None:
         the model's own (:func:`~relflat_ext.core.data.model_loss`: a transformers classifier's
         problem type, else cross entropy)."""
-        model = unwrap_parallel(model)
+        model = unwrap(model)
         name, module = resolve_weight_layer(model, layer)
         inputs, targets = unpack_pair(inputs, targets)
         check_data(inputs, targets, batch_size)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.hooks import preserved
 from ..core.hvp import WeightNotInLoss
-from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap_parallel, weight_layers,
+from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap, weight_layers,
                            weight_matrix)
 from ..core.losses import LossSpec
 from ..core.modes import measurement
@@ -119,7 +119,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
     a running count of products wherever they are many (exact Hessian-vector products, estimates)."""
     if probes not in PROBE_MODES:
         raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
-    model = unwrap_parallel(model)
+    model = unwrap(model)
     names = weight_layers(model) if layers == "auto" else list(layers)
     if layers == "auto":
         names += _multiplied_parameters(model, names, inputs, targets, loss, batch_size, distributed)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.data import label_convention, model_loss, output_logits, regression_labels
 from ..core.hooks import check_vector_features
-from ..core.layers import LayerSpec, resolve_linear, unwrap_parallel, weight_matrix
+from ..core.layers import LayerSpec, resolve_linear, unwrap, weight_matrix
 from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from . import tail as _tail
 from .penalty import penalty as _penalty
@@ -41,7 +41,7 @@ class FlatnessRegularizer:
 
     def __init__(self, model: nn.Module, layer: LayerSpec, loss: Union[LossSpec, Loss, None] = None,
                  normalize_features: bool = False):
-        inner = unwrap_parallel(model)
+        inner = unwrap(model)
         self.name, self.layer = resolve_linear(inner, layer, "FlatnessRegularizer")
         self.loss = get_loss(model_loss(inner)[0] if loss is None else loss)
         self._labels = label_convention(inner)

@@ -161,10 +161,7 @@ def _perturbed_weight_outputs(problem: Problem, parameter: str, view: WeightView
     (a convolution's patches, each token, a recurrent step's state) perturbed as
     ``phi -> (I + A_c) phi``. One forward pass per copy (through ``functional_call``), concatenated
     as the repeated batch's outputs."""
-    model = problem.model
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper would recompile for every new weight
-    if isinstance(inner, nn.Module) and parameter.startswith("_orig_mod."):
-        model, parameter = inner, parameter[len("_orig_mod."):]
+    model = problem.model  # a compiled model's module: the wrapper would recompile for every new weight
     w = view.to_matrix(dict(model.named_parameters())[parameter])
     outputs = []
     for a in a_t:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import relflat_ext as rf
 from relflat_ext.generalization.representativeness import CV_GRID, _random_folds
@@ -140,3 +141,56 @@ def test_bad_data_is_rejected_clearly():
         zero[0].bias.fill_(-1.0)
     with pytest.raises(ValueError, match="nonzero features"):
         rf.representativeness(zero, "2", x, y)
+
+
+class _TokenLM(nn.Module):
+    """A token-wise language model: each token's logits depend on that token alone (no attention),
+    so tokens are samples; ``mix`` adds a causal running mean before the head (tokens mix)."""
+
+    def __init__(self, vocab=12, width=6, mix=False):
+        super().__init__()
+        self.mix = mix
+        self.embed = nn.Embedding(vocab, width)
+        self.body = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        h = torch.tanh(self.body(self.embed(ids)))
+        if self.mix:
+            h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.head(h)
+
+
+def _token_data(n, seq, vocab=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    labels = torch.randint(0, vocab, (n, seq), generator=g)
+    labels[:, 0] = -100  # ignored, as in a padded or shifted batch
+    return ids, labels
+
+
+@pytest.mark.parametrize("layer", ["head", "body"])
+def test_tokens_are_points_where_the_model_output_is_per_token(layer):
+    """Before: "the model output must be (n, d)". Against a held-out set the estimate is the same as
+    for the flattened data, every counted token a sample and the ignored ones dropped."""
+    torch.manual_seed(0)
+    model = _TokenLM().double()
+    ids, labels = _token_data(30, 5)
+    q_ids, q_labels = _token_data(10, 5, seed=1)
+    tokens = rf.representativeness(model, layer, ids, labels, held_out=(q_ids, q_labels))
+    keep, q_keep = labels.reshape(-1) != -100, q_labels.reshape(-1) != -100
+    flat = rf.representativeness(model, layer, ids.reshape(-1, 1)[keep], labels.reshape(-1, 1)[keep],
+                                 held_out=(q_ids.reshape(-1, 1)[q_keep], q_labels.reshape(-1, 1)[q_keep]))
+    assert tokens.n == int(keep.sum()) and tokens.value == pytest.approx(flat.value, rel=1e-10)
+    folds = rf.representativeness(model, layer, ids, labels, folds=5, seed=0)
+    assert folds.per_sample.shape == (1, int(keep.sum())) and math.isfinite(folds.value)
+    with pytest.raises(ValueError, match=r"must not exceed the number of samples \(30\)"):
+        rf.representativeness(model, layer, ids, labels, folds=31)
+
+
+def test_tokens_are_not_points_where_the_model_mixes_them_after_the_layer():
+    model = _TokenLM(mix=True).double()
+    ids, labels = _token_data(8, 5)
+    with pytest.raises(ValueError, match="mixes tokens.*one feature vector per output"):
+        rf.representativeness(model, "body", ids, labels)
+    assert math.isfinite(rf.representativeness(model, "head", ids, labels, folds=4).value)

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..core.hooks import preserved, tapped
+from ..core.data import IGNORE_INDEX
+from ..core.hooks import NotVectorFeatures, is_token_targets, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.modes import measurement
 from ..flatness import Problem
+from ..flatness.exact import check_token_wise
 from .kde import select_bandwidth
 
 BandwidthSpec = Union[str, float]
@@ -43,7 +45,9 @@ class RepresentativenessResult:
     """value: mean of rep_q over held-out points, folds and repeats (signed); stderr: standard error
     of the per-fold means (of the points, with an explicit held-out set); fold_values (repeats,
     folds); per_sample (repeats, n): rep_q of each point when held out ((1, n_held_out) with an
-    explicit held-out set); bandwidth: "relative" or the global bandwidth used."""
+    explicit held-out set); bandwidth: "relative" or the global bandwidth used. Points are samples,
+    or the counted tokens where the model's output is per token (an LM head; folds then hold out
+    whole sequences); n counts them."""
     value: float
     stderr: float
     fold_values: torch.Tensor
@@ -58,31 +62,55 @@ class RepresentativenessResult:
 
 
 def _collect(problem: Problem, lin: nn.Linear):
-    """Features entering the layer (n, m), model outputs (n, d) and targets, over all batches."""
-    feats, outs, ys = [], [], []
-    with preserved(problem.model), tapped(lin, problem.name, replace_output=False) as tap, torch.no_grad():
+    """Over all batches: the features entering the layer (N, m), the model outputs (N, d), the
+    targets and each row's sample (N,). Rows are samples, or, with token targets and a model that
+    maps each token's layer output to that token's output alone (an LM head, a last MLP block;
+    checked on every batch), the counted tokens, each with its sequence as its sample."""
+    feats, outs, ys, samples = [], [], [], []
+    seen = 0
+    with preserved(problem.model):
         for x, y in problem.batches():
-            tap.reset()
-            out = problem.forward(x)
-            if out.dim() != 2:
-                raise ValueError(f"the model output must be (n, d) for representativeness (one output per sample, "
-                                 f"whose features the kernel compares), got {tuple(out.shape)}")
-            problem.loss.check(out, y)
-            if tap.features.shape[0] != out.shape[0]:
-                raise ValueError(f"layer {problem.name!r} sees {tap.features.shape[0]} feature vectors for "
-                                 f"{out.shape[0]} samples (the model routes some samples through it, or reshapes "
-                                 "them): representativeness needs one feature vector per sample")
-            feats.append(tap.features)
-            outs.append(out)
+            maybe_tokens = y.dim() >= 2 and not y.is_floating_point()  # the token check needs a graph
+            with tapped(lin, problem.name, replace_output=maybe_tokens) as tap, torch.set_grad_enabled(maybe_tokens):
+                out = problem.forward(x)
+                problem.loss.check(out, y)
+                phi = tap.input
+                tokens = phi.dim() == 3 and out.dim() == 3 and is_token_targets(phi, y)
+                if tokens:
+                    try:
+                        check_token_wise(problem.name, out, tap.output)
+                    except NotVectorFeatures as exc:
+                        raise ValueError(str(exc).split("; use method")[0] + ": representativeness needs one "
+                                         "feature vector per output") from None
+            n = y.shape[0]
+            owner = torch.arange(seen, seen + n, device=y.device)
+            if tokens:
+                owner = owner.repeat_interleave(y.shape[1])
+                phi, out, y = phi.reshape(-1, phi.shape[-1]), out.reshape(-1, out.shape[-1]), y.reshape(-1)
+                counted = y != IGNORE_INDEX
+                phi, out, y, owner = phi[counted], out[counted], y[counted], owner[counted]
+            else:
+                if out.dim() != 2:
+                    raise ValueError(f"the model output must be (n, d) for representativeness (one output per "
+                                     f"sample, whose features the kernel compares), or (n, seq, d) with token "
+                                     f"targets (n, seq), got {tuple(out.shape)}")
+                if phi.dim() != 2 or phi.shape[0] != out.shape[0]:
+                    raise ValueError(f"layer {problem.name!r} sees features of shape {tuple(phi.shape)} for "
+                                     f"{out.shape[0]} samples (the model routes some samples through it, or "
+                                     "reshapes them): representativeness needs one feature vector per sample")
+            feats.append(phi)
+            outs.append(out.detach())
             ys.append(y)
-    return torch.cat(feats), torch.cat(outs), torch.cat(ys)
+            samples.append(owner)
+            seen += n
+    return torch.cat(feats), torch.cat(outs), torch.cat(ys), torch.cat(samples)
 
 
 LABELS = ("train", "held_out")
 
 
 def _random_folds(n: int, folds: int, repeats: int, seed: Optional[int], device) -> torch.Tensor:
-    """(repeats, n) fold ids, each row a balanced random split."""
+    """(repeats, n) fold ids, each row a balanced random split of n samples."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     ids = torch.empty((repeats, n), dtype=torch.long)
     for r in range(repeats):
@@ -126,10 +154,11 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
     name, lin = resolve_linear(problem.model, problem.name, "representativeness")
     record = problem.loss
-    phi, out, y = _collect(problem, lin)
+    phi, out, y, sample = _collect(problem, lin)
     n, m = phi.shape
-    if held_out is None and folds > n:
-        raise ValueError(f"folds ({folds}) must not exceed the number of samples ({n})")
+    n_samples = int(sample[-1]) + 1
+    if held_out is None and folds > n_samples:
+        raise ValueError(f"folds ({folds}) must not exceed the number of samples ({n_samples})")
     # The kernel averages per-sample statistics in which every label's loss is affine.
     losses, values = record.per_sample(out, y), record.statistics(out)
     kernel_loss = lambda wv: record.loss_from_statistics(wv, y)  # noqa: E731
@@ -139,7 +168,7 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     if held_out is not None:
         hx, hy = held_out if isinstance(held_out, (tuple, list)) else (held_out, None)
         held = Problem.build(model, name, hx, hy, record, batch_size)
-        q_phi, q_out, q_y = _collect(held, resolve_linear(held.model, name)[1])
+        q_phi, q_out, q_y, _ = _collect(held, resolve_linear(held.model, name)[1])
         q_losses = record.per_sample(q_out, q_y)
         q_kernel_loss = kernel_loss if labels == "train" else (lambda wv: record.loss_from_statistics(wv, q_y))
         _, wval = ops.gaussian_kernel_reduce(q_phi.to(phi.dtype), phi, values.to(phi.dtype), bw, key_scale)
@@ -147,7 +176,8 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         stderr = float(per_sample.std() / math.sqrt(per_sample.numel())) if per_sample.numel() > 1 else math.nan
         return RepresentativenessResult(float(per_sample.mean()), stderr, per_sample.mean(1, keepdim=True),
                                         per_sample, used, float(delta), 1, 1, n, m, name)
-    ids = _random_folds(n, folds, repeats, seed, phi.device)
+    # Folds of samples: a sequence's tokens are held out together (they share their context)
+    ids = _random_folds(n_samples, folds, repeats, seed, phi.device)[:, sample]
     _, wval = ops.gaussian_kernel_reduce(phi, phi, values.to(phi.dtype), bw, key_scale, ids, ids)
     per_sample = losses.to(phi.dtype) - kernel_loss(wval[:, 0])  # (repeats, n)
     counts = torch.zeros((repeats, folds), dtype=phi.dtype, device=phi.device)

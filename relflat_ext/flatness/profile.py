@@ -106,17 +106,21 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
             max_probes: int = 1000, sketch: Union[str, int] = "auto", seed: Optional[int] = 0,
             batch_size: Optional[int] = None, hessian_trace: bool = True, progress: bool = True,
             distributed: Optional[bool] = None) -> ProfileTable:
-    """Measures every Linear/Conv/ConvTranspose layer (``layers="auto"``, transformers' Conv1D, the
-    attention and recurrent matrices of :func:`weight_layers` included) or the named ones: exactly
-    where ``relative_flatness`` (``method="auto"``) would, the others by the stochastic estimator
-    to ``rel_tol``, each on its own (``probes="per_layer"``) or all with one shared set of
-    Hessian-vector products (``"shared"``, method "stochastic-shared", ``sketch`` as in
-    :func:`stochastic_estimate_layers`; ``max_probes`` bounds the products). Adds Theorem 4's
+    """Measures every Linear/Conv/ConvTranspose layer (``layers="auto"``: transformers' Conv1D, the
+    attention and recurrent matrices of :func:`weight_layers`, and every other 2-D or stacked 3-D
+    parameter the model multiplies features with on the first batch, such as mixture-of-experts
+    stacks and routers), or the named ones: exactly where ``relative_flatness``
+    (``method="auto"``) would, the others by the stochastic estimator to ``rel_tol``, each on its
+    own (``probes="per_layer"``) or all with one shared set of Hessian-vector products
+    (``"shared"``, method "stochastic-shared", ``sketch`` as in :func:`stochastic_estimate_layers`;
+    ``max_probes`` bounds the products). A layer the loss does not reach (an auxiliary head
+    skipped in eval mode) gets a row with method "unused" and no numbers. Adds Theorem 4's
     normalized kappa where it is defined (Linear layers on per-sample features; on the
     Hessian-vector-product path from the same products as kappa), the Hessian trace (exact from
-    the block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory: CUDA's peak allocation, or on
-    the CPU the process's resident high-water mark. Progress goes to stderr: a line per layer, and
-    a running count of products wherever they are many (exact Hessian-vector products, estimates)."""
+    the block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory:
+    CUDA's peak allocation, or on the CPU the process's resident high-water mark. Progress goes to
+    stderr: a line per layer, and a running count of products wherever they are many (exact
+    Hessian-vector products, estimates)."""
     if probes not in PROBE_MODES:
         raise ValueError(f"probes must be one of {PROBE_MODES}, got {probes!r}")
     model = unwrap(model)

@@ -152,3 +152,27 @@ def test_mixtral_experts_against_the_full_hessian():
         exact = rf.relative_flatness_autograd(model, name, batch).kappa
         est = rf.relative_flatness(model, name, batch, rel_tol=0.05, seed=0)
         assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+
+
+def test_a_forward_that_refuses_to_be_watched_keeps_the_stored_orientation():
+    class Refuses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(5, 6)
+            self.extra = nn.Parameter(torch.randn(6, 6))
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            if torch._C._is_torch_function_mode_enabled():
+                raise RuntimeError("this model refuses torch-function modes")
+            return self.head(torch.tanh(F.linear(torch.tanh(self.body(x)), self.extra)))
+
+    model = Refuses().double()
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match="could not watch"):
+        rows = rf.profile(model, x, y, progress=False).rows
+    assert [r["layer"] for r in rows] == ["body", "head"]
+    with pytest.warns(RuntimeWarning, match="could not watch"):
+        est = rf.relative_flatness(model, "extra", x, y, rel_tol=0.05, seed=0)
+        exact = rf.relative_flatness_autograd(model, "extra", x, y).kappa
+    assert abs(est.kappa - exact) <= 4 * est.kappa_stderr

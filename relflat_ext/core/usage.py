@@ -5,6 +5,7 @@ expert's ``W[e]``) keep the orientation and transposes flip it. Only functions t
 count; an embedding lookup of the same table (a tied embedding) is no multiplication."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Set
 
 import torch
@@ -81,9 +82,16 @@ class _Watch(TorchFunctionMode):
 
 def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Dict[str, Optional[str]]:
     """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS, or
-    None where it does not multiply it, or also uses it otherwise, or both ways."""
+    None where it does not multiply it, or also uses it otherwise, or both ways. A forward pass
+    that fails only while watched (code that refuses torch-function modes) gives None for every
+    parameter, with a warning."""
     watch = _Watch(params)
-    with watch, torch.no_grad():
-        run()
+    try:
+        with watch, torch.no_grad():
+            run()
+    except Exception as exc:  # noqa: BLE001 - reported, and the caller falls back to what it knows
+        warnings.warn(f"relflat_ext: could not watch how the model multiplies its parameters ({type(exc).__name__}: "
+                      f"{exc}); weights named as parameters keep their stored orientation", RuntimeWarning)
+        return {name: None for name in params}
     return {name: next(iter(uses)) if len(uses) == 1 and uses <= {ROWS, COLUMNS} else None
             for name, uses in watch.uses.items()}

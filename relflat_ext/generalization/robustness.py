@@ -31,6 +31,8 @@ from ..flatness.accumulator import NotFinite, explain_not_finite
 DISTRIBUTIONS = ("orthogonal", "gaussian")
 # Rows (perturbed copies x samples) pushed through the model in one forward pass.
 MAX_ROWS_PER_FORWARD = 1 << 15
+MAX_OUTPUT_ELEMENTS_PER_FORWARD = 1 << 26  # 256 MiB of float32 outputs (an LM head's vocabulary)
+LOSS_CHUNK_ELEMENTS = 1 << 24  # outputs turned into float64 losses at a time
 
 
 @dataclasses.dataclass
@@ -100,14 +102,29 @@ def _per_sample_losses(loss: Loss, out: torch.Tensor, y: torch.Tensor, copies: i
     n = y.shape[0]
     if not loss.builtin:  # a callable gives only the batch mean: one call per copy
         return torch.stack([loss.per_sample(_copy(out, c, copies, n), y) for c in range(copies)])
-    return loss.per_sample(out, y.repeat(copies, *([1] * (y.dim() - 1)))).reshape(copies, n)
+    targets = y.repeat(copies, *([1] * (y.dim() - 1)))
+    if out.dtype != torch.float32:
+        return loss.per_sample(out, targets).reshape(copies, n)
+    # float64 losses of float32 outputs: E_F at small delta (1e-9 of a loss near 0.1 for a layer of
+    # small kappa) lies far below float32's resolution of a loss; rounding the losses biased it
+    # (a BERT query projection at delta = 0.01: -0.0024 +- 0.0005 against kappa 0.001). In chunks
+    # of rows, so that a vocabulary-wide output is not copied whole.
+    step = max(1, LOSS_CHUNK_ELEMENTS // max(1, out[0].numel()))
+    chunks = [loss.per_sample(out[r:r + step].double(),
+                              targets[r:r + step].double() if targets.is_floating_point() else targets[r:r + step])
+              for r in range(0, out.shape[0], step)]
+    return torch.cat(chunks).reshape(copies, n)
 
 
-def _output_rows(out, n: int) -> int:
-    """Rows of the output on a batch of n samples (samples, or tokens), of its largest tensor where
-    it is a tuple or dict: what bounds how many perturbed copies fit in one forward pass."""
+def _copies_per_forward(out, n: int, n_scales: int) -> int:
+    """How many draws' perturbed copies (n_scales each) one forward pass takes: bounded by the
+    output's rows (samples, or tokens) and by its elements (an LM head's vocabulary), of its
+    largest tensor where it is a tuple or dict."""
     tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() > 1]
-    return max([t.shape[:-1].numel() for t in tensors], default=n)
+    rows = max([t.shape[:-1].numel() for t in tensors], default=n)
+    elements = max([t.numel() for t in tensors], default=n)
+    return max(1, min(MAX_ROWS_PER_FORWARD // (rows * n_scales),
+                      MAX_OUTPUT_ELEMENTS_PER_FORWARD // (elements * n_scales)))
 
 
 def _copy(out, c: int, copies: int, n: int):
@@ -195,7 +212,9 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     each copy's matrix applied with one batched matmul. For any other layer kappa measures (a
     convolution's patches, a transposed convolution, a weight matrix named as a parameter) the
     same perturbation of every vector the weight multiplies is ``W -> W (I + delta U)`` in the
-    (d, m) view kappa uses: one forward pass per copy.
+    (d, m) view kappa uses: one forward pass per copy. The built-in losses of float32 outputs are
+    taken in float64: at small delta E_F lies below float32's resolution of a loss (a callable
+    loss computes in its own precision).
     delta: a float, or a list (one result per value, all from the same draws). The same draws
     serve every data batch, so a DataLoader (re-iterable) or tensors with ``batch_size`` stream.
     kappa: kappa_Tr if already known (else computed with :func:`relative_flatness`) for
@@ -243,8 +262,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                 plan = None
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
-            rows = _output_rows(out, n_b)
-            per_forward = max(1, MAX_ROWS_PER_FORWARD // (rows * n_scales))
+            per_forward = _copies_per_forward(out, n_b, n_scales)
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
                 mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch

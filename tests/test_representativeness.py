@@ -194,3 +194,13 @@ def test_tokens_are_not_points_where_the_model_mixes_them_after_the_layer():
     with pytest.raises(ValueError, match="mixes tokens.*one feature vector per output"):
         rf.representativeness(model, "body", ids, labels)
     assert math.isfinite(rf.representativeness(model, "head", ids, labels, folds=4).value)
+
+
+def test_a_layer_on_positions_under_a_per_sample_output_gets_a_clear_error():
+    class Pooled(_TokenLM):
+        def forward(self, ids):
+            return super().forward(ids).mean(1)  # one output per sequence
+
+    ids, labels = _token_data(8, 5)
+    with pytest.raises(ValueError, match=r"feature vector per position \(8, 5, 6\)"):
+        rf.representativeness(Pooled().double(), "body", ids, labels[:, 1] % 12)

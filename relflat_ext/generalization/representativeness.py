@@ -94,10 +94,15 @@ def _collect(problem: Problem, lin: nn.Linear):
                     raise ValueError(f"the model output must be (n, d) for representativeness (one output per "
                                      f"sample, whose features the kernel compares), or (n, seq, d) with token "
                                      f"targets (n, seq), got {tuple(out.shape)}")
-                if phi.dim() != 2 or phi.shape[0] != out.shape[0]:
-                    raise ValueError(f"layer {problem.name!r} sees features of shape {tuple(phi.shape)} for "
-                                     f"{out.shape[0]} samples (the model routes some samples through it, or "
-                                     "reshapes them): representativeness needs one feature vector per sample")
+                if phi.dim() > 2:
+                    raise ValueError(f"layer {problem.name!r} takes a feature vector per position "
+                                     f"{tuple(phi.shape)} and the model gives one output per sample: "
+                                     "representativeness needs one feature vector per sample (or per token, "
+                                     "with a per-token output and token targets)")
+                if phi.shape[0] != out.shape[0]:
+                    raise ValueError(f"layer {problem.name!r} sees {phi.shape[0]} feature vectors for "
+                                     f"{out.shape[0]} samples (the model routes some samples through it): "
+                                     "representativeness needs one feature vector per sample")
             feats.append(phi)
             outs.append(out.detach())
             ys.append(y)

@@ -176,3 +176,36 @@ def test_a_forward_that_refuses_to_be_watched_keeps_the_stored_orientation():
         est = rf.relative_flatness(model, "extra", x, y, rel_tol=0.05, seed=0)
         exact = rf.relative_flatness_autograd(model, "extra", x, y).kappa
     assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_moe", "rows"), ("olmoe", "rows"), ("gpt_oss", "columns")])
+def test_transformers_expert_stacks_are_seen_the_way_each_family_multiplies_them(family, layout):
+    """GPT-OSS stores its experts (experts, in, out) and multiplies x @ W[e]; the others (experts,
+    out, in) through F.linear: in transformers' default grouped_mm implementation and in its eager
+    loop alike. GPT-OSS's stack against the full Hessian (float64, eager)."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=20, max_position_embeddings=32)
+    configs = {
+        "qwen2_moe": lambda impl: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=3, num_experts_per_tok=2,
+            experts_implementation=impl, **sizes)),
+        "olmoe": lambda impl: transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            num_experts=3, num_experts_per_tok=2, experts_implementation=impl, **sizes)),
+        "gpt_oss": lambda impl: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            num_local_experts=3, num_experts_per_tok=2, head_dim=4, layer_types=["full_attention"],
+            experts_implementation=impl, **sizes)),
+    }
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (3, 6))
+    for impl in (None, "eager"):
+        model = configs[family](impl).eval()
+        stacks = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+        assert len(stacks) == 2
+        assert set(multiplication_layouts(stacks, lambda: model(input_ids=ids)).values()) == {layout}
+    if family == "gpt_oss":
+        model, batch = model.double(), {"input_ids": ids, "labels": ids}
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        exact = rf.relative_flatness_autograd(model, name, batch).kappa
+        est = rf.relative_flatness(model, name, batch, rel_tol=0.05, seed=0)
+        assert abs(est.kappa - exact) <= 4 * est.kappa_stderr

@@ -90,7 +90,7 @@ def test_a_matrix_used_as_x_at_w_is_measured_as_its_transpose():
     est = rf.relative_flatness(model, "w", x, y, rel_tol=0.03, seed=0)
     assert abs(est.kappa - expected) <= 4 * est.kappa_stderr
     fr = rf.feature_robustness(model, "w", x, y, delta=1e-3, seed=0, n_samples=256)
-    ref = rf.feature_robustness(linear_model, "0", x, y, delta=1e-3, seed=0, n_samples=256)
+    ref = rf.feature_robustness(linear_model, "0.weight", x, y, delta=1e-3, seed=0, n_samples=256)  # same draws
     assert fr.value == pytest.approx(ref.value, rel=1e-6)
 
 

@@ -234,16 +234,44 @@ def test_theorem5_for_convolutions_through_the_weight(layer, parameter, view):
 
 
 def test_weight_perturbation_equals_feature_perturbation_on_a_linear_layer():
-    """The same draws through the weight (the Linear's weight named as a parameter) and through the
-    features (the module) give the same values: ``W (I + A) phi = W ((I + A) phi)``."""
-    model = mlp([6, 8, 7, 4], "tanh", seed=1)
-    x, y = data(40, 6, 4, "cross_entropy", seed=1)
-    for layer in ("0", "2"):
-        features = rf.feature_robustness(model, layer, x, y, delta=[1e-2, 0.5], n_samples=8, seed=3, kappa=1.0)
-        weight = rf.feature_robustness(model, f"{layer}.weight", x, y, delta=[1e-2, 0.5], n_samples=8, seed=3,
-                                       kappa=1.0)
-        for a, b in zip(features, weight):
-            torch.testing.assert_close(a.samples, b.samples, rtol=1e-9, atol=1e-16)
+    """The same matrices through the weight (the Linear's weight named as a parameter) and through
+    the features (the module, on token inputs, where a sample's tokens share one matrix) give the
+    same values: ``W (I + A) phi = W ((I + A) phi)``."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.proj(x)).mean(1))
+
+    torch.manual_seed(1)
+    model = Tokens().double()
+    x, y = torch.randn(40, 3, 6, dtype=torch.float64), torch.randint(0, 4, (40,))
+    features = rf.feature_robustness(model, "proj", x, y, delta=[1e-2, 0.5], n_samples=8, seed=3, kappa=1.0)
+    weight = rf.feature_robustness(model, "proj.weight", x, y, delta=[1e-2, 0.5], n_samples=8, seed=3, kappa=1.0)
+    for a, b in zip(features, weight):
+        torch.testing.assert_close(a.samples, b.samples, rtol=1e-9, atol=1e-16)
+
+
+def test_wide_layers_draw_a_vector_per_sample():
+    """A matrix per draw costs m^2 numbers and, for Haar draws, an m^3 QR: a CNN's first fully
+    connected layer (m in the thousands) took minutes, and m = 25088 (VGG) did not fit. Each
+    sample's ``U phi`` is drawn in law instead: the same expectation, by Theorem 5 kappa, and
+    independent of how the data are batched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3000, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(60, 3000, dtype=torch.float64) / 30, torch.randint(0, 3, (60,))
+    kappa = rf.relative_flatness(model, "0", x, y).kappa
+    for distribution in ("orthogonal", "gaussian"):
+        fr = rf.feature_robustness(model, "0", x, y, delta=1e-2, n_samples=64, seed=0, distribution=distribution,
+                                   kappa=kappa)
+        ratio, err = _ratio(fr)
+        assert abs(ratio - kappa) <= 4 * err
+    whole = rf.feature_robustness(model, "0", x, y, delta=0.1, n_samples=8, seed=1)
+    batched = rf.feature_robustness(model, "0", x, y, delta=0.1, n_samples=8, seed=1, batch_size=7)
+    torch.testing.assert_close(batched.samples, whole.samples, rtol=1e-9, atol=1e-15)
 
 
 def test_recurrent_weight_matrix_against_the_full_hessian():

@@ -44,3 +44,17 @@ def shared_seed(seed: Optional[int], device) -> int:
                          dtype=torch.int64, device=device)
     dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def row_offset(count: Optional[int], device) -> int:
+    """Where this rank's rows start in the union of the shards, ranks in order: the lower ranks'
+    counts summed, so per-row random draws match one process's on the whole data. Where a rank's
+    count is not known in advance (None: a DataLoader), disjoint ranges instead (rank * 2^40)."""
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    counts[rank] = -1.0 if count is None else float(count)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    if bool((counts < 0).any()):
+        return rank << 40
+    return int(counts[:rank].sum().item())

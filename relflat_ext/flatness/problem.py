@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..core import dist
-from ..core.data import (Batch, Inputs, as_the_model_takes, call_model, check_data, data_device, is_dict_batch,
-                         iterate_batches, label_convention, model_arguments, model_loss, to_device, unpack_pair)
+from ..core.data import (Batch, Inputs, as_the_model_takes, batch_length, call_model, check_data, data_device,
+                         is_dict_batch, iterate_batches, label_convention, model_arguments, model_loss, to_device,
+                         unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView, fold_derived_weights, has_derived_weights,
                            resolve_weight_layer, unwrap, weight_matrix, weight_uses)
@@ -183,6 +184,23 @@ class Problem:
                 x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
                 y = _float(y)
             yield as_the_model_takes(self.model, self.labels, *to_device(x, y, self.device))
+
+    def sample_count(self) -> Optional[int]:
+        """The number of samples where the data are tensors or a dict batch; None otherwise."""
+        if isinstance(self.inputs, torch.Tensor):
+            return self.inputs.shape[0]
+        return batch_length(self.inputs) if is_dict_batch(self.inputs) else None
+
+    def batch_count(self) -> Optional[int]:
+        """How many batches :meth:`batches` yields, where that is known without iterating (tensors,
+        a dict batch, a DataLoader or list); None otherwise."""
+        n = self.sample_count()
+        if n is not None:
+            return 1 if self.batch_size is None else -(-n // self.batch_size)
+        try:
+            return len(self.inputs)
+        except TypeError:
+            return None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

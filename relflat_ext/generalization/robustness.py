@@ -5,14 +5,16 @@
 Both have ``E[U_ab U_cd] = [a=c][b=d] / m``, so ``E_U[E_F] = delta^2/(2m) kappa_Tr + O(delta^3)``
 (Theorem 5). Away from an exact minimum the first-order term ``delta <grad, W U>`` has zero mean
 but a standard deviation of order delta, which swamps the delta^2 signal; antithetic pairs
-``(U, -U)`` cancel it (and every odd order) exactly, so they are on by default.
+``(U, -U)`` cancel it (and every odd order) exactly, so they are on by default. For per-sample
+feature vectors each ``U phi_i`` is drawn in law (:class:`_VectorDraws`); tokens, and layers
+perturbed through the weight, take a matrix per draw (:class:`_Draws`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -24,6 +26,7 @@ from ..core.hooks import not_called, preserved, tapped
 from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import Loss, LossSpec
 from ..core.modes import measurement
+from ..core.progress import ProgressLine
 from ..flatness import Problem, relative_flatness
 from ..flatness import tail as _tail
 from ..flatness.accumulator import NotFinite, explain_not_finite
@@ -97,6 +100,38 @@ class _Draws:
         return mats[start - offset:stop - offset]
 
 
+class _VectorDraws:
+    """Per feature vector, what ``U phi`` is in law, drawn directly: for Haar-orthogonal U a uniform
+    direction of length ||phi||, for i.i.d. N(0, 1/m) entries ``N(0, ||phi||^2 / m I)``. E_F is a
+    mean over the samples of expectations over U, each depending on U only through ``U phi_i``, so
+    independent draws per vector have the same expectation (and a smaller variance) as one matrix
+    for all, at n m random numbers a draw instead of m^2 (and an m^3 QR): what makes wide layers
+    (a CNN's first fully connected layer, m in the thousands) feasible. Seeded by draw and by block
+    of vectors (rows of the data, counted over the batches), so any batching gives the same draws."""
+    ROWS = 256
+
+    def __init__(self, m, distribution, seed, dtype, device):
+        self.m, self.distribution, self.seed, self.dtype, self.device = m, distribution, seed, dtype, device
+
+    def _block(self, j: int, b: int) -> torch.Tensor:
+        seed = (self.seed * 0x9E3779B1 + (j + 1) * 0x85EBCA77 + b) % (1 << 63)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn((self.ROWS, self.m), generator=gen, dtype=self.dtype, device=self.device)
+
+    def get(self, start: int, stop: int, phi: torch.Tensor, row0: int) -> torch.Tensor:
+        """``U_j phi_i`` in law (stop - start, rows, m) for draws [start, stop) and the feature
+        vectors phi (rows, m), which are rows [row0, row0 + rows) of the data."""
+        rows = phi.shape[0]
+        blocks = range(row0 // self.ROWS, (row0 + rows - 1) // self.ROWS + 1)
+        offset = row0 - blocks[0] * self.ROWS
+        g = torch.stack([torch.cat([self._block(j, b) for b in blocks])[offset:offset + rows]
+                         for j in range(start, stop)])
+        norms = phi.norm(dim=1, keepdim=True)
+        if self.distribution == "gaussian":
+            return g * (norms / math.sqrt(self.m))
+        return g * (norms / g.norm(dim=2, keepdim=True))
+
+
 def _per_sample_losses(loss: Loss, out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
     """Per-sample losses (copies, n) of ``out`` (copies * n, ...) against y (n, ...) repeated."""
     n = y.shape[0]
@@ -138,28 +173,26 @@ def _copy(out, c: int, copies: int, n: int):
 
 
 def _forward_with_features(problem: Problem, lin: nn.Linear, plan: Optional[_tail.TailPlan], x):
-    """The model's output on the batch and, when ``plan`` holds for it, the layer's input features
-    (else None: a traced tail that does not reproduce the model's output)."""
-    if plan is None:
-        return problem.forward(x), None
-    with tapped(lin, problem.name, replace_output=False, copy_output=plan.traced) as tap:
+    """(the model's output on the batch, the layer's input features, whether ``plan``'s tail
+    reproduces the output from them: False without a plan, or for a traced tail that does not)."""
+    with tapped(lin, problem.name, replace_output=False, copy_output=plan is not None and plan.traced) as tap:
         out = problem.forward(x)
-    if plan.traced and not _tail.reproduces(plan.run(tap.output), out):
-        return out, None
-    return out, tap.input
+    if plan is None:
+        return out, tap.input, False
+    return out, tap.input, not plan.traced or _tail.reproduces(plan.run(tap.output), out)
 
 
-def _perturbed_model_outputs(problem: Problem, lin: nn.Linear, name: str, x, a_t: torch.Tensor) -> torch.Tensor:
-    """The model on the batch repeated once per matrix of ``a_t`` (copies, m, m), a forward
-    pre-hook applying each copy's ``phi -> phi + phi a_t[c]`` at the layer, in one pass."""
-    copies, m = a_t.shape[0], a_t.shape[1]
+def _perturbed_model_outputs(problem: Problem, lin: nn.Linear, name: str, x, copies: int,
+                             change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The model on the batch repeated ``copies`` times, a forward pre-hook adding ``change(flat)``
+    to the layer's input ``flat`` (copies, rows, m), in one pass."""
     calls = []
 
     def perturb(module, args):
         calls.append(1)
         phi = args[0]
-        flat = phi.reshape(copies, -1, m)
-        return (flat + torch.bmm(flat, a_t)).reshape(phi.shape), *args[1:]
+        flat = phi.reshape(copies, -1, phi.shape[-1])
+        return (flat + change(flat)).reshape(phi.shape), *args[1:]
 
     handle = lin.register_forward_pre_hook(perturb)
     try:
@@ -201,8 +234,8 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                        delta: Union[float, Sequence[float]] = 0.01, loss: Optional[LossSpec] = None,
                        distribution: str = "orthogonal", n_samples: int = 64, antithetic: bool = True,
                        seed: Optional[int] = None, batch_size: Optional[int] = None,
-                       kappa: Optional[float] = None, distributed: Optional[bool] = None
-                       ) -> Union[FeatureRobustnessResult, List[FeatureRobustnessResult]]:
+                       kappa: Optional[float] = None, distributed: Optional[bool] = None,
+                       progress: bool = False) -> Union[FeatureRobustnessResult, List[FeatureRobustnessResult]]:
     """Monte Carlo feature robustness of ``layer``'s input features, with Theorem 5's prediction.
 
     Perturbs the features entering ``layer`` as ``phi -> (I + delta U) phi`` with labels kept, for
@@ -219,7 +252,9 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     serve every data batch, so a DataLoader (re-iterable) or tensors with ``batch_size`` stream.
     kappa: kappa_Tr if already known (else computed with :func:`relative_flatness`) for
     ``predicted = delta^2/(2m) kappa``. Under torch.distributed every rank draws the same matrices
-    and the sums over the shards are all-reduced. The model is left exactly as it was.
+    and the sums over the shards are all-reduced. progress: a line on stderr counting the draws
+    done over the data batches (minutes for large models, where each copy is a forward pass). The
+    model is left exactly as it was.
     """
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     deltas = _check_deltas(delta)
@@ -245,6 +280,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
     draws = _Draws(n_samples, m, distribution, base_seed, dtype, device)
+    vector_draws = _VectorDraws(m, distribution, base_seed, dtype, device)
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0
     with preserved(model), torch.no_grad():
@@ -252,34 +288,57 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         # trace checked against the model), the perturbed copies run only that tail from the
         # features of one forward pass; otherwise the whole model runs on the repeated batch.
         plan = _tail.plan(model, name, lin, final_log_softmax=True) if features_seen else None
+        report = ProgressLine(f"feature robustness of {name!r}", "draws x batches") if progress else None
+        total = n_samples * problem.batch_count() if problem.batch_count() else None
+        # Feature vectors of the batches (and ranks) before: where each batch's vector draws start.
+        rows_seen = dist.row_offset(problem.sample_count(), device) if problem.distributed else 0
         for x, y in problem.batches():
             n_b = batch_length(x)
-            out, phi = _forward_with_features(problem, lin, plan, x)
-            if phi is None and plan is not None:
-                warnings.warn(f"relflat_ext: the traced tail of layer {name!r} does not reproduce the model's "
-                              "output; running the whole model per perturbation (same result, slower)",
-                              RuntimeWarning)
-                plan = None
+            phi, tail = None, False
+            if features_seen:
+                out, phi, tail = _forward_with_features(problem, lin, plan, x)
+                if plan is not None and not tail:
+                    warnings.warn(f"relflat_ext: the traced tail of layer {name!r} does not reproduce the "
+                                  "model's output; running the whole model per perturbation (same result, "
+                                  "slower)", RuntimeWarning)
+                    plan = None
+            else:
+                out = problem.forward(x)
+            vectors = phi is not None and phi.dim() == 2  # per-vector draws; tokens keep one matrix a sample
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
             per_forward = _copies_per_forward(out, n_b, n_scales)
             for d0 in range(0, n_samples, per_forward):
                 k = min(per_forward, n_samples - d0)
-                mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch
-                # Copy order: scale-major, then draw: A = scales[s] * U_j.
-                a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
-                if phi is not None:
-                    flat = phi.reshape(1, -1, m)
-                    perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
-                    outputs = plan.run(lin(perturbed), keep_input=False)
-                elif features_seen:
-                    outputs = _perturbed_model_outputs(problem, lin, name, x, a_t)
+                copies = n_scales * k  # copy order: scale-major, then draw: A = scales[s] * U_j
+                if vectors:
+                    u = vector_draws.get(d0, d0 + k, phi, rows_seen)  # (k, rows, m)
+                    shifts = (scales[:, None, None, None] * u[None]).reshape(copies, *phi.shape)
+                    if tail:
+                        outputs = plan.run(lin((phi[None] + shifts).reshape(-1, m)), keep_input=False)
+                    else:
+                        outputs = _perturbed_model_outputs(problem, lin, name, x, copies, lambda flat: shifts)
                 else:
-                    outputs = _perturbed_weight_outputs(problem, parameter, view, x, a_t)
-                pert = _per_sample_losses(problem.loss, outputs, y, a_t.shape[0])  # (copies, n_b)
+                    mats = draws.get(d0, d0 + k)  # (k, m, m), the same matrices for every batch
+                    a_t = (scales[:, None, None, None] * mats.transpose(1, 2)[None]).reshape(-1, m, m)
+                    if tail:
+                        flat = phi.reshape(1, -1, m)
+                        perturbed = (flat + torch.matmul(flat, a_t)).reshape(-1, *phi.shape[1:])
+                        outputs = plan.run(lin(perturbed), keep_input=False)
+                    elif features_seen:
+                        outputs = _perturbed_model_outputs(problem, lin, name, x, copies,
+                                                           lambda flat: torch.bmm(flat, a_t))
+                    else:
+                        outputs = _perturbed_weight_outputs(problem, parameter, view, x, a_t)
+                pert = _per_sample_losses(problem.loss, outputs, y, copies)  # (copies, n_b)
                 diff = (pert - base).sum(1).double().reshape(n_scales, k) * problem.positions(y)
                 sums[:, d0:d0 + k] += diff
+                if report:
+                    report(report.state[0] + k, total)
             n += problem.count(y)  # samples, or counted tokens: E_F is a change of the mean loss
+            rows_seen += phi.shape[0] if vectors else 0
+        if report:
+            report.close()
     if problem.distributed:
         count = torch.tensor(float(n), dtype=torch.float64, device=device)
         dist.all_reduce_sum([sums, count])

@@ -368,3 +368,10 @@ def test_float32_at_a_confident_minimum_and_small_delta_agrees_with_float64():
         low = rf.feature_robustness(net, layer, x, y, delta=1e-3, seed=0, n_samples=32, kappa=1.0)
         high = rf.feature_robustness(wide, layer, x.double(), y, delta=1e-3, seed=0, n_samples=32, kappa=1.0)
         assert abs(low.value - high.value) <= 4 * math.hypot(low.stderr, high.stderr)
+
+
+def test_progress_counts_the_draws_over_the_batches(capsys):
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(40, 6, 4, "cross_entropy", seed=0)
+    rf.feature_robustness(model, "2", x, y, delta=0.1, n_samples=6, seed=0, kappa=1.0, batch_size=20, progress=True)
+    assert "12/12 draws x batches (feature robustness of '2'" in capsys.readouterr().err

@@ -104,10 +104,11 @@ class _VectorDraws:
     """Per feature vector, what ``U phi`` is in law, drawn directly: for Haar-orthogonal U a uniform
     direction of length ||phi||, for i.i.d. N(0, 1/m) entries ``N(0, ||phi||^2 / m I)``. E_F is a
     mean over the samples of expectations over U, each depending on U only through ``U phi_i``, so
-    independent draws per vector have the same expectation (and a smaller variance) as one matrix
-    for all, at n m random numbers a draw instead of m^2 (and an m^3 QR): what makes wide layers
-    (a CNN's first fully connected layer, m in the thousands) feasible. Seeded by draw and by block
-    of vectors (rows of the data, counted over the batches), so any batching gives the same draws."""
+    independent draws per vector have the same expectation as one matrix for all (and, measured on
+    a trained MLP's three layers, standard errors 0.9-2.7x smaller), at n m random numbers a draw
+    instead of m^2 (and an m^3 QR): what makes wide layers (a CNN's first fully connected layer, m
+    in the thousands) feasible. Seeded by draw and by block of vectors (rows of the data, counted
+    over the batches), so any batching gives the same draws."""
     ROWS = 256
 
     def __init__(self, m, distribution, seed, dtype, device):

@@ -306,3 +306,24 @@ def test_cli_checks_outputs_before_any_work(tmp_path, capsys):
 def test_cli_cuda_without_a_gpu(capsys):
     code, err = _cli(["profile", "--device", "cuda"], capsys)
     assert code == 2 and "no CUDA GPU" in err
+
+
+def test_data_given_whole_are_batched_to_bound_the_autograd_graph(monkeypatch):
+    """50000 CIFAR images passed as tensors went through a convolution's Hessian-vector products in
+    one batch (4000 took 5.9 GB). Now the batch size keeps one batch's graph within a budget,
+    measured from what autograd saves for 2 and 4 samples; the values are the one-batch values."""
+    import relflat_ext.flatness.problem as problem_module
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3)).double()
+    x, y = torch.randn(64, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    whole = {"closed_form": rf.relative_flatness(cnn, "3", x, y),
+             "stochastic": rf.relative_flatness(cnn, "0", x, y, seed=0, max_probes=8, rel_tol=1e-9)}
+    assert all("in batches of" not in r.reason for r in whole.values())
+    per_sample = 4 * 36 * 8 * 3  # about what autograd saves per sample here
+    monkeypatch.setattr(problem_module, "GRAPH_BYTES", 16 * per_sample)
+    monkeypatch.setattr(problem_module, "INPUT_EXPANSION", 10 ** 6)
+    batched = {"closed_form": rf.relative_flatness(cnn, "3", x, y),
+               "stochastic": rf.relative_flatness(cnn, "0", x, y, seed=0, max_probes=8, rel_tol=1e-9)}
+    for what, result in batched.items():
+        assert "in batches of" in result.reason, what
+        assert result.kappa == pytest.approx(whole[what].kappa, rel=1e-10), what

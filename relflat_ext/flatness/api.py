@@ -36,8 +36,10 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     """Relative flatness kappa_Tr of ``layer`` (a name, a submodule of ``model``, or its weight
     Parameter) on the data.
 
-    inputs/targets: tensors (chunked by ``batch_size``), or ``inputs`` an iterable of (x, y)
-    batches (a DataLoader) or one (x, y) pair with ``targets=None``; sums accumulate across batches.
+    inputs/targets: tensors (chunked by ``batch_size``; None: one batch, or batches that keep the
+    autograd graph of one within 2 GiB, an eighth of a GPU's free memory, as ``result.reason``
+    says), or ``inputs`` an iterable of (x, y) batches (a DataLoader) or one (x, y) pair with
+    ``targets=None``; sums accumulate across batches.
     loss: "cross_entropy" | "mse" | "bce_with_logits" (the torch.nn.functional losses with their
     default mean reductions) or a callable ``loss_fn(output, target)`` averaging over samples;
     None: the model's own, which is cross entropy except for a transformers classifier whose

@@ -62,6 +62,13 @@ def sample_features(name: str, phi: torch.Tensor, targets: Optional[torch.Tensor
     if phi.dim() != 2 and is_token_targets(phi, targets):
         return phi.reshape(-1, phi.shape[-1])
     check_vector_features(name, phi)
+    if isinstance(targets, torch.Tensor) and targets.dim() and phi.shape[0] > targets.shape[0] \
+            and phi.shape[0] != targets.numel():
+        # More rows than samples: some sample has several (a model that flattens its tokens into
+        # rows before the layer), and the cross-row terms of its Hessian are not per-sample terms.
+        raise NotVectorFeatures(f"layer {name!r} receives {phi.shape[0]} feature vectors for {targets.shape[0]} "
+                                "samples (the model puts several rows per sample into it): the exact path needs "
+                                "one per sample; use method='stochastic' (or 'auto')")
     return phi
 
 

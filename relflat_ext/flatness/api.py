@@ -94,7 +94,7 @@ def _dispatch(problem: Problem, method: str, options: Options,
     except NotVectorFeatures:
         if method != "auto":
             raise
-        return estimate(problem, options, "stochastic: the layer's input is not (n, m)")
+        return estimate(problem, options, "stochastic: the layer's input is not one feature vector per sample")
     except SharedLayer:
         if method != "auto":
             raise

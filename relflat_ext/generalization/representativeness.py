@@ -101,7 +101,8 @@ def _collect(problem: Problem, lin: nn.Linear):
                                      "with a per-token output and token targets)")
                 if phi.shape[0] != out.shape[0]:
                     raise ValueError(f"layer {problem.name!r} sees {phi.shape[0]} feature vectors for "
-                                     f"{out.shape[0]} samples (the model routes some samples through it): "
+                                     f"{out.shape[0]} samples (the model routes samples through it, or puts "
+                                     "several rows per sample into it): "
                                      "representativeness needs one feature vector per sample")
             feats.append(phi)
             outs.append(out.detach())

@@ -305,7 +305,9 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                     plan = None
             else:
                 out = problem.forward(x)
-            vectors = phi is not None and phi.dim() == 2  # per-vector draws; tokens keep one matrix a sample
+            # A vector per sample: per-sample draws. Tokens, or rows several per sample (a model that
+            # flattens its tokens), keep one matrix a copy: a sample's loss depends on its rows jointly.
+            vectors = phi is not None and phi.dim() == 2 and phi.shape[0] == n_b
             problem.loss.check(out, y)
             base = _per_sample_losses(problem.loss, out, y, 1)[0]  # (n_b,)
             per_forward = _copies_per_forward(out, n_b, n_scales)

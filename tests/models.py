@@ -1,4 +1,4 @@
-"""Small random networks for the tests (float64 unless asked otherwise)."""
+"""Small random networks for the tests (float64 unless asked otherwise), and training to a confident minimum."""
 import torch
 from torch import nn
 
@@ -79,3 +79,17 @@ def behind_a_layer(w, b, seed=1):
         head.weight.copy_(w)
         head.bias.copy_(b)
     return nn.Sequential(first, nn.Tanh(), head)
+
+
+def train_to_minimum(model, x, y, steps, lr, loss=None, below=1e-3):
+    """Full-batch Adam for ``steps``: the confident minima where flatness is measured. Asserts the
+    last training loss is below ``below``; returns the model in eval mode."""
+    loss = loss or torch.nn.functional.cross_entropy
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        value = loss(model(x), y)
+        value.backward()
+        opt.step()
+    assert value.item() < below, f"training stopped at loss {value.item():.2e}"
+    return model.eval()

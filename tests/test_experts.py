@@ -113,6 +113,11 @@ def test_the_profile_lists_expert_stacks_and_routers_but_not_lookup_tables():
     assert listed["up"]["type"] == "StackedExperts param" and listed["up"]["shape"] == [3, 7, 6]
     exact = rf.relative_flatness_autograd(rows, "up", x, y).kappa
     assert abs(listed["up"]["kappa"] - exact) <= 4 * listed["up"]["kappa_stderr"]
+    # a bfloat16 model is watched through its float32 copy: the same layers
+    with pytest.warns(RuntimeWarning, match="float32 copy"):
+        half = rf.profile(rows.bfloat16(), x.bfloat16(), y, rel_tol=0.5, max_probes=8, hessian_trace=False,
+                          progress=False)
+    assert {r["layer"] for r in half.rows} == set(listed)
 
 
 def test_a_stack_the_model_does_not_multiply_gets_an_error_asking_for_a_view():

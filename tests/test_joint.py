@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import relflat_ext as rf
-from models import data, mlp
+from models import data, mlp, train_to_minimum
 
 
 @pytest.mark.parametrize("sketch", [0, 8])
@@ -92,13 +92,7 @@ def test_deflated_shared_probes_at_a_confident_float32_minimum():
     torch.manual_seed(0)
     x, y = data(120, 6, 3, "cross_entropy", seed=5)
     model = mlp([6, 16, 12, 3], "tanh", seed=5).float()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(400):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x.float()), y)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3
+    train_to_minimum(model, x.float(), y, steps=400, lr=3e-2)
     names = ["0", "2", "4"]
     kw = dict(rel_tol=1e-9, max_probes=160, seed=0)
     joint = rf.stochastic_estimate_layers(model, names, x.float(), y, sketch=32, **kw)

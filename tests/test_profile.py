@@ -10,7 +10,7 @@ import relflat_ext as rf
 from relflat_ext.apps.cli import main as cli_main
 from relflat_ext.apps import zoo as rf_zoo
 from relflat_ext.apps.zoo import lenet5
-from models import assert_unchanged, snapshot
+from models import assert_unchanged, snapshot, train_to_minimum
 
 
 class Block(nn.Module):
@@ -196,14 +196,8 @@ def test_normalized_kappa_from_shared_products_at_a_trained_float32_minimum():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2000):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3
-    rows = {r["layer"]: r for r in rf.profile(model.eval(), x, y, hessian_trace=False, progress=False).rows}
+    train_to_minimum(model, x, y, steps=2000, lr=1e-2)
+    rows = {r["layer"]: r for r in rf.profile(model, x, y, hessian_trace=False, progress=False).rows}
     for layer in ("0", "2"):
         assert rows[layer]["method"] == "exact"
         separate = rf.relative_flatness(model, layer, x, y, normalize_features=True).kappa

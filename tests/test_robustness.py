@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf
-from models import assert_unchanged, data, mlp, snapshot
+from models import assert_unchanged, data, mlp, snapshot, train_to_minimum
 
 
 def _ratio(fr):
@@ -356,13 +356,7 @@ def test_float32_at_a_confident_minimum_and_small_delta_agrees_with_float64():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
     x, y = torch.randn(300, 20), torch.randint(0, 5, (300,))
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    net.eval()
-    assert F.cross_entropy(net(x), y).item() < 1e-3
+    train_to_minimum(net, x, y, steps=300, lr=1e-2)
     wide = copy.deepcopy(net).double()
     for layer in ("0", "4"):
         low = rf.feature_robustness(net, layer, x, y, delta=1e-3, seed=0, n_samples=32, kappa=1.0)

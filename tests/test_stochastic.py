@@ -10,7 +10,7 @@ from torch import nn
 
 import relflat_ext as rf
 from relflat_ext import stochastic_estimate
-from models import assert_unchanged, data, mlp, snapshot
+from models import assert_unchanged, data, mlp, snapshot, train_to_minimum
 
 
 @pytest.mark.parametrize("seed, layer, loss", [(0, "0", "cross_entropy"), (1, "2", "cross_entropy"),
@@ -208,14 +208,7 @@ def test_square_root_factor_at_a_confident_float32_minimum():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 2, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3
-    model.eval().zero_grad(set_to_none=True)
+    train_to_minimum(model, x, y, steps=400, lr=1e-2).zero_grad(set_to_none=True)
     exact_model = copy.deepcopy(model).double()
     exact = _kappa_from_dense_hessian(exact_model, exact_model[0].weight, lambda w: w.reshape(4, -1), x.double(), y)
     est = stochastic_estimate(model, "0", x, y, rel_tol=0.03, max_probes=2000, seed=0)

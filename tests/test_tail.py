@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf
-from models import assert_unchanged, data, snapshot
+from models import assert_unchanged, data, snapshot, train_to_minimum
 from relflat_ext.flatness import tail as _tail
 
 ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.2),
@@ -304,14 +304,7 @@ def test_a_trained_confident_log_softmax_model_in_float32():
     model = _LogSoftmaxNet()
     x = data(60, 5, 4, "cross_entropy", seed=4, dtype=torch.float32)[0]
     y = (x @ torch.randn(5, 4, generator=torch.Generator().manual_seed(5))).argmax(1)  # learnable labels
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(1500):
-        opt.zero_grad()
-        loss = F.nll_loss(model(x), y)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3
-    model.eval()
+    train_to_minimum(model, x, y, steps=1500, lr=0.05, loss=F.nll_loss)
     for layer, path in (("fc3", "closed_form"), ("fc2", "exact")):
         res = rf.relative_flatness(model, layer, x, y, loss=F.nll_loss)
         assert res.method == path and "log_softmax taken into" in res.reason

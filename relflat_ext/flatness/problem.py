@@ -161,12 +161,17 @@ class Problem:
         params = {name: module.weight for name, module in layers if isinstance(module, ParameterLayer)}
         if not params:
             return
-        x, _ = next(iter(self.batches(check_values=False)))  # the measurement checks the values
-        with preserved(self.model):
-            found = multiplication_layouts(params, lambda: self.forward(x))
+        found = self.layouts(params)
         for name, module in layers:
             if isinstance(module, ParameterLayer) and (found[name] is not None or module.weight.dim() != 2):
                 module.layout = found[name]
+
+    def layouts(self, params: Dict[str, torch.Tensor]) -> Dict[str, Optional[str]]:
+        """How the model multiplies each parameter on the first batch (rows, columns or None:
+        :func:`~relflat_ext.core.usage.multiplication_layouts`)."""
+        x, _ = next(iter(self.batches(check_values=False)))  # the measurement checks the values
+        with preserved(self.model):
+            return multiplication_layouts(params, lambda: self.forward(x))
 
     def forward(self, x: Inputs):
         """The model's output on a batch (its ``.logits`` where it returns an output object)."""

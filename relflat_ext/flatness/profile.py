@@ -23,14 +23,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.hooks import preserved
 from ..core.hvp import WeightNotInLoss
 from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer, unwrap, weight_layers,
                            weight_matrix)
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.progress import ProgressLine
-from ..core.usage import multiplication_layouts
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
 from .problem import Options, Problem
@@ -182,19 +180,18 @@ def _multiplied_parameters(model: nn.Module, listed: List[str], inputs, targets,
     """The other 2-D and stacked 3-D parameters the model multiplies features with (seen on the
     first batch): a mixture-of-experts layer's expert stacks and router, a custom module's weight;
     not embedding tables it only looks up, nor weights of the layers already listed."""
-    covered = {id(resolve_weight_layer(model, name)[1].weight) for name in listed}
-    candidates = {}
-    for name, param in model.named_parameters():
-        if param.dim() in (2, 3) and id(param) not in covered:
-            candidates[name] = param
+    matrices = [name for name, param in model.named_parameters() if param.dim() in (2, 3)]
+    if not matrices:
+        return []
+    # On the problem's model: a half-precision model's float32 copy, where the watch runs.
+    problem = Problem.build(model, listed[0] if listed else matrices[0], inputs, targets, loss, batch_size,
+                            distributed)
+    covered = {id(resolve_weight_layer(problem.model, name)[1].weight) for name in listed}
+    candidates = {name: param for name, param in problem.model.named_parameters()
+                  if param.dim() in (2, 3) and id(param) not in covered}
     if not candidates:
         return []
-    problem = Problem.build(model, listed[0] if listed else next(iter(candidates)), inputs, targets, loss,
-                            batch_size, distributed)
-    x, _ = next(iter(problem.batches()))
-    with preserved(problem.model):
-        found = multiplication_layouts(candidates, lambda: problem.forward(x))
-    return [name for name, layout in found.items() if layout is not None]
+    return [name for name, layout in problem.layouts(candidates).items() if layout is not None]
 
 
 def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:

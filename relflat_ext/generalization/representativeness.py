@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..core.data import IGNORE_INDEX
 from ..core.hooks import NotVectorFeatures, is_token_targets, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.modes import measurement
 from ..flatness import Problem
+from ..flatness.closed_form import counted_rows
 from ..flatness.exact import check_token_wise
 from .kde import select_bandwidth
 
@@ -84,11 +84,9 @@ def _collect(problem: Problem, lin: nn.Linear):
                                          "feature vector per output") from None
             n = y.shape[0]
             owner = torch.arange(seen, seen + n, device=y.device)
-            if tokens:
-                owner = owner.repeat_interleave(y.shape[1])
-                phi, out, y = phi.reshape(-1, phi.shape[-1]), out.reshape(-1, out.shape[-1]), y.reshape(-1)
-                counted = y != IGNORE_INDEX
-                phi, out, y, owner = phi[counted], out[counted], y[counted], owner[counted]
+            if tokens:  # the counted tokens as rows, each with its sequence
+                y, phi, out, owner = counted_rows(problem.loss, y, phi.reshape(-1, phi.shape[-1]),
+                                                  out.reshape(-1, out.shape[-1]), owner.repeat_interleave(y.shape[1]))
             else:
                 if out.dim() != 2:
                     raise ValueError(f"the model output must be (n, d) for representativeness (one output per "

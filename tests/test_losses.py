@@ -94,3 +94,21 @@ def test_a_loss_module_gets_the_closed_form_and_the_same_kappa():
     callable_ = rf.relative_flatness(model, "2", x, y, loss=lambda out, t: F.cross_entropy(out, t))
     assert callable_.method == "exact"
     torch.testing.assert_close(callable_.kappa, named.kappa, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "stochastic"])
+def test_nll_loss_of_raw_scores_is_flagged(method):
+    """nll_loss of a model that returns logits, not log-probabilities, is linear in them: the output
+    layer's kappa is then exactly 0, a user's slip that deserves a word; log_softmax outputs pass
+    silently."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    with pytest.warns(RuntimeWarning, match="not log-probabilities"):
+        res = rf.relative_flatness(model, "2", x, y, loss=nn.NLLLoss(), method=method, max_probes=8, rel_tol=1e-9)
+    assert abs(res.kappa) < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rf.relative_flatness(nn.Sequential(model, nn.LogSoftmax(1)), "0.2", x, y, loss=F.nll_loss, method=method,
+                             max_probes=8, rel_tol=1e-9)

@@ -20,6 +20,7 @@ Hessian-vector products) and no target check beyond what the callable does itsel
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -328,6 +329,7 @@ class CallableLoss(Loss):
     def __init__(self, function: Callable):
         super().__init__(getattr(function, "__name__", "callable"), function, None)
         self.for_derivatives = self.__call__
+        self._scores_checked = not _is_nll(function)
 
     def __call__(self, output, target) -> torch.Tensor:
         value = self.function(output, target)
@@ -345,7 +347,17 @@ class CallableLoss(Loss):
         return self(output, target).expand(target.shape[0])
 
     def check(self, output, targets) -> None:
-        """The callable decides what it takes."""
+        """The callable decides what it takes; nll_loss is checked once for log-probabilities."""
+        if self._scores_checked or not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[1] < 2:
+            return
+        self._scores_checked = True
+        with torch.no_grad():
+            worst = float(torch.logsumexp(output.detach().double(), dim=1).abs().max())
+        if worst > 1e-3:  # a row of log-probabilities has logsumexp 0
+            warnings.warn(f"relflat_ext: the loss is nll_loss but the model's outputs are not log-probabilities "
+                          f"(logsumexp of a row is {worst:.3g} from 0): nll_loss of raw scores is linear in them, so "
+                          "the output layer's kappa is 0. For logits use loss='cross_entropy' (or end the model "
+                          "with log_softmax)", RuntimeWarning, stacklevel=2)
 
     def check_targets(self, targets, output_shape: Sequence[int]) -> None:
         """The callable decides what it takes."""
@@ -355,6 +367,10 @@ class CallableLoss(Loss):
 
 
 LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError(), BceWithLogits())}
+
+
+def _is_nll(fn: Callable) -> bool:
+    return fn is F.nll_loss or isinstance(fn, nn.NLLLoss)
 
 
 def is_cross_entropy_after_log_softmax(loss: Loss) -> bool:

@@ -141,6 +141,7 @@ def _loss_source(acc: _Sum, jac: _Jacobian, out: torch.Tensor, y, loss: Loss):
     elif isinstance(hessian, DiagonalHessian):
         acc.diagonal_source(jac, hessian.values)
     else:
+        loss.check(out, y)
         k = out.shape[1]
         with torch.enable_grad():
             leaf = out.detach().requires_grad_(True)

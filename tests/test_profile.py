@@ -124,6 +124,36 @@ def test_cli_profile_of_a_random_gpt2(tmp_path, capsys):
     assert rows[0]["shape"] == [192, 64]  # c_attn's W (d, m); transformers' Conv1D stores it as (64, 192)
 
 
+def test_cli_profile_of_a_users_regression_model(tmp_path, monkeypatch, capsys):
+    """module:function model and data, ``--loss mse``: trained and measured with squared error (the
+    exact head equals the library call with loss="mse")."""
+    (tmp_path / "user_regression.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(64, 5, generator=g)\n"
+        "    y = torch.stack([x[:, 0] * x[:, 1], x[:, 2].sin()], 1)\n"
+        "    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    code = cli_main(["profile", "--model", "user_regression:model", "--data", "user_regression:data", "--loss", "mse",
+                     "--train-epochs", "3", "--rel-tol", "0.3", "--max-probes", "32", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "train loss" in capsys.readouterr().out
+    rows = {r["layer"]: r for r in json.load(open(out / "profile.json"))}
+    assert set(rows) == {"0", "2"} and rows["2"]["method"] == "closed_form"
+    import user_regression
+    from relflat_ext.apps.training import fit
+    model, loader = user_regression.model(), user_regression.data()
+    fit(model, loader, 3, loss="mse")
+    torch.testing.assert_close(rows["2"]["kappa"], rf.relative_flatness(model, "2", loader, loss="mse").kappa,
+                               rtol=1e-5, atol=0)
+
+
 def test_cli_rejects_unknown_model_and_data(tmp_path, capsys):
     assert cli_main(["profile", "--model", "no_such_net", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--samples", type=POSITIVE, default=None, help="use the first N samples")
     prof.add_argument("--batch-size", type=POSITIVE, default=256)
     prof.add_argument("--layers", nargs="*", default=None, help="layer names (default: every Linear/Conv layer)")
+    prof.add_argument("--loss", choices=["cross_entropy", "mse", "bce_with_logits"], default=None,
+                      help="the training loss the model minimizes (default: cross entropy, or a transformers "
+                           "classifier's own by its problem_type); also the loss --train-epochs trains with")
     prof.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     prof.add_argument("--rel-tol", type=TOLERANCE, default=0.05)
     prof.add_argument("--max-probes", type=PROBES, default=1000)
@@ -139,14 +142,14 @@ def _profile(args) -> None:
     epochs = args.train_epochs if args.train_epochs is not None else (30 if args.model == "lenet5" else 0)
     if epochs:
         print(f"training {args.model} on {data} for {epochs} epochs ...")
-        fit(model, loader, epochs, log=print)
+        fit(model, loader, epochs, log=print, loss=args.loss or "cross_entropy")
     device = torch.device(args.device)
     model = model.to(device).eval()
     if device.type != "cpu":
         loader = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else (b[0].to(device), b[1].to(device))
                   for b in loader]
     start = time.perf_counter()
-    table = profile(model, loader, layers=args.layers or "auto", rel_tol=args.rel_tol, max_probes=args.max_probes,
+    table = profile(model, loader, loss=args.loss, layers=args.layers or "auto", rel_tol=args.rel_tol, max_probes=args.max_probes,
                     probes=args.probes, sketch="auto" if args.sketch is None else args.sketch, seed=args.seed)
     print(f"\n{args.model} on {data} ({table.rows[0]['samples']} samples, {args.device}): "
           f"{time.perf_counter() - start:.1f} s\n")

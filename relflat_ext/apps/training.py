@@ -1,13 +1,15 @@
 """One training loop for the report, the reproduction, the profile command and the benchmarks:
-minibatch cross entropy with a named optimizer, stopping early at a target training loss."""
+minibatch cross entropy (or another loss) with a named optimizer, stopping early at a target
+training loss."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..core.losses import LossSpec, get_loss
 
 OPTIMIZERS = {
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
@@ -31,12 +33,14 @@ class Fit:
 
 def fit(model: nn.Module, data, epochs: int, *, optimizer: str = "adam", lr: float = 3e-3, batch_size: int = 64,
         weight_decay: float = 0.0, seed: int = 0, stop_below: Optional[float] = None,
-        log: Optional[Callable[[str], None]] = None, log_every: int = 10) -> Fit:
+        log: Optional[Callable[[str], None]] = None, log_every: int = 10, loss: LossSpec = "cross_entropy") -> Fit:
     """Trains ``model`` on ``data``: an ``(x, y)`` pair of tensors (shuffled minibatches of
     ``batch_size`` from a generator seeded with ``seed``) or an iterable of batches (used as it
-    is). Stops when the training loss goes below ``stop_below`` or above :data:`DIVERGED`."""
+    is). Stops when the training loss goes below ``stop_below`` or above :data:`DIVERGED`. ``loss``
+    as for :func:`relflat_ext.relative_flatness`."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    loss_fn = get_loss(loss)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr, weight_decay)
     tensors = isinstance(data, tuple)
     order = torch.Generator().manual_seed(seed)
@@ -52,7 +56,7 @@ def fit(model: nn.Module, data, epochs: int, *, optimizer: str = "adam", lr: flo
         total, count = 0.0, 0
         for xb, yb in batches:
             opt.zero_grad()
-            batch_loss = F.cross_entropy(model(xb), yb)
+            batch_loss = loss_fn(model(xb), yb)
             batch_loss.backward()
             opt.step()
             if not tensors:
@@ -62,7 +66,7 @@ def fit(model: nn.Module, data, epochs: int, *, optimizer: str = "adam", lr: flo
         if tensors and measured:
             model.eval()
             with torch.no_grad():
-                loss_value = F.cross_entropy(model(x), y).item()
+                loss_value = loss_fn(model(x), y).item()
         elif not tensors:
             loss_value = total / max(count, 1)
         if report:

@@ -188,3 +188,36 @@ def test_a_weight_parameter_given_as_the_layer_is_its_module():
         by_parameter = rf.relative_flatness(model, model[int(k)].weight, x, y)
         by_name = rf.relative_flatness(model, k, x, y)
         assert (by_parameter.kappa, by_parameter.method, by_parameter.layer) == (by_name.kappa, by_name.method, k)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(2, 5), nn.Linear(10, 3)
+
+    def forward(self, left, right):
+        return self.head(torch.tanh(torch.cat([self.a(left), self.b(right)], 1)))
+
+
+def test_a_model_of_two_inputs_fed_a_dataset_of_three_tensors_is_told_how_to_batch():
+    """TensorDataset(left, right, y) yields (left, right, y): taken as (x, y) it would make `right`
+    the targets; the model's call fails and the error names the forward's inputs and the dict
+    batch that feeds them. Extra entries beside (x, y) are ignored with a warning; dict batches
+    give the same kappa as a hand-written call."""
+    torch.manual_seed(0)
+    model = _TwoInputs().double()
+    left, right, y = torch.randn(20, 3).double(), torch.randn(20, 2).double(), torch.randint(0, 3, (20,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(left, right, y), batch_size=10)
+    with pytest.warns(RuntimeWarning, match="3 entries"), \
+            pytest.raises(TypeError, match=r"_TwoInputs.forward takes 2 inputs \(left, right\).*'left': \.\.\."):
+        rf.relative_flatness(model, "a", loader)
+    batches = [{"left": left, "right": right, "labels": y}]
+    exact = rf.relative_flatness(model, "a", batches)
+    assert exact.method == "exact"
+    torch.testing.assert_close(exact.kappa, rf.relative_flatness_autograd(model, "a", batches).kappa,
+                               rtol=1e-10, atol=0)
+    x, y1 = data(20, 4, 3, "cross_entropy")
+    plain = mlp([4, 6, 3])
+    with pytest.warns(RuntimeWarning, match="3 entries"):  # (x, y, index): the index ignored
+        res = rf.relative_flatness(plain, "0", [(x, y1, torch.arange(20))])
+    assert res.kappa == rf.relative_flatness(plain, "0", x, y1).kappa

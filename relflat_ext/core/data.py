@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -69,7 +70,17 @@ def call_model(model: nn.Module, x: Inputs):
     """The model's output on a batch: ``model(**x)`` for a dict batch, else ``model(x)``; the
     ``.logits`` (or ``["logits"]``) of an output object that carries them, as transformers models
     return."""
-    return output_logits(model(**model_arguments(model, x)) if is_dict_batch(x) else model(x), model)
+    if is_dict_batch(x):
+        return output_logits(model(**model_arguments(model, x)), model)
+    try:
+        return output_logits(model(x), model)
+    except TypeError as exc:  # a forward of several inputs, given one tensor: say how to give them all
+        needed = _required_inputs(type(model))
+        if len(needed) < 2:
+            raise
+        raise TypeError(f"{type(model).__name__}.forward takes {len(needed)} inputs ({', '.join(needed)}) but a batch "
+                        f"gives it one tensor: pass each batch as a dict of them with the targets under {LABELS!r}, "
+                        f"e.g. {{{', '.join(repr(n) + ': ...' for n in needed)}, {LABELS!r}: y}}") from exc
 
 
 def model_arguments(model: nn.Module, x: Mapping) -> Dict:
@@ -103,6 +114,17 @@ def _forward_signature(cls) -> Optional[Tuple[frozenset, frozenset]]:
     named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     return (frozenset(p.name for p in named),
             frozenset(p.name for p in named if p.default is inspect.Parameter.empty))
+
+
+@functools.lru_cache(maxsize=None)
+def _required_inputs(cls) -> Tuple[str, ...]:
+    """The arguments a module class' forward cannot do without, in order."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty
+                 and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 def output_logits(out, model: nn.Module):
@@ -374,6 +396,11 @@ def _batches(inputs, targets: Optional[torch.Tensor], batch_size: Optional[int],
                             f"{type(batch).__name__}")
         else:
             x, y = batch[0], batch[1]
+            if len(batch) > 2 and k == 0:
+                warnings.warn(f"relflat_ext: the batches hold {len(batch)} entries; the first is taken as the "
+                              "inputs and the second as the targets, the rest ignored (for a model of several "
+                              f"inputs, pass dict batches with the targets under {LABELS!r})", RuntimeWarning,
+                              stacklevel=3)
         _check_batch_types(k, x, y)
         if batch_length(x) != y.shape[0]:
             raise ValueError(f"batch {k}: targets has {y.shape[0]} samples but inputs has {batch_length(x)}")

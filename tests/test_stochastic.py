@@ -109,6 +109,12 @@ def test_convolutions_agree_with_the_dense_hessian(conv, shape):
     assert_unchanged(model, before)
     assert res.method == "stochastic" and "not nn.Linear" in res.reason
     assert abs(res.kappa - exact) <= 3 * res.kappa_stderr, (res.kappa, res.kappa_stderr, exact)
+    baseline = rf.relative_flatness_autograd(model, "0", x, y, lmax=True)  # the authors' method, W as (out, patch)
+    torch.testing.assert_close(baseline.kappa, exact, rtol=1e-10, atol=0)
+    assert baseline.kappa_lmax is not None and rf.relative_flatness(model, "0", x, y, method="autograd").kappa == \
+        baseline.kappa
+    with pytest.raises(ValueError, match="normalize_features"):
+        rf.relative_flatness_autograd(model, "0", x, y, normalize_features=True)
 
 
 @pytest.mark.parametrize("dims, groups", [(1, 1), (2, 1), (2, 2)])
@@ -146,6 +152,7 @@ def test_transposed_convolutions_agree_with_the_feature_mixing_hessian(dims, gro
     assert res.method == "stochastic"
     assert abs(res.kappa - exact) <= 3 * res.kappa_stderr, (res.kappa, res.kappa_stderr, exact)
     assert "2" in rf.core.layers.weight_layers(model)  # profiled by default
+    torch.testing.assert_close(rf.relative_flatness_autograd(model, "2", x, y).kappa, exact, rtol=1e-10, atol=0)
 
 
 def test_auto_keeps_the_exact_paths_for_linear_layers_and_says_why():

@@ -13,7 +13,8 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
-from ..core.layers import LayerSpec, ParameterLayer, is_transposed_linear, matrix_view, resolve_linear
+from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, ParameterLayer, acts_on_vectors,
+                           is_transposed_linear, matrix_view, resolve_linear)
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
@@ -29,7 +30,8 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
                   vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES
                   ) -> Tuple[torch.Tensor, int]:
     """(hessian, n): the dense Hessian (d*m, d*m) of the mean loss over all n samples w.r.t. the
-    layer weight (d, m), indexed by the row-major flattening of the weight. ``vectorize=False`` is
+    layer weight W (d, m), indexed by the row-major flattening of W (a convolution's W: its weight
+    as (out, in/groups * prod(kernel)), rows acting on patches). ``vectorize=False`` is
     the authors' loop (one ``autograd.grad`` per entry); ``vectorize=True`` batches the rows with vmap."""
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
     return _hessian(problem, vectorize, max_hessian_bytes)
@@ -37,7 +39,8 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
 
 def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple[torch.Tensor, int]:
     name, lin = problem.name, problem.module
-    if not isinstance(lin, (nn.Linear, ParameterLayer)) and not is_transposed_linear(lin):
+    if not isinstance(lin, (nn.Linear, ParameterLayer, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)) \
+            and not is_transposed_linear(lin):
         resolve_linear(problem.model, name)  # raises: the baseline takes a weight matrix
     dm = lin.weight.numel()
     need = dm * dm * lin.weight.element_size()
@@ -113,6 +116,9 @@ def run(problem: Problem, options: Options, reason: str = "autograd: the full He
     weight = problem.matrix.detach()
     scale = None
     if options.normalize_features:
+        if not acts_on_vectors(problem.module):
+            raise ValueError("normalize_features (Theorem 4) is defined here for nn.Linear layers (and transformers' "
+                             "Conv1D)")
         scale = scale_over_data(problem)
         inv = inverse_scale(scale).repeat(weight.shape[0])
         hessian = hessian * inv[:, None] * inv[None, :]

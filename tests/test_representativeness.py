@@ -204,3 +204,22 @@ def test_a_layer_on_positions_under_a_per_sample_output_gets_a_clear_error():
     ids, labels = _token_data(8, 5)
     with pytest.raises(ValueError, match=r"feature vector per position \(8, 5, 6\)"):
         rf.representativeness(Pooled().double(), "body", ids, labels[:, 1] % 12)
+
+
+def test_float32_at_a_confident_minimum_equals_float64():
+    """Where users measure: a float32 MLP trained to loss 5e-5. Its per-sample losses, taken in
+    float32 (logits of size 10-20, a loss near 1e-4), kept too few digits: Rep was off its float64
+    copy's by 2e-4 to 1e-3 (relative); the losses now come in float64, as feature robustness takes
+    them (1e-5 or better, same folds)."""
+    import copy
+    from models import train_to_minimum
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 20), torch.randint(0, 5, (300,))
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+    train_to_minimum(model, x, y, steps=1500, lr=3e-3, below=1e-4)
+    model64 = copy.deepcopy(model).double()
+    for layer in ("2", "4"):
+        for delta in (0.01, 0.1):
+            r32 = rf.representativeness(model, layer, x, y, delta=delta, seed=0)
+            r64 = rf.representativeness(model64, layer, x.double(), y, delta=delta, seed=0)
+            assert abs(r32.value - r64.value) <= 1e-4 * abs(r64.value), (layer, delta, r32.value, r64.value)

@@ -53,7 +53,7 @@ def generalization_bound(model: nn.Module, layer: LayerSpec, inputs, targets: Op
         for x, y in problem.batches():
             out = problem.forward(x)  # the float32 copy of a half-precision model, as the batches are cast
             problem.loss.check(out, y)
-            risk_sum += float(problem.loss.per_sample(out, y).double().sum())
+            risk_sum += float(problem.loss.per_sample_float64(out, y).sum())
             n += out.shape[0]
     robustness = delta * delta / (2 * rep.m) * flat.kappa
     bound = rep.value + robustness

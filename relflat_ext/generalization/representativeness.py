@@ -163,8 +163,9 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     n_samples = int(sample[-1]) + 1
     if held_out is None and folds > n_samples:
         raise ValueError(f"folds ({folds}) must not exceed the number of samples ({n_samples})")
-    # The kernel averages per-sample statistics in which every label's loss is affine.
-    losses, values = record.per_sample(out, y), record.statistics(out)
+    # The kernel averages per-sample statistics in which every label's loss is affine. Both in
+    # float64 before the kernel's dtype: losses near 0 (a confident minimum) keep their digits.
+    losses, values = record.per_sample_float64(out, y), record.statistics_float64(out)
     kernel_loss = lambda wv: record.loss_from_statistics(wv, y)  # noqa: E731
     bw, key_scale, used = _bandwidth_args(bandwidth, phi, delta, folds)
     if labels == "train":
@@ -173,7 +174,7 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         hx, hy = held_out if isinstance(held_out, (tuple, list)) else (held_out, None)
         held = Problem.build(model, name, hx, hy, record, batch_size)
         q_phi, q_out, q_y, _ = _collect(held, resolve_linear(held.model, name)[1])
-        q_losses = record.per_sample(q_out, q_y)
+        q_losses = record.per_sample_float64(q_out, q_y)
         q_kernel_loss = kernel_loss if labels == "train" else (lambda wv: record.loss_from_statistics(wv, q_y))
         _, wval = ops.gaussian_kernel_reduce(q_phi.to(phi.dtype), phi, values.to(phi.dtype), bw, key_scale)
         per_sample = q_losses.to(phi.dtype) - q_kernel_loss(wval[:, 0])  # (1, n_held_out)

@@ -175,3 +175,27 @@ def test_a_layer_fed_several_rows_per_sample_is_not_measured_as_if_rows_were_sam
     fr = rf.feature_robustness(model, "proj", x, y, delta=1e-2, seed=0, n_samples=128, kappa=exact)
     scale = 1e-4 / (2 * 4)
     assert abs(fr.value / scale - exact) <= 4 * fr.stderr / scale
+
+
+def test_results_print_as_one_readable_line():
+    """What a notebook shows: the value with its error and how it was obtained, on one line; the
+    per-sample tensors only by shape (before: every draw and fold printed in full)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    exact = rf.relative_flatness(model, "0", x, y, lmax=True, block_trace=True)
+    estimated = rf.relative_flatness(model, "0", x, y, method="stochastic", max_probes=64, seed=0)
+    robustness = rf.feature_robustness(model, "0", x, y, delta=0.01, seed=0)
+    rep = rf.representativeness(model, "0", x, y, seed=0)
+    bound = rf.generalization_bound(model, "0", x, y, seed=0)
+    for result, pieces in (
+            (exact, [f"kappa={exact.kappa:.6g} [exact]", f"kappa_lmax={exact.kappa_lmax:.6g}", "block_trace=<tensor (16, 16)>",
+                     "reason='exact:"]),
+            (estimated, [f"kappa={estimated.kappa:.6g} +- {estimated.kappa_stderr:.2g} [stochastic, 64 probes]"]),
+            (robustness, [f"value={robustness.value:.6g} +- {robustness.stderr:.2g}",
+                          f"predicted={robustness.predicted:.6g}", "draws=64 orthogonal antithetic"]),
+            (rep, [f"value={rep.value:.6g} +- {rep.stderr:.2g}", "10 folds x 1"]),
+            (bound, [f"bound={bound.bound:.6g} = representativeness", f"empirical_risk={bound.empirical_risk:.6g}"])):
+        text = repr(result)
+        assert "\n" not in text and "tensor([" not in text and len(text) < 400, text
+        assert all(p in text for p in pieces), (text, pieces)

@@ -7,7 +7,17 @@ from typing import Optional
 import torch
 
 
-@dataclasses.dataclass
+def estimate_text(value: float, stderr: Optional[float] = None) -> str:
+    """``value`` to six significant digits, with ``+- stderr`` (two) where there is one: the short
+    form every result's repr uses."""
+    return f"{value:.6g}" if stderr is None else f"{value:.6g} +- {stderr:.2g}"
+
+
+def shape_text(t: Optional[torch.Tensor]) -> str:
+    return "None" if t is None else f"<tensor {tuple(t.shape)}>"
+
+
+@dataclasses.dataclass(repr=False)
 class FlatnessResult:
     """kappa: kappa_Tr; kappa_lmax: max-eigenvalue variant (when asked); block_trace (d, d):
     ``T[s, t] = Tr(H_{s,t})`` (None when not asked); method: the path that ran; n: samples used;
@@ -28,3 +38,15 @@ class FlatnessResult:
     probes: Optional[int] = None
     reason: str = ""
     kappa_normalized: Optional[float] = None
+
+    def __repr__(self) -> str:
+        how = self.method if self.probes is None else f"{self.method}, {self.probes} probes"
+        parts = [f"layer={self.layer!r}", f"kappa={estimate_text(self.kappa, self.kappa_stderr)} [{how}]"]
+        for name in ("kappa_lmax", "kappa_normalized"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}={getattr(self, name):.6g}")
+        for name in ("block_trace", "feature_scale"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}={shape_text(getattr(self, name))}")
+        parts += [f"n={self.n}", f"seconds={self.seconds:.3g}", f"reason={self.reason!r}"]
+        return f"FlatnessResult({', '.join(parts)})"

@@ -35,13 +35,13 @@ from ..core.progress import ProgressLine
 from ..core.rng import standard_normal
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
-from .result import FlatnessResult
+from .result import FlatnessResult, estimate_text
 
 QUANTITIES = ("kappa", "hessian_trace")
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class StochasticEstimate:
     """value: the estimate; stderr: its standard error over probes; probes: how many were used;
     samples (probes,): the per-probe quadratic forms; converged: whether rel_tol was reached."""
@@ -52,6 +52,10 @@ class StochasticEstimate:
     converged: bool
     n: int
     seconds: float
+
+    def __repr__(self) -> str:
+        return (f"StochasticEstimate(value={estimate_text(self.value, self.stderr)}, probes={self.probes}, "
+                f"converged={self.converged}, n={self.n}, seconds={self.seconds:.3g})")
 
 
 def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -> Optional[torch.Tensor]:

@@ -12,10 +12,11 @@ from ..core.hooks import preserved
 from ..core.layers import LayerSpec
 from ..core.modes import measurement
 from ..flatness import FlatnessResult, Problem, relative_flatness
+from ..flatness.result import estimate_text
 from .representativeness import BandwidthSpec, RepresentativenessResult, representativeness
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class BoundResult:
     """The paper's estimate of the generalization gap (Fig. 4): ``bound = representativeness +
     feature_robustness`` with ``feature_robustness = delta^2/(2m) kappa`` (Theorem 5), next to the
@@ -32,6 +33,13 @@ class BoundResult:
     n: int
     layer: str
     details: Tuple[RepresentativenessResult, FlatnessResult]
+
+    def __repr__(self) -> str:
+        return (f"BoundResult(layer={self.layer!r}, bound={self.bound:.6g} = representativeness "
+                f"{estimate_text(self.representativeness, self.representativeness_stderr)} + feature_robustness "
+                f"{self.feature_robustness:.6g} (delta^2/(2m) kappa: delta={self.delta:.3g}, m={self.m}, "
+                f"kappa={self.kappa:.6g}), empirical_risk={self.empirical_risk:.6g}, "
+                f"risk_estimate={self.risk_estimate:.6g}, n={self.n})")
 
 
 @measurement

@@ -33,6 +33,7 @@ from ..core.modes import measurement
 from ..flatness import Problem
 from ..flatness.closed_form import counted_rows
 from ..flatness.exact import check_token_wise
+from ..flatness.result import estimate_text
 from .kde import select_bandwidth
 
 BandwidthSpec = Union[str, float]
@@ -40,7 +41,7 @@ BandwidthSpec = Union[str, float]
 CV_GRID = torch.logspace(-1.0, 1.0, 21, dtype=torch.float64)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class RepresentativenessResult:
     """value: mean of rep_q over held-out points, folds and repeats (signed); stderr: standard error
     of the per-fold means (of the points, with an explicit held-out set); fold_values (repeats,
@@ -59,6 +60,11 @@ class RepresentativenessResult:
     n: int
     m: int
     layer: str
+
+    def __repr__(self) -> str:
+        split = "a held-out set" if self.folds == 1 else f"{self.folds} folds x {self.repeats}"
+        return (f"RepresentativenessResult(layer={self.layer!r}, value={estimate_text(self.value, self.stderr)}, "
+                f"delta={self.delta:.3g}, bandwidth={self.bandwidth!r}, {split}, n={self.n}, m={self.m})")
 
 
 def _collect(problem: Problem, lin: nn.Linear):

@@ -30,6 +30,7 @@ from ..core.progress import ProgressLine
 from ..flatness import Problem, relative_flatness
 from ..flatness import tail as _tail
 from ..flatness.accumulator import NotFinite, explain_not_finite
+from ..flatness.result import estimate_text
 
 DISTRIBUTIONS = ("orthogonal", "gaussian")
 # Rows (perturbed copies x samples) pushed through the model in one forward pass.
@@ -37,7 +38,7 @@ MAX_ROWS_PER_FORWARD = 1 << 15
 MAX_OUTPUT_ELEMENTS_PER_FORWARD = 1 << 26  # 256 MiB of float32 outputs (an LM head's vocabulary)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class FeatureRobustnessResult:
     """value: mean of E_F over the perturbation draws (each an antithetic pair average when
     ``antithetic``); stderr: its standard error; predicted: ``delta^2/(2m) kappa_Tr`` (Theorem 5);
@@ -56,6 +57,15 @@ class FeatureRobustnessResult:
     m: int
     layer: str
     kappa_stderr: Optional[float] = None
+
+    def __repr__(self) -> str:
+        scale = self.delta ** 2 / (2 * self.m)
+        predicted_stderr = None if self.kappa_stderr is None else scale * self.kappa_stderr
+        return (f"FeatureRobustnessResult(layer={self.layer!r}, delta={self.delta:.3g}, "
+                f"value={estimate_text(self.value, self.stderr)}, "
+                f"predicted={estimate_text(self.predicted, predicted_stderr)} (delta^2/(2m) kappa, "
+                f"kappa={estimate_text(self.kappa, self.kappa_stderr)}), draws={self.samples.numel()} "
+                f"{self.distribution}{' antithetic' if self.antithetic else ''}, n={self.n}, m={self.m})")
 
 
 def random_perturbations(count: int, m: int, distribution: str, generator: torch.Generator,

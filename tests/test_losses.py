@@ -112,3 +112,22 @@ def test_nll_loss_of_raw_scores_is_flagged(method):
         warnings.simplefilter("error")
         rf.relative_flatness(nn.Sequential(model, nn.LogSoftmax(1)), "0.2", x, y, loss=F.nll_loss, method=method,
                              max_probes=8, rel_tol=1e-9)
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes: Python 3.11+")
+def test_a_loss_written_for_the_output_object_is_told_it_gets_the_logits():
+    """A model returning {"logits": ...} passes the logits to a callable loss (as to the built-in
+    ones); a loss that indexes the dict fails inside torch, and the error carries a note saying so."""
+    class DictOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.head(x)}
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises((IndexError, KeyError, TypeError)) as info:
+        rf.relative_flatness(DictOutput(), "head", x, y, loss=lambda out, t: F.cross_entropy(out["logits"], t))
+    assert "the loss gets those logits" in " ".join(getattr(info.value, "__notes__", [])), info.value
+    ok = rf.relative_flatness(DictOutput(), "head", x, y, loss=lambda logits, t: F.cross_entropy(logits, t))
+    assert ok.kappa > 0

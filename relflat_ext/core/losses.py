@@ -344,7 +344,18 @@ class CallableLoss(Loss):
         self._scores_checked = not _is_nll(function)
 
     def __call__(self, output, target) -> torch.Tensor:
-        value = self.function(output, target)
+        try:
+            value = self.function(output, target)
+        except (IndexError, KeyError, AttributeError, TypeError) as exc:
+            if not isinstance(output, torch.Tensor):
+                raise
+            # A loss written for the model's output object (out["logits"], out.logits, out[0]) gets
+            # the logits: say so, as the error about indexing a tensor does not.
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"relflat_ext: the loss was given a tensor of shape {tuple(output.shape)}: where the model "
+                             "returns a dict or an output object with logits, the loss gets those logits, so write "
+                             "it for them, e.g. loss=lambda logits, y: F.cross_entropy(logits, y)")
+            raise
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"loss must return a 0-dim tensor (the mean over samples), got {type(value).__name__}")
         if value.dim() != 0 or not value.is_floating_point():

@@ -247,3 +247,26 @@ def test_cli_profile_of_a_local_image_classifier_checkpoint(tmp_path, capsys):
     assert "on synthetic-imagenet (8 samples" in capsys.readouterr().out
     rows = json.load(open(tmp_path / "out" / "profile.json"))
     assert rows[-1]["layer"] == "classifier" and rows[-1]["shape"] == [4, 16] and rows[-1]["method"] == "closed_form"
+
+
+def test_the_plot_shows_negative_and_estimated_values(tmp_path):
+    """kappa near a saddle or at random initialization is negative for some layers: the plot's axis
+    is then symmetric-log (a log axis dropped them), positive values spanning decades get a log axis,
+    the rest a linear one; unused layers are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from relflat_ext.flatness.profile import ProfileTable, _scale_axis
+
+    def row(layer, kappa, stderr=None, trace=1.0):
+        return {"layer": layer, "type": "Linear", "shape": [3, 4], "kappa": kappa, "kappa_stderr": stderr,
+                "hessian_trace": trace, "hessian_trace_stderr": stderr, "method": "exact" if stderr is None else
+                "stochastic"}
+    table = ProfileTable([row("a", -3.0, 0.5), row("b", 0.002), row("c", 150.0), row("unused", None, trace=None)])
+    table.plot(str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    for values, scale in (([-3.0, 0.002, 150.0], "symlog"), ([0.002, 150.0], "log"), ([1.0, 2.0, -0.5], "linear")):
+        fig, ax = plt.subplots()
+        _scale_axis(ax, values)
+        assert ax.get_yscale() == scale, (values, ax.get_yscale())
+        plt.close(fig)

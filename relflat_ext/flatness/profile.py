@@ -71,25 +71,52 @@ class ProfileTable:
             json.dump(self.rows, fh, indent=2)
 
     def plot(self, path: str) -> None:
-        """kappa per layer on a log axis, with standard-error bars for estimates."""
+        """kappa_Tr per layer and, beside it, the Hessian trace (where measured): exact values as
+        dots, estimates as open squares with standard-error bars. A log axis where the values are
+        positive and span decades, a symmetric log axis where some are negative (a layer near a
+        saddle, or at random initialization), else a linear one."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         measured = [r for r in self.rows if r["kappa"] is not None]  # not the unused layers
-        names = [r["layer"] for r in measured]
-        kappa = [max(r["kappa"], 1e-300) for r in measured]
-        err = [r["kappa_stderr"] or 0.0 for r in measured]
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 4))
-        colors = ["tab:orange" if r["method"].startswith("stochastic") else "tab:blue" for r in measured]
-        ax.bar(range(len(names)), kappa, yerr=err, color=colors, capsize=3)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel("kappa_Tr (blue: exact, orange: stochastic +- s.e.)")
-        ax.set_title("relative flatness per layer")
+        panels = [("kappa", "kappa_stderr", "relative flatness kappa_Tr")]
+        if any(r.get("hessian_trace") is not None for r in measured):
+            panels.append(("hessian_trace", "hessian_trace_stderr", "Hessian trace Tr(H) of the layer"))
+        labels = [f"{r['layer']} ({r['type']} {'x'.join(map(str, r['shape']))})" for r in measured]
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 0.45 * len(measured) + 2.5) * len(panels), 4.5),
+                                 squeeze=False)
+        for ax, (key, err_key, title) in zip(axes[0], panels):
+            values = [r.get(key) for r in measured]
+            for exact in (True, False):
+                at = [k for k, r in enumerate(measured) if values[k] is not None
+                      and (r.get(err_key) is None) == exact]
+                if at:
+                    ax.errorbar(at, [values[k] for k in at], yerr=None if exact else
+                                [measured[k][err_key] for k in at], fmt="o" if exact else "s",
+                                mfc=None if exact else "white", color="tab:blue" if exact else "tab:orange",
+                                capsize=3, label="exact" if exact else "estimate +- standard error")
+            _scale_axis(ax, [v for v in values if v is not None])
+            ax.set_xticks(range(len(measured)))
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+            ax.set_title(title)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _scale_axis(ax, values: List[float]) -> None:
+    """log for positive values spanning more than 30x, symlog (linear within the smallest nonzero
+    magnitude) where some are negative and magnitudes span that much, else linear."""
+    magnitudes = [abs(v) for v in values if v != 0]
+    if not magnitudes or max(magnitudes) <= 30 * min(magnitudes):
+        return
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(min(magnitudes))))
+        ax.axhline(0.0, color="grey", lw=0.8)
 
 
 def _peak_mib(device: torch.device) -> float:

@@ -189,8 +189,8 @@ def test_results_print_as_one_readable_line():
     rep = rf.representativeness(model, "0", x, y, seed=0)
     bound = rf.generalization_bound(model, "0", x, y, seed=0)
     for result, pieces in (
-            (exact, [f"kappa={exact.kappa:.6g} [exact]", f"kappa_lmax={exact.kappa_lmax:.6g}", "block_trace=<tensor (16, 16)>",
-                     "reason='exact:"]),
+            (exact, [f"kappa={exact.kappa:.6g} [exact]", f"kappa_lmax={exact.kappa_lmax:.6g}",
+                     "block_trace=<tensor (16, 16)>", "reason='exact:"]),
             (estimated, [f"kappa={estimated.kappa:.6g} +- {estimated.kappa_stderr:.2g} [stochastic, 64 probes]"]),
             (robustness, [f"value={robustness.value:.6g} +- {robustness.stderr:.2g}",
                           f"predicted={robustness.predicted:.6g}", "draws=64 orthogonal antithetic"]),

@@ -149,8 +149,9 @@ def _profile(args) -> None:
         loader = [{k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else (b[0].to(device), b[1].to(device))
                   for b in loader]
     start = time.perf_counter()
-    table = profile(model, loader, loss=args.loss, layers=args.layers or "auto", rel_tol=args.rel_tol, max_probes=args.max_probes,
-                    probes=args.probes, sketch="auto" if args.sketch is None else args.sketch, seed=args.seed)
+    table = profile(model, loader, loss=args.loss, layers=args.layers or "auto", rel_tol=args.rel_tol,
+                    max_probes=args.max_probes, probes=args.probes,
+                    sketch="auto" if args.sketch is None else args.sketch, seed=args.seed)
     print(f"\n{args.model} on {data} ({table.rows[0]['samples']} samples, {args.device}): "
           f"{time.perf_counter() - start:.1f} s\n")
     print(table)

@@ -13,8 +13,8 @@ def estimate_text(value: float, stderr: Optional[float] = None) -> str:
     return f"{value:.6g}" if stderr is None else f"{value:.6g} +- {stderr:.2g}"
 
 
-def shape_text(t: Optional[torch.Tensor]) -> str:
-    return "None" if t is None else f"<tensor {tuple(t.shape)}>"
+def shape_text(t: torch.Tensor) -> str:
+    return f"<tensor {tuple(t.shape)}>"
 
 
 @dataclasses.dataclass(repr=False)

@@ -257,3 +257,76 @@ def test_a_layer_some_batches_skip_is_measured_over_the_batches_that_use_it():
         assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
         shared = rf.stochastic_estimate_layers(model, ["experts.0", "experts.1"], x, y, batch_size=20, seed=0)[name]
         assert abs(shared.value - exact) <= 4 * shared.stderr + 1e-9 * exact
+
+
+class _WideInput(nn.Module):
+    """A first weight used as ``x @ W`` (stored (in, out), so its matrix view is a transpose) on
+    inputs wide enough for hashed probe columns, then a tanh and a Linear head."""
+
+    def __init__(self, m, hidden=3, classes=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(m, hidden) / math.sqrt(m))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.w))
+
+
+def test_wide_layers_hash_their_probe_columns_and_stay_unbiased():
+    """m >= 4 * HASHED_COLUMNS: probe coordinates P hash their m columns into HASHED_COLUMNS
+    Gaussian ones (column j = sign_j * z[:, bucket_j]), so F P costs d r c flops. E[P_aj P_bk] =
+    [a=b][j=k] still holds, so the per-layer and the shared (deflated) estimators stay unbiased:
+    within 4 standard errors of the full Hessian's kappa, through a transposed weight view."""
+    from relflat_ext.flatness.stochastic import HASHED_COLUMNS, ProbeDraw
+    m = 4 * HASHED_COLUMNS
+    gen = torch.Generator().manual_seed(0)
+    draw = ProbeDraw.draw(3, 5, m, gen, torch.float64, "cpu")
+    assert draw.z.shape == (3, 5, HASHED_COLUMNS)
+    coords = draw.coordinates()
+    expected = draw.z.gather(2, draw.buckets[:, None, :].expand(-1, 5, -1)) * draw.signs[:, None, :]
+    torch.testing.assert_close(coords, expected, rtol=0, atol=0)
+    factor = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    buffer = torch.empty(3, 7, m, dtype=torch.float64)
+    assert draw.mapped(factor, out=buffer) is buffer
+    torch.testing.assert_close(buffer, factor @ coords, rtol=1e-12, atol=1e-12)
+    assert ProbeDraw.draw(3, 5, m - 1, gen, torch.float64, "cpu").buckets is None  # narrower: dense
+
+    torch.manual_seed(0)
+    model = _WideInput(m).double()
+    x, y = torch.randn(30, m, dtype=torch.float64), torch.randint(0, 4, (30,))
+    exact = rf.relative_flatness_autograd(model, "w", x, y).kappa
+    one = rf.stochastic_estimate(model, "w", x, y, rel_tol=0.03, seed=0)
+    assert abs(one.value - exact) <= 4 * one.stderr, (one.value, one.stderr, exact)
+    shared = rf.stochastic_estimate_layers(model, ["w", "head"], x, y, rel_tol=0.03, max_probes=600, sketch=4,
+                                           seed=0)["w"]
+    assert abs(shared.value - exact) <= 4 * shared.stderr, (shared.value, shared.stderr, exact)
+
+
+def test_deflated_shared_probe_directions_equal_the_dense_computation():
+    """The shared estimator's residual directions R (I - Q Q^T) g, computed as R g - (R Q)(Q^T g)
+    from hashed draws into reused buffers, equal the plain dense computation from the same draws,
+    for a transposed weight view (x @ W), a wide Linear and a narrow one."""
+    from relflat_ext.core.layers import matrix_view
+    from relflat_ext.flatness.joint import _ProbeSpace
+    from relflat_ext.flatness.stochastic import HASHED_COLUMNS, ProbeDraw
+    torch.manual_seed(0)
+    m = 4 * HASHED_COLUMNS
+    model = nn.Sequential(nn.Linear(m, 6), nn.Linear(6, 3)).double()
+    wide = _WideInput(m).double()
+    layers = [(wide, "w"), (model[0], "0"), (model[1], "1")]
+    transposed = rf.core.layers.ParameterLayer(wide.w)
+    transposed.layout = "columns"  # x @ W, as the first batch would show
+    views = [transposed.view("w")] + [matrix_view(mod, name) for mod, name in layers[1:]]
+    weights = [mod.w if name == "w" else mod.weight for mod, name in layers]
+    space = _ProbeSpace([v.to_matrix(w.detach()) for v, w in zip(views, weights)], views, "kappa")
+    basis = torch.linalg.qr(torch.randn(space.dim, 5, dtype=torch.float64)).Q.T
+    for rounds in range(2):  # the second round reuses the buffers
+        seed = 10 + rounds
+        got = space.residual_directions(4, torch.Generator().manual_seed(seed), basis, space.to_matrices(basis))
+        gen = torch.Generator().manual_seed(seed)
+        draws = [ProbeDraw.draw(4, r, mm, gen, torch.float64, "cpu") for r, mm in space.shapes]
+        g = torch.cat([d.coordinates().flatten(1) for d in draws], dim=1)
+        want = space.to_weights(g - (g @ basis.T) @ basis)
+        assert [tuple(t.shape[1:]) for t in got] == [tuple(w.shape) for w in weights]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

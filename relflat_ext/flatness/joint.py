@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
 from .problem import Problem
-from .stochastic import QUANTITIES, StochasticEstimate, probe_factor
+from .stochastic import QUANTITIES, ProbeDraw, StochasticEstimate, probe_factor
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
@@ -104,21 +104,20 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
         for w in weights:
             w.requires_grad_(True)
         operator = _Operator(problem, weights, space)
-        basis = None
+        basis = mapped_basis = None
         if sketch:
             basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
             check_reached(operator.reached, names, problem.distributed, device)  # after the first pass
             used += sketch
-            exact = operator.quadratic_forms(basis).sum(0)
+            mapped_basis = space.to_matrices(basis)  # R Q, kept to deflate the residual probes' directions
+            exact = operator.quadratic_forms(space.as_weights(mapped_basis)).sum(0)
             used += sketch
             if progress:
                 progress(used, max_probes)
         while used < max_probes:
             count = min(probes_per_round, max_probes - used)
-            u = space.randn(count, gen)
-            if basis is not None:
-                u = u - (u @ basis.T) @ basis
-            samples.append(operator.quadratic_forms(u))  # (count, L)
+            dirs = space.residual_directions(count, gen, basis, mapped_basis)
+            samples.append(operator.quadratic_forms(dirs))  # (count, L)
             if basis is None and len(samples) == 1:  # after the first pass over the data
                 check_reached(operator.reached, names, problem.distributed, device)
             used += count
@@ -161,19 +160,57 @@ class _ProbeSpace:
             self.factors.append(factor)
             self.shapes.append((d if factor is None else factor.shape[1], m))
         self.sizes = [r * m for r, m in self.shapes]
+        self._buffers: Dict[Tuple[str, int], torch.Tensor] = {}  # the residual rounds' (see _buffer)
         self.dim = sum(self.sizes)
         self.dtype, self.device = mats[0].dtype, mats[0].device
 
     def randn(self, count: int, gen: torch.Generator) -> torch.Tensor:
         return standard_normal((count, self.dim), gen, self.dtype, self.device)
 
+    def residual_directions(self, count: int, gen: torch.Generator, basis: Optional[torch.Tensor],
+                            mapped_basis: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
+        """Per layer, (count, *weight.shape): R u for count isotropic probes g (a :class:`ProbeDraw`
+        a layer: a wide layer's columns hashed, so that R g costs d r c instead of d r m flops) and
+        u = (I - Q Q^T) g, as R g - (R Q)(Q^T g) with ``mapped_basis`` = R Q (per layer, (k, d, m)
+        matrices), or u = g without a basis."""
+        draws = [ProbeDraw.draw(count, r, m, gen, self.dtype, self.device, hashed=f is not None)
+                 for f, (r, m) in zip(self.factors, self.shapes)]  # the Hessian trace's probes cost no map
+        mats = [d.coordinates(out=self._buffer("mat", l, count, f.shape[0] if f is not None else r, m))
+                if f is None else d.mapped(f, out=self._buffer("mat", l, count, f.shape[0], m))
+                for l, (d, f, (r, m)) in enumerate(zip(draws, self.factors, self.shapes))]
+        if basis is not None:
+            coef = torch.zeros((count, basis.shape[0]), dtype=self.dtype, device=self.device)  # Q^T g
+            offset = 0
+            for l, (d, f, mat, (r, m), size) in enumerate(zip(draws, self.factors, mats, self.shapes, self.sizes)):
+                g = mat if f is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
+                coef.addmm_(g.reshape(count, -1), basis[:, offset:offset + size].T)
+                offset += size
+            for mat, rq in zip(mats, mapped_basis):
+                mat.view(count, -1).addmm_(coef, rq.reshape(rq.shape[0], -1), alpha=-1)
+        return [torch.vmap(view.from_matrix)(mat) for mat, view in zip(mats, self.views)]
+
+    def _buffer(self, kind: str, layer: int, *shape: int) -> torch.Tensor:
+        """A buffer kept from round to round: a fresh one's page faults cost as much as the map."""
+        key = (kind, layer)
+        if key not in self._buffers or tuple(self._buffers[key].shape) != shape:
+            self._buffers[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._buffers[key]
+
+    def to_matrices(self, p: torch.Tensor) -> List[torch.Tensor]:
+        """(k, dim) -> per layer, (k, d, m): the matrices F P (P itself for the Hessian trace)."""
+        out = []
+        for block, f, shape in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes):
+            mats = block.reshape(p.shape[0], *shape)
+            out.append(mats if f is None else f @ mats)
+        return out
+
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
         """(k, dim) -> per layer, (k, *weight.shape) directions R p (one batched product a layer)."""
-        out = []
-        for block, f, shape, view in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes, self.views):
-            mats = block.reshape(p.shape[0], *shape)
-            out.append(torch.vmap(view.from_matrix)(mats if f is None else f @ mats))
-        return out
+        return self.as_weights(self.to_matrices(p))
+
+    def as_weights(self, mats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per layer (k, d, m) matrices -> (k, *weight.shape)."""
+        return [torch.vmap(view.from_matrix)(m) for m, view in zip(mats, self.views)]
 
     def from_weights(self, hv: List[torch.Tensor]) -> torch.Tensor:
         """Per layer (k, *weight.shape) -> (k, dim), the adjoint map R^T."""
@@ -202,12 +239,13 @@ class _Operator:
         n = self._total_count(total)
         return self.space.from_weights([t / n for t in total])
 
-    def quadratic_forms(self, p: torch.Tensor) -> torch.Tensor:
-        """(k, dim) -> (k, L) float64: <p_l, (M p)_l> = <V_l, (H V)_l>, taken in weight space, so
-        without the adjoint map R^T (as costly as R: a (d, d) x (d, m) product per probe and layer)
-        and all-reducing k x L numbers instead of the vectors."""
-        dirs = self.space.to_weights(p)
-        total = torch.zeros(p.shape[0], len(dirs), dtype=torch.float64, device=p.device)
+    def quadratic_forms(self, dirs: List[torch.Tensor]) -> torch.Tensor:
+        """Per layer directions V = R p (k, *weight.shape) -> (k, L) float64: <p_l, (M p)_l> =
+        <V_l, (H V)_l>, taken in weight space, so without the adjoint map R^T (as costly as R: a
+        (d, d) x (d, m) product per probe and layer) and all-reducing k x L numbers instead of the
+        vectors."""
+        k = dirs[0].shape[0]
+        total = torch.zeros(k, len(dirs), dtype=torch.float64, device=dirs[0].device)
         for count, hvs in self._batches(dirs):
             for l, (v, rows) in enumerate(zip(dirs, hvs)):
                 for j, hv in enumerate(rows or ()):

@@ -32,5 +32,6 @@ def gloo_group(rank: int, world: int, init_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         yield
+        dist.barrier()  # tear down together: a rank leaving first can make gloo abort the other
     finally:
         dist.destroy_process_group()

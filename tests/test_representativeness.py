@@ -223,3 +223,29 @@ def test_float32_at_a_confident_minimum_equals_float64():
             r32 = rf.representativeness(model, layer, x, y, delta=delta, seed=0)
             r64 = rf.representativeness(model64, layer, x.double(), y, delta=delta, seed=0)
             assert abs(r32.value - r64.value) <= 1e-4 * abs(r64.value), (layer, delta, r32.value, r64.value)
+
+
+def test_a_callable_loss_is_refused_with_the_way_round_it():
+    """Representativeness needs every label's loss, so a built-in loss; a model returning (logits,
+    features) is measured through a wrapper that returns the logits, as the error says."""
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.head(h), h
+
+    class Logits(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)[0]
+    torch.manual_seed(0)
+    model, x, y = Pair().double(), torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match="wrapper whose forward returns its logits"):
+        rf.representativeness(model, "head", x, y, loss=lambda out, t: F.cross_entropy(out[0], t))
+    assert math.isfinite(rf.representativeness(Logits(model), "model.head", x, y, seed=0).value)

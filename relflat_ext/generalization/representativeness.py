@@ -155,7 +155,9 @@ def representativeness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size)
     if not problem.loss.builtin:
-        raise ValueError("representativeness needs a built-in loss name (the loss of every label)")
+        raise ValueError("representativeness needs a built-in loss name (the loss of every label); for a model "
+                         "that returns a tuple, measure a wrapper whose forward returns its logits (e.g. "
+                         "model(x)[0]), naming its layers through the wrapper")
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
         raise ValueError(f"delta must be a positive number, got {delta!r}")
     if not isinstance(repeats, int) or repeats < 1:

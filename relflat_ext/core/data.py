@@ -102,12 +102,20 @@ def model_arguments(model: nn.Module, x: Mapping) -> Dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _forward_parameters(cls) -> Optional[Tuple[inspect.Parameter, ...]]:
+    """A module class' forward's parameters without self, or None where it has no signature."""
+    try:
+        return tuple(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
 def _forward_signature(cls) -> Optional[Tuple[frozenset, frozenset]]:
     """(the names a module class' forward takes, those without a default), or None where it takes
     any (``**kwargs`` outside transformers, or no signature)."""
-    try:
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
-    except (TypeError, ValueError):
+    params = _forward_parameters(cls)
+    if params is None:
         return None
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params) and not cls.__module__.startswith("transformers."):
         return None
@@ -116,14 +124,9 @@ def _forward_signature(cls) -> Optional[Tuple[frozenset, frozenset]]:
             frozenset(p.name for p in named if p.default is inspect.Parameter.empty))
 
 
-@functools.lru_cache(maxsize=None)
 def _required_inputs(cls) -> Tuple[str, ...]:
-    """The arguments a module class' forward cannot do without, in order."""
-    try:
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return ()
-    return tuple(p.name for p in params if p.default is inspect.Parameter.empty
+    """The positional arguments a module class' forward cannot do without, in order."""
+    return tuple(p.name for p in _forward_parameters(cls) or () if p.default is inspect.Parameter.empty
                  and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 

@@ -204,7 +204,7 @@ class Loss:
 
     def statistics_float64(self, output: torch.Tensor) -> torch.Tensor:
         """:meth:`statistics` of the output, taken in float64."""
-        return _float64_rows(lambda out, _: self.statistics(out), output, output)
+        return _float64_rows(self.statistics, output)
 
     def check(self, output, targets) -> None:
         """The model's output and the targets, as the function takes them: a clear error instead
@@ -397,13 +397,14 @@ class CallableLoss(Loss):
 FLOAT64_CHUNK_ELEMENTS = 1 << 24  # output elements turned into float64 at a time
 
 
-def _float64_rows(fn: Callable, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``fn(output, target)`` with the output in float64, in chunks of rows, so that a
-    vocabulary-wide output is not copied whole."""
+def _float64_rows(fn: Callable, output: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+    """``fn(output, *rows)`` with the output in float64, in chunks of rows (of the output and of
+    ``rows`` alike), so that a vocabulary-wide output is not copied whole."""
     if output.dtype == torch.float64:
-        return fn(output, target)
+        return fn(output, *rows)
     step = max(1, FLOAT64_CHUNK_ELEMENTS // max(1, output[0].numel()))
-    return torch.cat([fn(output[r:r + step].double(), target[r:r + step]) for r in range(0, output.shape[0], step)])
+    return torch.cat([fn(output[r:r + step].double(), *(t[r:r + step] for t in rows))
+                      for r in range(0, output.shape[0], step)])
 
 
 LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (CrossEntropy(), MeanSquaredError(), BceWithLogits())}

@@ -175,14 +175,14 @@ class _ProbeSpace:
         matrices), or u = g without a basis."""
         draws = [ProbeDraw.draw(count, r, m, gen, self.dtype, self.device, hashed=f is not None)
                  for f, (r, m) in zip(self.factors, self.shapes)]  # the Hessian trace's probes cost no map
-        mats = [d.coordinates(out=self._buffer("mat", l, count, f.shape[0] if f is not None else r, m))
-                if f is None else d.mapped(f, out=self._buffer("mat", l, count, f.shape[0], m))
-                for l, (d, f, (r, m)) in enumerate(zip(draws, self.factors, self.shapes))]
+        # P itself for the Hessian trace (never hashed: no map to save); else F P into a kept buffer
+        mats = [d.z if f is None else d.mapped(f, out=self._buffer("mat", l, count, f.shape[0], m))
+                for l, (d, f, (_, m)) in enumerate(zip(draws, self.factors, self.shapes))]
         if basis is not None:
             coef = torch.zeros((count, basis.shape[0]), dtype=self.dtype, device=self.device)  # Q^T g
             offset = 0
-            for l, (d, f, mat, (r, m), size) in enumerate(zip(draws, self.factors, mats, self.shapes, self.sizes)):
-                g = mat if f is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
+            for l, (d, (r, m), size) in enumerate(zip(draws, self.shapes, self.sizes)):
+                g = d.z if d.buckets is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
                 coef.addmm_(g.reshape(count, -1), basis[:, offset:offset + size].T)
                 offset += size
             for mat, rq in zip(mats, mapped_basis):

@@ -210,7 +210,7 @@ def test_float32_at_a_confident_minimum_equals_float64():
     """Where users measure: a float32 MLP trained to loss 5e-5. Its per-sample losses, taken in
     float32 (logits of size 10-20, a loss near 1e-4), kept too few digits: Rep was off its float64
     copy's by 2e-4 to 1e-3 (relative); the losses now come in float64, as feature robustness takes
-    them (1e-5 or better, same folds)."""
+    them (measured: 1.5e-5 at worst, same folds)."""
     import copy
     from models import train_to_minimum
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_float32_at_a_confident_minimum_equals_float64():
         for delta in (0.01, 0.1):
             r32 = rf.representativeness(model, layer, x, y, delta=delta, seed=0)
             r64 = rf.representativeness(model64, layer, x.double(), y, delta=delta, seed=0)
-            assert abs(r32.value - r64.value) <= 1e-4 * abs(r64.value), (layer, delta, r32.value, r64.value)
+            assert abs(r32.value - r64.value) <= 5e-5 * abs(r64.value), (layer, delta, r32.value, r64.value)
 
 
 def test_a_callable_loss_is_refused_with_the_way_round_it():

@@ -55,6 +55,17 @@ def test_tied_weights_count_every_use():
             rf.relative_flatness(model, "2", x, y, method=method)
 
 
+class _Gain(nn.Module):
+    """A weight used elementwise: no matrix that multiplies features."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return x * self.weight
+
+
 # (what, call, exception, message) for calls that must fail clearly, across methods and functions.
 M, X, Y = _mlp, _data()[0], _data()[1]
 BAD = []
@@ -92,9 +103,11 @@ BAD += [
      ValueError, "class indices"),
     ("feature robustness: per-sample callable loss", lambda: rf.feature_robustness(
         M(), "0", X, Y, loss=lambda o, t: F.cross_entropy(o, t, reduction="none")), ValueError, "0-dim"),
-    ("feature robustness: an embedding", lambda: rf.feature_robustness(
-        nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3)), "0", torch.randint(0, 5, (4, 2)),
-        torch.randint(0, 3, (4,))), TypeError, "weight_view"),
+    ("feature robustness: a weight that multiplies no features", lambda: rf.feature_robustness(
+        nn.Sequential(_Gain(), nn.Linear(5, 3)), "0", X.float(), Y), TypeError, "weight_view"),
+    ("feature robustness: an embedding of a large vocabulary", lambda: rf.feature_robustness(
+        nn.Sequential(nn.Embedding(30000, 4), nn.Flatten(), nn.Linear(8, 3)), "0", torch.randint(0, 30000, (4, 2)),
+        torch.randint(0, 3, (4,)), n_samples=16), ValueError, r"m = 30000 features .* too wide"),
     ("representativeness: conv layer", lambda: rf.representativeness(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), "0", torch.randn(4, 1, 8, 8),
         torch.randint(0, 3, (4,)), folds=2), TypeError, "representativeness needs an nn.Linear"),

@@ -43,6 +43,14 @@ def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torc
     with k vectors (k, *wrt.shape) -> (k, *wrt.shape). ``batched`` uses one vmap'd backward
     (``is_grads_batched``); it falls back for good to one backward per vector the first time an op
     of the model has no vmap rule. One vector is always a plain double backward."""
+    try:
+        return _products(grad, wrt, vectors, batched)
+    except NotImplementedError as exc:
+        _explain_missing_double_backward(exc)
+        raise
+
+
+def _products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torch.Tensor, batched: bool) -> torch.Tensor:
     global _BATCHED_HVP_OK
     if vectors.shape[0] == 1:
         return torch.autograd.grad(grad, wrt, vectors[0], retain_graph=True)[0].unsqueeze(0)
@@ -56,6 +64,18 @@ def hessian_vector_products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torc
     return torch.stack([torch.autograd.grad(grad, wrt, v, retain_graph=True)[0] for v in vectors])
 
 
+_NO_DOUBLE_BACKWARD = ("relflat_ext: second derivatives differentiate the model's backward pass, and torch has no "
+                       "derivative for this op's backward (no double backward), so no Hessian reaches through it: "
+                       "write that part of the model with ops that have one (nn.EmbeddingBag: an nn.Embedding "
+                       "followed by .sum or .mean over the bag)")
+
+
+def _explain_missing_double_backward(exc: NotImplementedError) -> None:
+    """Adds the note above to torch's "the derivative for '...' is not implemented", once."""
+    if "derivative for" in str(exc) and _NO_DOUBLE_BACKWARD not in getattr(exc, "__notes__", ()):
+        exc.add_note(_NO_DOUBLE_BACKWARD)
+
+
 @contextlib.contextmanager
 def double_backward_kernels(model: nn.Module) -> Iterator[None]:
     """Runs the model through kernels that have a double backward, which Hessian-vector products
@@ -63,7 +83,8 @@ def double_backward_kernels(model: nn.Module) -> Iterator[None]:
     memory-efficient kernels have none), and, where the model has a recurrent layer, without cuDNN
     (whose RNN has none, and whose backward refuses eval mode; without it, CUDA's fused RNN cells
     switch to their differentiable backward when a graph is built). cuDNN stays on otherwise: its
-    convolutions are the fast ones. The caller's choices are restored on exit."""
+    convolutions are the fast ones. The caller's choices are restored on exit. An op that has no
+    double backward in torch (nn.EmbeddingBag's) raises torch's error with a note on what to do."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     cudnn = torch.backends.cudnn.enabled  # set alone: cudnn.flags() would reset the other flags too
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
@@ -71,5 +92,8 @@ def double_backward_kernels(model: nn.Module) -> Iterator[None]:
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
+    except NotImplementedError as exc:
+        _explain_missing_double_backward(exc)
+        raise
     finally:
         torch.backends.cudnn.enabled = cudnn

@@ -16,6 +16,7 @@ LayerSpec = Union[str, nn.Module, nn.Parameter]
 PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -116,7 +117,9 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
     convolution's rows act on patches: (out, in/groups * prod(kernel)). A transposed convolution
     multiplies each input position's channel vector (the features, m = in/groups) by a
     (out/groups * prod(kernel), m) matrix per group and scatters the products into the output
-    (a fixed linear map, part of the rest of the network): its rows are (out * prod(kernel), m)."""
+    (a fixed linear map, part of the rest of the network): its rows are (out * prod(kernel), m).
+    An embedding looks up rows of its (num, dim) table, ``one_hot(x) @ weight`` (a bag sums or
+    averages them): W is ``weight.T`` (dim, num), its features the one-hot (or count) vectors."""
     if view is not None:
         return view
     weight = getattr(module, "weight", None)
@@ -137,10 +140,17 @@ def matrix_view(module: nn.Module, name: str, view: Optional[WeightView] = None)
         def from_matrix(mat: torch.Tensor) -> torch.Tensor:
             return mat.reshape(groups, -1, per_group).transpose(1, 2).reshape(shape)
         return WeightView(to_matrix, from_matrix)
-    if is_transposed_linear(module):
+    if is_transposed_linear(module) or isinstance(module, EMBEDDING_TYPES):
         return WeightView(lambda w: w.T, lambda mat: mat.T)
     raise TypeError(f"layer {name!r} is a {type(module).__name__}; pass weight_view=WeightView(to_matrix, "
                     "from_matrix) saying how its weight multiplies feature vectors")
+
+
+def has_matrix_view(module: nn.Module) -> bool:
+    """A layer whose weight :func:`matrix_view` sees without being told: Linear, Conv, transposed
+    Conv, Embedding, transformers' Conv1D, or a weight named as a parameter."""
+    return isinstance(module, (nn.Linear, ParameterLayer, *CONV_TYPES, *TRANSPOSED_CONV_TYPES, *EMBEDDING_TYPES)) \
+        or is_transposed_linear(module)
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
@@ -168,8 +178,9 @@ class ParameterLayer(nn.Module):
     op, a tied embedding, a custom function): a 2-D matrix, or 3-D experts stacked along dim 0
     (a mixture-of-experts layer's ``(experts, out, in)`` weights, whose rows all act on the same
     features, so W is the (experts * out, in) stack). ``layout`` says which way the model
-    multiplies it (:mod:`~.usage`): "rows" (``F.linear(x, W)``, the default for a matrix) or
-    "columns" (``x @ W``, W stored (in, out)); a stack needs it found. Only what needs the weight
+    multiplies it (:mod:`~.usage`): "rows" (``F.linear(x, W)``, the default for a matrix),
+    "columns" (``x @ W``, W stored (in, out)) or "lookup" (an embedding table, ``one_hot(x) @ W``:
+    columns too); a stack needs it found. Only what needs the weight
     alone, not the features, measures it: the stochastic estimator (kappa, Tr H), the autograd
     baseline and feature robustness through the weight."""
 
@@ -186,7 +197,7 @@ class ParameterLayer(nn.Module):
             raise TypeError(f"parameter {name!r} {shape}: the model does not multiply it as a matrix (or stack of "
                             "matrices) in a way seen on the first batch (F.linear, matmul, @); pass "
                             "weight_view=WeightView(to_matrix, from_matrix) saying how it multiplies features")
-        if len(shape) == 2:
+        if len(shape) == 2:  # "columns" or "lookup": W^T
             return (WeightView(lambda w: w, lambda mat: mat) if self.layout == "rows"
                     else WeightView(lambda w: w.T, lambda mat: mat.T))
         if self.layout == "rows":  # (experts, out, in)

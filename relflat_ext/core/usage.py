@@ -1,8 +1,9 @@
 """How a model multiplies a parameter: watched during one forward pass, so that a weight named as
 a parameter is seen as the (d, m) matrix that multiplies feature vectors the right way round.
 ``F.linear(x, W)`` (and ``W @ x``) use W's rows, ``x @ W`` its columns; slices (a stacked
-expert's ``W[e]``) keep the orientation and transposes flip it. Only functions that multiply
-count; an embedding lookup of the same table (a tied embedding) is no multiplication."""
+expert's ``W[e]``) keep the orientation and transposes flip it. An embedding lookup is
+``one_hot(x) @ W``, a use of the columns of its own kind: a table only looked up is seen that way,
+and one also multiplied (a tied embedding, whose output head multiplies it) as the head uses it."""
 from __future__ import annotations
 
 import warnings
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 ROWS, COLUMNS = "rows", "columns"  # W (out, in) as F.linear takes it; W (in, out) as x @ W takes it
+LOOKUP = "lookup"  # an embedding table (num, dim): one_hot(x) @ W, so W^T as for COLUMNS
 
 # Functions whose output is the tracked tensor re-shaped or sliced, and whether they swap its last
 # two dims (then its rows are the original's columns).
@@ -29,7 +31,8 @@ _PRODUCTS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__m
              torch.Tensor.bmm: (0, 1), torch.addmm: (1, 2), torch.baddbmm: (1, 2)}
 if hasattr(torch, "_grouped_mm"):
     _PRODUCTS[torch._grouped_mm] = (0, 1)
-_IGNORED = {F.embedding, torch.embedding, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__,
+_LOOKUPS = {F.embedding: 1, torch.embedding: 0, F.embedding_bag: 1}  # function: position of the table
+_IGNORED = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__,
             torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__}
 
 
@@ -63,6 +66,13 @@ class _Watch(TorchFunctionMode):
             if weight is not None:
                 self.uses[weight[0]].add(COLUMNS if weight[1] else ROWS)
             self._other_uses(args[2:] + tuple(v for k, v in kwargs.items() if k != "weight") + args[:1])
+        elif func in _LOOKUPS:
+            position = _LOOKUPS[func]
+            table = self._entry(args[position] if len(args) > position else kwargs.get("weight"))
+            if table is not None:
+                self.uses[table[0]].add(ROWS if table[1] else LOOKUP)  # a transposed table: W one_hot(x)
+            self._other_uses(tuple(a for i, a in enumerate(args) if i != position)
+                             + tuple(v for k, v in kwargs.items() if k != "weight"))
         elif func in _PRODUCTS:
             left, right = (self._entry(args[i]) if i < len(args) else None for i in _PRODUCTS[func])
             if right is not None:
@@ -81,8 +91,10 @@ class _Watch(TorchFunctionMode):
 
 
 def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Dict[str, Optional[str]]:
-    """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS, or
-    None where it does not multiply it, or also uses it otherwise, or both ways. A forward pass
+    """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS,
+    LOOKUP where it only looks it up (an embedding table), or None where it does not multiply it,
+    or also uses it otherwise, or both ways (a lookup aside: a tied embedding is seen as its
+    output head multiplies it). A forward pass
     that fails only while watched (code that refuses torch-function modes) gives None for every
     parameter, with a warning."""
     watch = _Watch(params)
@@ -93,5 +105,11 @@ def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], ob
         warnings.warn(f"relflat_ext: could not watch how the model multiplies its parameters ({type(exc).__name__}: "
                       f"{exc}); weights named as parameters keep their stored orientation", RuntimeWarning)
         return {name: None for name in params}
-    return {name: next(iter(uses)) if len(uses) == 1 and uses <= {ROWS, COLUMNS} else None
-            for name, uses in watch.uses.items()}
+    return {name: _layout(uses) for name, uses in watch.uses.items()}
+
+
+def _layout(uses: Set[str]) -> Optional[str]:
+    if uses == {LOOKUP}:
+        return LOOKUP
+    multiplied = uses - {LOOKUP}
+    return next(iter(multiplied)) if len(multiplied) == 1 and multiplied <= {ROWS, COLUMNS} else None

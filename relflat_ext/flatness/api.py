@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
-from ..core.layers import LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
+from ..core.layers import EMBEDDING_TYPES, LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
 from ..core.losses import LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from ..core.modes import measurement
 from . import autograd, closed_form, exact, stochastic, tail as _tail
@@ -121,7 +121,9 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
                          "per-sample input features; method='stochastic' (or 'auto') works from the weight")
     if not acts_on_vectors(problem.module):
         if method == "auto":
-            return "stochastic", None, "stochastic: the layer is not nn.Linear (no per-sample feature vectors)"
+            what = ("an embedding (its features, one-hot token vectors, are never formed)"
+                    if isinstance(problem.module, EMBEDDING_TYPES) else "not nn.Linear (no per-sample feature vectors)")
+            return "stochastic", None, f"stochastic: the layer is {what}"
         resolve_linear(problem.model, problem.name)  # raises the error that says what to use
     if method == "closed_form" and not problem.loss.builtin:
         raise ValueError("method='closed_form' needs a built-in loss name, not a callable")

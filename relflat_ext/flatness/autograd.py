@@ -13,8 +13,7 @@ from torch import nn
 from .. import ops
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
-from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, ParameterLayer, acts_on_vectors,
-                           is_transposed_linear, matrix_view, resolve_linear)
+from ..core.layers import LayerSpec, acts_on_vectors, has_matrix_view, matrix_view, resolve_linear
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from .normalization import inverse_scale, scale_over_data
@@ -39,8 +38,7 @@ def layer_hessian(model: nn.Module, layer: LayerSpec, inputs, targets: Optional[
 
 def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple[torch.Tensor, int]:
     name, lin = problem.name, problem.module
-    if not isinstance(lin, (nn.Linear, ParameterLayer, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)) \
-            and not is_transposed_linear(lin):
+    if not has_matrix_view(lin):
         resolve_linear(problem.model, name)  # raises: the baseline takes a weight matrix
     dm = lin.weight.numel()
     need = dm * dm * lin.weight.element_size()
@@ -51,16 +49,15 @@ def _hessian(problem: Problem, vectorize: bool, max_hessian_bytes: int) -> Tuple
     loss = problem.loss
     hessian = lin.weight.new_zeros((dm, dm))
     n, reached = 0, False
-    with preserved(problem.model):
+    with preserved(problem.model), torch.enable_grad(), double_backward_kernels(problem.model):
         weight = lin.weight
         weight.requires_grad_(True)
         for x, y in problem.batches():
-            with torch.enable_grad(), double_backward_kernels(problem.model):
-                out = problem.forward(x)
-                loss.check(out, y)
-                value = loss(out, y)
-                grad = torch.autograd.grad(value, weight, create_graph=True, allow_unused=True)[0] \
-                    if value.requires_grad else None
+            out = problem.forward(x)
+            loss.check(out, y)
+            value = loss(out, y)
+            grad = torch.autograd.grad(value, weight, create_graph=True, allow_unused=True)[0] \
+                if value.requires_grad else None
             weight_b = problem.count(y)  # batch means -> sums over terms; divided by n below
             n += weight_b
             if grad is None:  # the batch's loss does not reach the weight

@@ -16,9 +16,9 @@ from ..core.data import (Batch, Inputs, as_the_model_takes, batch_length, call_m
                          is_dict_batch, iterate_batches, label_convention, model_arguments, model_loss, to_device,
                          unpack_pair)
 from ..core.hooks import preserved
-from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, ParameterLayer, WeightView,
-                           fold_derived_weights, has_derived_weights, matrix_view, resolve_weight_layer, unwrap,
-                           weight_matrix, weight_uses)
+from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
+                           acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
+                           resolve_weight_layer, unwrap, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 from ..core.usage import multiplication_layouts
 
@@ -201,9 +201,10 @@ class Problem:
     @property
     def matrix(self) -> torch.Tensor:
         """The (d, m) W of a layer acting on feature vectors (transformers' Conv1D stores W^T), of a
-        weight named as a parameter, as the model multiplies it, or of a convolution (rows acting on
-        patches, or on a transposed convolution's input channel vectors)."""
-        if isinstance(self.module, (ParameterLayer, *CONV_TYPES, *TRANSPOSED_CONV_TYPES)):
+        weight named as a parameter, as the model multiplies it, of a convolution (rows acting on
+        patches, or on a transposed convolution's input channel vectors) or of an embedding
+        (:func:`~relflat_ext.core.layers.matrix_view`)."""
+        if has_matrix_view(self.module) and not acts_on_vectors(self.module):
             return matrix_view(self.module, self.name).to_matrix(self.module.weight)
         return weight_matrix(self.module)
 

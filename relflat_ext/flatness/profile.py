@@ -28,6 +28,7 @@ from ..core.layers import (ParameterLayer, acts_on_vectors, resolve_weight_layer
                            weight_matrix)
 from ..core.losses import LossSpec
 from ..core.modes import measurement
+from ..core.usage import LOOKUP
 from ..core.progress import ProgressLine
 from .api import _dispatch, relative_flatness
 from .joint import stochastic_estimate_layers
@@ -218,7 +219,7 @@ def _multiplied_parameters(model: nn.Module, listed: List[str], inputs, targets,
                   if param.dim() in (2, 3) and id(param) not in covered}
     if not candidates:
         return []
-    return [name for name, layout in problem.layouts(candidates).items() if layout is not None]
+    return [name for name, layout in problem.layouts(candidates).items() if layout not in (None, LOOKUP)]
 
 
 def _row(name, module, kappa, stderr, normalized, trace, trace_se, method, n, probe_count, seconds) -> Dict:

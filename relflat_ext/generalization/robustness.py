@@ -85,10 +85,11 @@ class _Draws:
     every rank), kept in memory when they fit in CACHE_BYTES and redrawn otherwise."""
     DRAW_BLOCK = 16
     CACHE_BYTES = 256 << 20
+    BLOCK_BYTES = 2 << 30  # a wider layer (an embedding of a large vocabulary) gets an error, not an OOM
 
-    def __init__(self, n_samples, m, distribution, seed, dtype, device):
+    def __init__(self, n_samples, m, distribution, seed, dtype, device, layer):
         self.n_samples, self.m, self.distribution, self.seed = n_samples, m, distribution, seed
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.layer = dtype, device, layer
         self.cache = {} if n_samples * m * m * torch.finfo(dtype).bits // 8 <= self.CACHE_BYTES else None
 
     def _block(self, j: int) -> torch.Tensor:
@@ -96,6 +97,14 @@ class _Draws:
             return self.cache[j]
         gen = torch.Generator(device=self.device).manual_seed(self.seed + j)
         count = min(self.DRAW_BLOCK, self.n_samples - j * self.DRAW_BLOCK)
+        need = count * self.m * self.m * torch.finfo(self.dtype).bits // 8
+        if need > self.BLOCK_BYTES:
+            raise ValueError(f"feature robustness of layer {self.layer!r} perturbs its m = {self.m} features with "
+                             f"(m, m) matrices, {need / 2**30:.1f} GiB for a block of {count} draws (at most "
+                             f"{self.BLOCK_BYTES / 2**30:.0f} GiB): too wide for this measurement (only an "
+                             "nn.Linear given one feature vector per sample is perturbed vector by vector); its "
+                             "kappa, and with it Theorem 5's prediction delta^2/(2m) kappa, come from "
+                             "relative_flatness")
         mats = random_perturbations(count, self.m, self.distribution, gen, self.dtype, self.device)
         if self.cache is not None:
             self.cache[j] = mats
@@ -284,7 +293,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
 
-    draws = _Draws(n_samples, m, distribution, base_seed, dtype, device)
+    draws = _Draws(n_samples, m, distribution, base_seed, dtype, device, name)
     vector_draws = _VectorDraws(m, distribution, base_seed, dtype, device)
     sums = torch.zeros((n_scales, n_samples), dtype=torch.float64, device=device)
     n = 0

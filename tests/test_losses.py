@@ -115,6 +115,7 @@ def test_nll_loss_of_raw_scores_is_flagged(method):
 
 
 @pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes: Python 3.11+")
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # torch, on out["logits"]
 def test_a_loss_written_for_the_output_object_is_told_it_gets_the_logits():
     """A model returning {"logits": ...} passes the logits to a callable loss (as to the built-in
     ones); a loss that indexes the dict fails inside torch, and the error carries a note saying so."""

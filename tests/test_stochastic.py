@@ -330,3 +330,33 @@ def test_deflated_shared_probe_directions_equal_the_dense_computation():
         assert [tuple(t.shape[1:]) for t in got] == [tuple(w.shape) for w in weights]
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_directions_of_weights_stored_transposed_are_built_contiguous():
+    """A weight that holds W^T (an embedding, a matrix used as x @ W, transformers' Conv1D) gets its
+    probe directions built as (F P)^T, rows gathered: the same matrices as F P, contiguous in the
+    weight's layout (a strided copy of each cost more than its Hessian-vector product)."""
+    from relflat_ext.core.layers import WeightView, matrix_view
+    from relflat_ext.flatness.stochastic import (HASHED_COLUMNS, ProbeDraw, _directions, probe_factor,
+                                                 stores_transposed)
+    plain = [matrix_view(nn.Linear(5, 3), "a"), matrix_view(nn.Conv2d(2, 3, 3), "b")]
+    flipped = [matrix_view(nn.Embedding(5, 3), "c"), WeightView(lambda w: w.T, lambda mat: mat.T)]
+    assert [stores_transposed(v, 3, 5) for v in plain + flipped] == [False, False, True, True]
+    assert not stores_transposed(WeightView(lambda w: w.T, lambda mat: mat.T.clone()), 3, 5)  # a copy: no view
+    gen = torch.Generator().manual_seed(0)
+    factor = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    for m in (7, 4 * HASHED_COLUMNS):  # dense and hashed columns
+        draw = ProbeDraw.draw(3, 4, m, gen, torch.float64, "cpu")
+        buffer = torch.empty(3, m, 6, dtype=torch.float64)
+        mats = draw.mapped(factor, out=buffer, transposed=True)
+        assert mats.shape == (3, 6, m) and mats.transpose(1, 2).data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(mats, draw.mapped(factor), rtol=1e-12, atol=1e-12)
+    embedding = nn.Embedding(4 * HASHED_COLUMNS, 6).double()
+    view = matrix_view(embedding, "e")
+    w_mat = view.to_matrix(embedding.weight.detach())  # (6, 2048)
+    factor = probe_factor(w_mat)
+    dirs = _directions("kappa", w_mat, factor, view, 3, torch.Generator().manual_seed(1), None)
+    assert dirs.shape == (3, *embedding.weight.shape) and dirs.is_contiguous()
+    draw = ProbeDraw.draw(3, 6, w_mat.shape[1], torch.Generator().manual_seed(1), torch.float64, "cpu")
+    want = torch.stack([view.from_matrix(mat) for mat in draw.mapped(factor)])
+    torch.testing.assert_close(dirs, want, rtol=1e-12, atol=1e-12)

@@ -64,6 +64,24 @@ def _products(grad: torch.Tensor, wrt: torch.Tensor, vectors: torch.Tensor, batc
     return torch.stack([torch.autograd.grad(grad, wrt, v, retain_graph=True)[0] for v in vectors])
 
 
+def hessian_quadratic_forms(grad: torch.Tensor, wrt: torch.Tensor, vectors: torch.Tensor,
+                            batched: bool = True, block_bytes: int = 1 << 30) -> torch.Tensor:
+    """(k,) float64: ``<v_j, H v_j>`` for the k vectors (k, *wrt.shape), H the Hessian behind
+    ``grad`` (as :func:`hessian_vector_products`), each product reduced as soon as it is made:
+    one at a time on the per-vector path, blocks of at most ``block_bytes`` batched, never the k
+    products at once (k copies of a vocabulary-wide weight)."""
+    k = vectors.shape[0]
+    per_vector = max(1, vectors[0].numel() * vectors.element_size())
+    block = max(1, min(k, block_bytes // per_vector)) if batched else 1
+    out = torch.empty(k, dtype=torch.float64, device=vectors.device)
+    for j0 in range(0, k, block):
+        v = vectors[j0:j0 + block]
+        # in place, and summed in the vectors' dtype (a cascade sum): sum(dtype=float64) would
+        # first copy every product to float64
+        out[j0:j0 + block] = hessian_vector_products(grad, wrt, v, batched).mul_(v).flatten(1).sum(1)
+    return out
+
+
 _NO_DOUBLE_BACKWARD = ("relflat_ext: second derivatives differentiate the model's backward pass, and torch has no "
                        "derivative for this op's backward (no double backward), so no Hessian reaches through it: "
                        "write that part of the model with ops that have one (nn.EmbeddingBag: an nn.Embedding "

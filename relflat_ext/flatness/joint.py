@@ -35,7 +35,7 @@ from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
 from .problem import Problem
-from .stochastic import QUANTITIES, ProbeDraw, StochasticEstimate, probe_factor
+from .stochastic import QUANTITIES, ProbeDraw, StochasticEstimate, probe_factor, stores_transposed
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
@@ -151,14 +151,16 @@ class _ProbeSpace:
     """Concatenated probe coordinates of all layers, and the maps between them and the weights."""
 
     def __init__(self, mats: List[torch.Tensor], views: List[WeightView], quantity: str):
-        self.views, self.factors, self.shapes = views, [], []
-        for w in mats:
+        self.views, self.factors, self.shapes, self.transposed = views, [], [], []
+        for w, view in zip(mats, views):
             d, m = w.shape
             # V = F P with P (r, m): W P when m <= d, else (W W^T)^{1/2} P, the smaller space;
             # no factor (V = P) for the Hessian trace
             factor = None if quantity == "hessian_trace" else probe_factor(w)
             self.factors.append(factor)
             self.shapes.append((d if factor is None else factor.shape[1], m))
+            # F P built as (F P)^T for a weight stored transposed: contiguous directions
+            self.transposed.append(factor is not None and stores_transposed(view, d, m))
         self.sizes = [r * m for r, m in self.shapes]
         self._buffers: Dict[Tuple[str, int], torch.Tensor] = {}  # the residual rounds' (see _buffer)
         self.dim = sum(self.sizes)
@@ -176,8 +178,10 @@ class _ProbeSpace:
         draws = [ProbeDraw.draw(count, r, m, gen, self.dtype, self.device, hashed=f is not None)
                  for f, (r, m) in zip(self.factors, self.shapes)]  # the Hessian trace's probes cost no map
         # P itself for the Hessian trace (never hashed: no map to save); else F P into a kept buffer
-        mats = [d.z if f is None else d.mapped(f, out=self._buffer("mat", l, count, f.shape[0], m))
-                for l, (d, f, (_, m)) in enumerate(zip(draws, self.factors, self.shapes))]
+        mats = [d.z if f is None else
+                d.mapped(f, out=self._buffer("mat", l, count, *((m, f.shape[0]) if flip else (f.shape[0], m))),
+                         transposed=flip)
+                for l, (d, f, (_, m), flip) in enumerate(zip(draws, self.factors, self.shapes, self.transposed))]
         if basis is not None:
             coef = torch.zeros((count, basis.shape[0]), dtype=self.dtype, device=self.device)  # Q^T g
             offset = 0
@@ -185,7 +189,8 @@ class _ProbeSpace:
                 g = d.z if d.buckets is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
                 coef.addmm_(g.reshape(count, -1), basis[:, offset:offset + size].T)
                 offset += size
-            for mat, rq in zip(mats, mapped_basis):
+            for mat, rq, flip in zip(mats, mapped_basis, self.transposed):  # in the buffers' layout
+                mat, rq = (mat.transpose(1, 2), rq.transpose(1, 2)) if flip else (mat, rq)
                 mat.view(count, -1).addmm_(coef, rq.reshape(rq.shape[0], -1), alpha=-1)
         return [torch.vmap(view.from_matrix)(mat) for mat, view in zip(mats, self.views)]
 
@@ -197,11 +202,13 @@ class _ProbeSpace:
         return self._buffers[key]
 
     def to_matrices(self, p: torch.Tensor) -> List[torch.Tensor]:
-        """(k, dim) -> per layer, (k, d, m): the matrices F P (P itself for the Hessian trace)."""
+        """(k, dim) -> per layer, (k, d, m): the matrices F P (P itself for the Hessian trace), views
+        of contiguous (k, m, d) ones for weights stored transposed."""
         out = []
-        for block, f, shape in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes):
+        for block, f, shape, flip in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes,
+                                         self.transposed):
             mats = block.reshape(p.shape[0], *shape)
-            out.append(mats if f is None else f @ mats)
+            out.append(mats if f is None else (mats.transpose(1, 2) @ f.T).transpose(1, 2) if flip else f @ mats)
         return out
 
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
@@ -249,7 +256,9 @@ class _Operator:
         for count, hvs in self._batches(dirs):
             for l, (v, rows) in enumerate(zip(dirs, hvs)):
                 for j, hv in enumerate(rows or ()):
-                    total[j, l] += (v[j] * hv).sum(dtype=torch.float64) * count  # accumulated in float64
+                    # in place (the product is ours), a cascade sum in the weight's dtype (with
+                    # dtype=float64 it would copy the product first), accumulated in float64
+                    total[j, l] += hv.mul_(v[j]).sum().double() * count
         return total / self._total_count([total])
 
     def _batches(self, dirs: List[torch.Tensor]):

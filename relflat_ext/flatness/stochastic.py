@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core import dist
 from ..core.hooks import preserved
-from ..core.hvp import check_reached, double_backward_kernels, hessian_vector_products
+from ..core.hvp import check_reached, double_backward_kernels, hessian_quadratic_forms
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
 from ..core.losses import LossSpec
 from ..core.modes import measurement
@@ -48,6 +48,7 @@ from .result import FlatnessResult, estimate_text
 QUANTITIES = ("kappa", "hessian_trace")
 HASHED_COLUMNS = 512  # Gaussian columns a wide probe's columns are hashed into (module docstring)
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
+ROUND_BYTES = 1 << 30  # a round's directions; fewer probes a round for weights too large for 32 of them
 
 
 @dataclasses.dataclass(repr=False)
@@ -84,8 +85,8 @@ def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -
             return directions.new_zeros(directions.shape[0])
         # Batched (vmap) HVPs pay off on GPUs; on the CPU vmap falls back to slow loops for
         # convolutions, and the per-probe loop is as fast or faster (bench/RESULTS.md).
-        hv = hessian_vector_products(grad, weight, directions, batched=directions.is_cuda)
-    return (hv * directions).flatten(1).sum(1).detach() * problem.count(y)
+        forms = hessian_quadratic_forms(grad, weight, directions, batched=directions.is_cuda)
+    return forms * problem.count(y)
 
 
 def probe_factor(w_mat: torch.Tensor) -> torch.Tensor:
@@ -122,31 +123,67 @@ class ProbeDraw:
         signs = torch.randint(0, 2, (count, m), generator=gen, device=device).to(dtype).mul_(2).sub_(1)
         return ProbeDraw(z, buckets, signs)
 
-    def _spread(self, cols: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(count, rows, c) -> (count, rows, m): the hashed columns gathered and signed, as one
-        column selection from [cols, -cols] per probe into one buffer (a gather with a (rows, m)
-        index, or stacking the selections, took 3-5x longer on the CPU)."""
+    def _spread(self, cols: torch.Tensor, out: Optional[torch.Tensor] = None, dim: int = 2) -> torch.Tensor:
+        """(count, rows, c) -> (count, rows, m) (or, with ``dim=1``, (count, c, rows) -> (count, m,
+        rows)): the hashed columns gathered and signed, as one selection from [cols, -cols] per
+        probe into one buffer (a gather with a (rows, m) index, or stacking the selections, took
+        3-5x longer on the CPU)."""
         if self.buckets is None:
             return cols
-        c = cols.shape[2]
-        signed = torch.cat([cols, -cols], dim=2)
+        c = cols.shape[dim]
+        signed = torch.cat([cols, -cols], dim=dim)
         picks = self.buckets + c * (self.signs < 0)
         if out is None:
-            out = cols.new_empty((cols.shape[0], cols.shape[1], picks.shape[1]))
+            shape = list(cols.shape)
+            shape[dim] = picks.shape[1]
+            out = cols.new_empty(shape)
         for i in range(cols.shape[0]):
-            torch.index_select(signed[i], 1, picks[i], out=out[i])
+            torch.index_select(signed[i], dim - 1, picks[i], out=out[i])
         return out
 
     def coordinates(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """P (count, r, m), into ``out`` where given (and hashed)."""
         return self._spread(self.z, out)
 
-    def mapped(self, factor: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mapped(self, factor: torch.Tensor, out: Optional[torch.Tensor] = None,
+               transposed: bool = False) -> torch.Tensor:
         """F P (count, d, m) for F (d, r), from F z (d r c flops), into ``out`` where given: a
-        reused buffer spares the page faults of a fresh one, which cost as much as the map."""
+        reused buffer spares the page faults of a fresh one, which cost as much as the map. With
+        ``transposed``, a view of a contiguous (count, m, d) buffer (``out`` has that shape), for a
+        weight stored as W^T (:func:`stores_transposed`): its directions are then contiguous, and
+        the map gathers rows instead of columns (a strided copy of every direction cost more than
+        the Hessian-vector product on a 30522 x 256 embedding)."""
+        if not transposed:
+            if self.buckets is None:
+                return torch.matmul(factor, self.z) if out is None else torch.matmul(factor, self.z, out=out)
+            return self._spread(factor @ self.z, out)
+        rows = torch.matmul(self.z.transpose(1, 2), factor.T)  # (count, c, d): (F z)^T
         if self.buckets is None:
-            return torch.matmul(factor, self.z) if out is None else torch.matmul(factor, self.z, out=out)
-        return self._spread(factor @ self.z, out)
+            return (rows if out is None else out.copy_(rows)).transpose(1, 2)
+        return self._spread(rows, out, dim=1).transpose(1, 2)
+
+
+def stores_transposed(view: WeightView, d: int, m: int) -> bool:
+    """Whether the weight holds W (d, m) transposed (an embedding, transformers' Conv1D, a matrix
+    used as ``x @ W``): ``from_matrix`` of a matrix laid out as its contiguous transpose is then a
+    contiguous view of it (tried on a meta tensor: no data)."""
+    if d < 2 or m < 2:
+        return False
+    probe = torch.empty((m, d), device="meta").T
+    try:
+        weight = view.from_matrix(probe)
+    except Exception:  # noqa: BLE001 - a user's view that meta tensors do not support: the plain layout
+        return False
+    return weight.is_contiguous() and weight._base is probe._base
+
+
+def as_weights(view: WeightView, mats: torch.Tensor) -> torch.Tensor:
+    """(count, d, m) -> (count, *weight.shape), a view where ``from_matrix`` is one (vmap), else
+    stacked (a user's view vmap cannot batch)."""
+    try:
+        return torch.vmap(view.from_matrix)(mats)
+    except Exception:  # noqa: BLE001 - the same weights, one by one
+        return torch.stack([view.from_matrix(mat) for mat in mats])
 
 
 def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tensor], view: WeightView, count: int,
@@ -162,10 +199,11 @@ def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tenso
         if distribution == "rademacher":
             a = torch.sign(a)
         return a.reshape(count, *view.from_matrix(w_mat).shape)
-    mats = ProbeDraw.draw(count, factor.shape[1], m, gen, w_mat.dtype, w_mat.device, distribution).mapped(factor)
+    draw = ProbeDraw.draw(count, factor.shape[1], m, gen, w_mat.dtype, w_mat.device, distribution)
+    mats = draw.mapped(factor, transposed=stores_transposed(view, d, m))
     if scale is not None:
-        mats = mats * inverse_scale(scale)  # zero-spread features dropped
-    return torch.stack([view.from_matrix(mat) for mat in mats])
+        mats = mats * inverse_scale(scale)  # zero-spread features dropped; the layout is kept
+    return as_weights(view, mats)
 
 
 @measurement
@@ -178,7 +216,8 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
                         ) -> StochasticEstimate:
     """Unbiased estimate of kappa_Tr (``quantity="kappa"``) or of the layer's Hessian trace
     (``"hessian_trace"``), by rounds of ``probes_per_round`` Hessian-vector products over the whole
-    data, until ``stderr <= rel_tol * |value|`` or ``max_probes``. ``feature_scale`` (m,) gives
+    data (fewer, at least 2, where their directions would pass ROUND_BYTES: an embedding of a large
+    vocabulary), until ``stderr <= rel_tol * |value|`` or ``max_probes``. ``feature_scale`` (m,) gives
     Theorem 4's normalized kappa (directions ``W diag(s) A diag(1/s)``). Same seed, same probes
     (under torch.distributed every rank draws the same probes, from rank 0's seed if none is given,
     and the per-probe sums over the shards are all-reduced). The model is left exactly as it was."""
@@ -239,10 +278,11 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
     value = stderr = math.nan
     converged = False
     report = ProgressLine(f"stochastic {quantity} of {name!r}", "probes") if progress else None
+    per_round = max(2, min(probes_per_round, ROUND_BYTES // (weight.numel() * weight.element_size())))
     with preserved(model):
         weight.requires_grad_(True)
-        for rnd in range(math.ceil(max_probes / probes_per_round)):
-            count = min(probes_per_round, max_probes - rnd * probes_per_round)
+        for rnd in range(math.ceil(max_probes / per_round)):
+            count = min(per_round, max_probes - rnd * per_round)
             gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
             dirs = _directions(quantity, w_mat, factor, view, count, gen, feature_scale, probe_distribution)
             total, n, reached = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0, False

@@ -360,3 +360,28 @@ def test_directions_of_weights_stored_transposed_are_built_contiguous():
     draw = ProbeDraw.draw(3, 6, w_mat.shape[1], torch.Generator().manual_seed(1), torch.float64, "cpu")
     want = torch.stack([view.from_matrix(mat) for mat in draw.mapped(factor)])
     torch.testing.assert_close(dirs, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rounds_hold_fewer_probes_where_their_directions_would_not_fit(monkeypatch):
+    """A round's directions are capped in bytes (ROUND_BYTES: an embedding of a large vocabulary
+    would hold 32 copies of itself), at least 2 a round, and the estimates stay unbiased."""
+    from relflat_ext.flatness import joint, stochastic
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(80, 6, 4, "cross_entropy", seed=0)
+    exact = rf.relative_flatness(model, "2", x, y).kappa
+    weight_bytes = model[2].weight.numel() * model[2].weight.element_size()
+    sizes = []
+    forms = stochastic._quadratic_forms
+    monkeypatch.setattr(stochastic, "ROUND_BYTES", 3 * weight_bytes)
+    monkeypatch.setattr(stochastic, "_quadratic_forms",
+                        lambda p, w, x, y, d: sizes.append(d.shape[0]) or forms(p, w, x, y, d))
+    est = stochastic_estimate(model, "2", x, y, rel_tol=0.05, max_probes=600, seed=0)
+    assert set(sizes[:-1]) == {3} and sizes[-1] <= 3 and est.probes == sum(sizes)
+    assert abs(est.value - exact) <= 4 * est.stderr
+    sizes.clear()
+    quadratic_forms = joint._Operator.quadratic_forms
+    monkeypatch.setattr(joint, "ROUND_BYTES", 1)  # below one probe: 2 a round
+    monkeypatch.setattr(joint._Operator, "quadratic_forms",
+                        lambda self, dirs: sizes.append(dirs[0].shape[0]) or quadratic_forms(self, dirs))
+    shared = rf.stochastic_estimate_layers(model, ["0", "2"], x, y, sketch=0, max_probes=10, rel_tol=1e-9, seed=0)
+    assert sizes == [2] * 5 and shared["2"].probes == 10

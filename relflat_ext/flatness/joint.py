@@ -35,7 +35,7 @@ from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
 from .problem import Problem
-from .stochastic import QUANTITIES, ProbeDraw, StochasticEstimate, probe_factor, stores_transposed
+from .stochastic import QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate, probe_factor, stores_transposed
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
@@ -55,9 +55,10 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
     each Hessian-vector product of the whole network serving all of them. ``sketch`` columns (k)
     first deflate the dominant part of the Hessian (2k products, "auto": up to 32 within
     ``max_probes // 4`` and 1 GiB; 0: plain joint probes); then rounds of ``probes_per_round``
-    residual probes until every layer's relative standard error reaches ``rel_tol`` or the products
-    reach ``max_probes`` (the sketch's included). Layers as for :func:`stochastic_estimate`
-    (Linear, Conv, transformers' Conv1D, or a 2-D parameter by name), each its own weight.
+    residual probes (fewer, at least 2, where their directions would pass 1 GiB) until every
+    layer's relative standard error reaches ``rel_tol`` or the products reach ``max_probes`` (the
+    sketch's included). Layers as for :func:`stochastic_estimate` (Linear, Conv, Embedding,
+    transformers' Conv1D, or a 2-D parameter by name), each its own weight.
     ``progress(done, budget)`` is called after each block of products. ``give_up``: stop early once
     no unconverged layer is on course to converge within the remaining products (predicted from
     its variance so far), leaving those layers to another estimator. Returns, by layer name,
@@ -114,8 +115,10 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             used += sketch
             if progress:
                 progress(used, max_probes)
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        per_round = max(2, min(probes_per_round, ROUND_BYTES // weight_bytes))  # a round's directions
         while used < max_probes:
-            count = min(probes_per_round, max_probes - used)
+            count = min(per_round, max_probes - used)
             dirs = space.residual_directions(count, gen, basis, mapped_basis)
             samples.append(operator.quadratic_forms(dirs))  # (count, L)
             if basis is None and len(samples) == 1:  # after the first pass over the data
@@ -285,7 +288,8 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
                 batched: Optional[bool] = None) -> List[Optional[List[torch.Tensor]]]:
     """Per layer, the k products H_b V_j (each weight-shaped) for the k joint directions
     V_j = (dirs[0][j], ...), H_b the Hessian of the batch's mean loss; an empty list for a weight
-    the loss is linear in, None for one it does not reach through autograd. A list, not a stacked tensor: the callers consume them one by one.
+    the loss is linear in, None for one it does not reach through autograd. A list, not a stacked
+    tensor: the callers consume them one by one.
     ``batched`` (default: on CUDA) runs blocks of directions through one vmap'd backward pass,
     falling back to one pass per direction where an op has no batching rule."""
     global _BATCHED_OK

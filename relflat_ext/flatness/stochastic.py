@@ -2,7 +2,8 @@
 whose weight acts linearly on features: ``nn.Linear`` on inputs of any shape (tokens included),
 ``nn.Conv1d/2d/3d`` (weight viewed as (out, in/groups * prod(kernel)) acting on patches),
 ``nn.ConvTranspose1d/2d/3d`` (as (out * prod(kernel), in/groups) acting on each input position's
-channels), or any module through a user-supplied view.
+channels), ``nn.Embedding`` (``weight.T`` acting on one-hot tokens), or any module through a
+user-supplied view.
 
 With ``A`` an m x m matrix of i.i.d. N(0, 1) entries, ``E_A[ D^2E(W)[W A, W A] ] = kappa_Tr`` exactly
 (``E[A A^T] = m I`` turns the quadratic form into ``sum_{s,t} <w_s, w_t> Tr(H_{s,t})``). Only the

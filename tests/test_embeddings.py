@@ -119,3 +119,50 @@ def test_the_profile_leaves_lookup_tables_out_unless_named():
     named = rf.profile(model, tokens, y, layers=["embed", "mix"], rel_tol=0.2, progress=False)
     assert [r["layer"] for r in named.rows] == ["embed", "mix"]
     assert named.rows[0]["shape"] == [VOCAB, DIM]
+
+
+class Tied(nn.Module):
+    """Tokens (n, SEQ) -> embedding -> tanh(mix) -> an output head sharing the table: logits per token."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.mix = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _kappa_of(model, x, y, transposed: bool):
+    """kappa from the dense Hessian of the mean loss in W, the table being W^T (``transposed``) or W."""
+    from relflat_ext.ops import dense_block_trace
+    table = model.embed.weight.detach()
+    w0 = (table.T if transposed else table).clone()
+
+    def to_table(w):
+        return w.T if transposed else w
+
+    def risk(w):
+        out = torch.func.functional_call(model, {"embed.weight": to_table(w)}, (x,))
+        return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+    hess = torch.autograd.functional.hessian(risk, w0)
+    d, m = w0.shape
+    return dense_block_trace(hess.reshape(d * m, d * m), w0)[0].item()
+
+
+def test_a_tied_embedding_is_the_lookup_by_its_module_and_the_head_by_its_parameter():
+    """Both uses count either way; named by the nn.Embedding module W is weight.T (the lookup),
+    named as the parameter W is weight (the head's rows, as the model multiplies it)."""
+    model = Tied().double()
+    g = torch.Generator().manual_seed(3)
+    tokens, targets = torch.randint(0, VOCAB, (20, SEQ), generator=g), torch.randint(0, VOCAB, (20, SEQ), generator=g)
+    lookup = _kappa_of(model, tokens, targets, transposed=True)
+    head = _kappa_of(model, tokens, targets, transposed=False)
+    assert abs(lookup - head) > 0.1 * abs(head)  # two different numbers
+    assert rf.relative_flatness_autograd(model, "embed", tokens, targets).kappa == pytest.approx(lookup, rel=1e-10)
+    assert rf.relative_flatness_autograd(model, "embed.weight", tokens, targets).kappa == \
+        pytest.approx(head, rel=1e-10)
+    assert rf.relative_flatness_autograd(model, "head", tokens, targets).kappa == pytest.approx(head, rel=1e-10)

@@ -3,6 +3,8 @@
 (experts, out, in) or (experts, in, out) are one (experts * out, in) matrix whose rows all act on
 the layer's input features. Against the full Hessian (float64), against the same model written
 with nn.Linear, and in the profile, which lists them with the router."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,78 @@ def test_transformers_expert_stacks_are_seen_the_way_each_family_multiplies_them
         exact = rf.relative_flatness_autograd(model, name, batch).kappa
         est = rf.relative_flatness(model, name, batch, rel_tol=0.05, seed=0)
         assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+
+
+class _Written(nn.Module):
+    """x (n, 6) through a (6, 4) parameter multiplied as ``how`` says, then a tanh and a head."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64) / 2)  # stored (in, out)
+        self.head = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        w = self.w
+        h = {"matmul": lambda: x @ w, "einsum": lambda: torch.einsum("bi,io->bo", x, w),
+             "einsum-implicit": lambda: torch.einsum("bi,ij", x, w), "tensordot": lambda: torch.tensordot(x, w, 1),
+             "tensordot-lists": lambda: torch.tensordot(x, w, dims=([1], [0])),
+             "linear-of-transpose": lambda: F.linear(x, w.T),
+             "einsum-transposed": lambda: torch.einsum("bi,oi->bo", x, w.T),
+             "with-a-penalty": lambda: x @ w + 0 * w.pow(2).sum()}[self.how]()
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["einsum", "einsum-implicit", "tensordot", "tensordot-lists", "linear-of-transpose",
+                                 "einsum-transposed", "with-a-penalty"])
+def test_a_parameter_multiplied_by_einsum_or_tensordot_is_seen_as_by_matmul(how):
+    """x @ W, einsum("bi,io->bo", x, W) and tensordot(x, W, 1) multiply the same (in, out) matrix:
+    one kappa (W^T's). Before, einsum and tensordot counted as no product and the stored rows were
+    taken: another number (-0.16 against 0.064 on a trial)."""
+    x, y = _data()
+    x = torch.cat([x, x[:, :1]], dim=1)  # 6 features
+    reference = rf.relative_flatness_autograd(_Written("matmul"), "w", x, y).kappa
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seen: no warning that the rows are a guess
+        got = rf.relative_flatness_autograd(_Written(how), "w", x, y).kappa
+    assert got == pytest.approx(reference, rel=1e-10)
+
+
+def test_a_parameter_used_in_no_product_is_taken_by_its_rows_with_a_warning():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+            self.register_buffer("mask", torch.ones(4, 5, dtype=torch.float64))
+            self.head = nn.Linear(4, 4).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(F.linear(x, self.w * self.mask)))
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match=r"'w' \(4, 5\) is used by .*mul.* taken as W with rows"):
+        masked = rf.relative_flatness_autograd(Masked(), "w", x, y).kappa
+    plain = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 4)).double()
+    model = Masked()
+    plain[0].weight.data, plain[2].weight.data, plain[2].bias.data = model.w.data, model.head.weight.data, \
+        model.head.bias.data
+    assert masked == pytest.approx(rf.relative_flatness_autograd(plain, "0", x, y).kappa, rel=1e-10)
+
+
+def test_multihead_attention_projections_are_seen_as_f_linear_takes_them():
+    attention = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True)
+    params = {n: p for n, p in attention.named_parameters() if p.dim() == 2}
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 5, 4), torch.randn(2, 5, 6)
+    assert set(multiplication_layouts(params, lambda: attention(q, k, v)).values()) == {"rows"}
+
+
+@pytest.mark.parametrize("equation, layout", [("ni,eoi->neo", "rows"), ("ni,eio->neo", "columns"),
+                                              ("ni,eio->no", "columns"), ("ni,eoi->ne", "rows"),
+                                              ("ni,eoj->no", None), ("ni,eii->ne", None)])
+def test_expert_stacks_multiplied_by_einsum(equation, layout):
+    """The dim shared with the features and summed is the one multiplied, whatever is summed after
+    (the experts, the outputs); no shared dim, or a diagonal, is no product."""
+    stack = nn.Parameter(torch.randn(3, 5, 5))
+    x = torch.randn(4, 5)
+    assert multiplication_layouts({"s": stack}, lambda: torch.einsum(equation, x, stack)) == {"s": layout}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, List, Optional, Tuple, Union
+import warnings
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -189,10 +190,19 @@ class ParameterLayer(nn.Module):
         self.weight = weight
         self.owner = owner  # the type of the module that holds it, for tables
         self.layout: Optional[str] = "rows" if weight.dim() == 2 else None
+        self.unexplained: Set[str] = set()  # functions the model used it in without multiplying it
 
     def view(self, name: str) -> WeightView:
-        """The (d, m) view of the weight, as its layout says."""
+        """The (d, m) view of the weight, as its layout says; rows where no use was seen (a fused
+        recurrent op), with a warning where the uses seen were no products (the rows are a guess)."""
         shape = tuple(self.weight.shape)
+        if self.unexplained and self.layout == "rows":
+            warnings.warn(f"relflat_ext: parameter {name!r} {shape} is used by {', '.join(sorted(self.unexplained))} "
+                          "and not seen multiplying features (F.linear, matmul, @, einsum, tensordot): taken as W "
+                          "with rows acting on feature vectors, as F.linear takes it; pass "
+                          "weight_view=WeightView(to_matrix, from_matrix) if the model multiplies it otherwise",
+                          RuntimeWarning, stacklevel=2)
+            self.unexplained = set()  # once
         if self.layout is None:
             raise TypeError(f"parameter {name!r} {shape}: the model does not multiply it as a matrix (or stack of "
                             "matrices) in a way seen on the first batch (F.linear, matmul, @); pass "

@@ -7,7 +7,7 @@ and one also multiplied (a tied embedding, whose output head multiplies it) as t
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class _Watch(TorchFunctionMode):
         super().__init__()
         self.tracked: Dict[int, tuple] = {id(p): (name, False, p) for name, p in params.items()}
         self.uses: Dict[str, Set[str]] = {name: set() for name in params}
+        self.others: Dict[str, Set[str]] = {name: set() for name in params}  # functions of the "other" uses
 
     def _track(self, out, name: str, flipped: bool) -> None:
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
@@ -65,38 +66,101 @@ class _Watch(TorchFunctionMode):
             weight = self._entry(args[1] if len(args) > 1 else kwargs.get("weight"))
             if weight is not None:
                 self.uses[weight[0]].add(COLUMNS if weight[1] else ROWS)
-            self._other_uses(args[2:] + tuple(v for k, v in kwargs.items() if k != "weight") + args[:1])
+            self._other_uses(args[2:] + tuple(v for k, v in kwargs.items() if k != "weight") + args[:1], func)
         elif func in _LOOKUPS:
             position = _LOOKUPS[func]
             table = self._entry(args[position] if len(args) > position else kwargs.get("weight"))
             if table is not None:
                 self.uses[table[0]].add(ROWS if table[1] else LOOKUP)  # a transposed table: W one_hot(x)
             self._other_uses(tuple(a for i, a in enumerate(args) if i != position)
-                             + tuple(v for k, v in kwargs.items() if k != "weight"))
+                             + tuple(v for k, v in kwargs.items() if k != "weight"), func)
         elif func in _PRODUCTS:
             left, right = (self._entry(args[i]) if i < len(args) else None for i in _PRODUCTS[func])
             if right is not None:
                 self.uses[right[0]].add(ROWS if right[1] else COLUMNS)
             if left is not None:
                 self.uses[left[0]].add(COLUMNS if left[1] else ROWS)
+        elif func is F.multi_head_attention_forward:  # its projections, each through F.linear (unseen inside)
+            for v in tuple(args) + tuple(kwargs.values()):
+                entry = self._entry(v)
+                if entry is not None:
+                    self.uses[entry[0]].add(COLUMNS if entry[1] else ROWS)
+        elif func is torch.einsum:
+            self._einsum(args, func)
+        elif func is torch.tensordot:
+            self._tensordot(args, kwargs, func)
         elif func not in _IGNORED:
-            self._other_uses(tuple(args) + tuple(kwargs.values()))
+            self._other_uses(tuple(args) + tuple(kwargs.values()), func)
         return out
 
-    def _other_uses(self, values) -> None:
+    def _other_uses(self, values, func) -> None:
         for v in values:
             entry = self._entry(v)
             if entry is not None:
                 self.uses[entry[0]].add("other")
+                self.others[entry[0]].add(getattr(func, "__name__", str(func)))
+
+    def _contracted(self, entry, dims: List[int], func) -> None:
+        """A tracked tensor multiplied over ``dims`` (non-negative, sorted): over its last dim it
+        acts like F.linear's weight (its rows), over the one before like ``x @ W`` (its columns)."""
+        name, flipped, t = entry
+        last, before = t.dim() - 1, t.dim() - 2
+        if before >= 0 and dims in ([last], [before]):
+            self.uses[name].add(ROWS if (dims == [last]) != flipped else COLUMNS)
+        else:
+            self._other_uses([t], func)
+
+    def _einsum(self, args, func) -> None:
+        """``torch.einsum("bi,oi->bo", x, W)``: the weight's letters shared with another operand
+        and not kept in the output are the dims it is multiplied over."""
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if not args or not isinstance(args[0], str):  # the sublist format
+            self._other_uses(operands + list(args), func)
+            return
+        equation = args[0].replace(" ", "")
+        inputs, arrow, output = equation.partition("->")
+        subscripts = inputs.split(",")
+        if not arrow:  # the implicit output: the letters that occur once
+            output = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+        for i, t in enumerate(operands):
+            entry = self._entry(t)
+            if entry is None:
+                continue
+            sub = subscripts[i] if len(subscripts) == len(operands) else ""
+            rest = "".join(s for j, s in enumerate(subscripts) if j != i)
+            if len(sub) != t.dim() or len(set(sub)) != len(sub) or not sub.isalpha():  # "...", a diagonal
+                self._other_uses([t], func)
+            else:
+                self._contracted(entry, [k for k, c in enumerate(sub) if c in rest and c not in output], func)
+
+    def _tensordot(self, args, kwargs, func) -> None:
+        """``torch.tensordot(x, W, dims=1)``: the dims of W it is multiplied over."""
+        dims = args[2] if len(args) > 2 else kwargs.get("dims", 2)
+        for position, t in enumerate(args[:2]):
+            entry = self._entry(t)
+            if entry is None:
+                continue
+            if isinstance(dims, int):
+                over = list(range(t.dim() - dims, t.dim())) if position == 0 else list(range(dims))
+            elif isinstance(dims, (list, tuple)) and len(dims) == 2:
+                listed = dims[position]
+                over = sorted(d % t.dim() for d in ([listed] if isinstance(listed, int) else listed))
+            else:
+                self._other_uses([t], func)
+                continue
+            self._contracted(entry, over, func)
 
 
-def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Dict[str, Optional[str]]:
+def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], object],
+                           others: Optional[Dict[str, Set[str]]] = None) -> Dict[str, Optional[str]]:
     """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS,
-    LOOKUP where it only looks it up (an embedding table), or None where it does not multiply it,
-    or also uses it otherwise, or both ways (a lookup aside: a tied embedding is seen as its
-    output head multiplies it). A forward pass
-    that fails only while watched (code that refuses torch-function modes) gives None for every
-    parameter, with a warning."""
+    LOOKUP where it only looks it up (an embedding table), or None where it does not multiply it
+    or multiplies it both ways (other uses aside: a tied embedding is seen as its output head
+    multiplies it). ``F.linear(x, W * mask)`` multiplies a product, not W: a use of W by ``mul``
+    (an activation added to a positional table of the same shape would look the same). Products are F.linear, matmul and @ (and their batched forms),
+    einsum and tensordot. ``others``, where given, gets by name the functions of the uses that
+    are none of these. A forward pass that fails only while watched (code that refuses
+    torch-function modes) gives None for every parameter, with a warning."""
     watch = _Watch(params)
     try:
         with watch, torch.no_grad():
@@ -105,11 +169,15 @@ def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], ob
         warnings.warn(f"relflat_ext: could not watch how the model multiplies its parameters ({type(exc).__name__}: "
                       f"{exc}); weights named as parameters keep their stored orientation", RuntimeWarning)
         return {name: None for name in params}
+    if others is not None:
+        others.update(watch.others)
     return {name: _layout(uses) for name, uses in watch.uses.items()}
 
 
 def _layout(uses: Set[str]) -> Optional[str]:
-    if uses == {LOOKUP}:
-        return LOOKUP
-    multiplied = uses - {LOOKUP}
-    return next(iter(multiplied)) if len(multiplied) == 1 and multiplied <= {ROWS, COLUMNS} else None
+    """One way of multiplying; uses of other kinds (a lookup of a tied table, a penalty on the
+    weight computed in the forward) do not change it."""
+    multiplied = uses & {ROWS, COLUMNS}
+    if len(multiplied) == 1:
+        return next(iter(multiplied))
+    return LOOKUP if uses == {LOOKUP} else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -162,17 +162,21 @@ class Problem:
         params = {name: module.weight for name, module in layers if isinstance(module, ParameterLayer)}
         if not params:
             return
-        found = self.layouts(params)
+        others: Dict[str, Set[str]] = {}
+        found = self.layouts(params, others)
         for name, module in layers:
             if isinstance(module, ParameterLayer) and (found[name] is not None or module.weight.dim() != 2):
                 module.layout = found[name]
+            elif isinstance(module, ParameterLayer):
+                module.unexplained = others.get(name, set())  # its view warns that rows are a guess
 
-    def layouts(self, params: Dict[str, torch.Tensor]) -> Dict[str, Optional[str]]:
-        """How the model multiplies each parameter on the first batch (rows, columns or None:
-        :func:`~relflat_ext.core.usage.multiplication_layouts`)."""
+    def layouts(self, params: Dict[str, torch.Tensor], others: Optional[Dict[str, Set[str]]] = None
+                ) -> Dict[str, Optional[str]]:
+        """How the model multiplies each parameter on the first batch (rows, columns, lookup or
+        None: :func:`~relflat_ext.core.usage.multiplication_layouts`, ``others`` as there)."""
         x, _ = next(iter(self.batches(check_values=False)))  # the measurement checks the values
         with preserved(self.model):
-            return multiplication_layouts(params, lambda: self.forward(x))
+            return multiplication_layouts(params, lambda: self.forward(x), others)
 
     def forward(self, x: Inputs):
         """The model's output on a batch (its ``.logits`` where it returns an output object)."""

@@ -385,3 +385,19 @@ def test_rounds_hold_fewer_probes_where_their_directions_would_not_fit(monkeypat
                         lambda self, dirs: sizes.append(dirs[0].shape[0]) or quadratic_forms(self, dirs))
     shared = rf.stochastic_estimate_layers(model, ["0", "2"], x, y, sketch=0, max_probes=10, rel_tol=1e-9, seed=0)
     assert sizes == [2] * 5 and shared["2"].probes == 10
+
+
+@pytest.mark.parametrize("batched, block_bytes", [(False, 1 << 30), (True, 1 << 30), (True, 1)])
+def test_quadratic_forms_equal_those_of_the_stacked_products(batched, block_bytes):
+    """<v, H v> reduced product by product (the per-probe path), in one vmap'd pass (GPUs), or in
+    blocks of one: the same numbers as the products stacked first."""
+    from relflat_ext.core.hvp import hessian_quadratic_forms, hessian_vector_products
+    model = mlp([6, 8, 7, 4], "tanh", seed=0)
+    x, y = data(40, 6, 4, "cross_entropy", seed=0)
+    weight = model[2].weight
+    grad = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), weight, create_graph=True)[0]
+    vectors = torch.randn(5, *weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+    want = (hessian_vector_products(grad, weight, vectors, batched=False) * vectors).flatten(1).sum(1)
+    got = hessian_quadratic_forms(grad, weight, vectors, batched=batched, block_bytes=block_bytes)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.double(), rtol=1e-12, atol=1e-12)

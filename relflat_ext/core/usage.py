@@ -113,10 +113,10 @@ class _Watch(TorchFunctionMode):
     def _einsum(self, args, func) -> None:
         """``torch.einsum("bi,oi->bo", x, W)``: the weight's letters shared with another operand
         and not kept in the output are the dims it is multiplied over."""
-        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-        if not args or not isinstance(args[0], str):  # the sublist format
-            self._other_uses(operands + list(args), func)
+        if not args or not isinstance(args[0], str):  # the sublist format: not read
+            self._other_uses(list(args), func)
             return
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         equation = args[0].replace(" ", "")
         inputs, arrow, output = equation.partition("->")
         subscripts = inputs.split(",")
@@ -155,12 +155,14 @@ def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], ob
                            others: Optional[Dict[str, Set[str]]] = None) -> Dict[str, Optional[str]]:
     """For each parameter (by name), how ``run()`` (a forward pass) multiplies it: ROWS, COLUMNS,
     LOOKUP where it only looks it up (an embedding table), or None where it does not multiply it
-    or multiplies it both ways (other uses aside: a tied embedding is seen as its output head
-    multiplies it). ``F.linear(x, W * mask)`` multiplies a product, not W: a use of W by ``mul``
-    (an activation added to a positional table of the same shape would look the same). Products are F.linear, matmul and @ (and their batched forms),
-    einsum and tensordot. ``others``, where given, gets by name the functions of the uses that
-    are none of these. A forward pass that fails only while watched (code that refuses
-    torch-function modes) gives None for every parameter, with a warning."""
+    or multiplies it both ways. Products are F.linear, matmul and @ (and their batched forms),
+    einsum, tensordot and MultiheadAttention's projections; other uses do not change the way
+    (a tied embedding is seen as its output head multiplies it). ``F.linear(x, W * mask)``
+    multiplies a product, not W: to W that is a use by ``mul`` (an activation added to a
+    positional table of the same shape would look the same). ``others``, where given, gets by
+    name the functions of the uses that are no products. A forward pass that fails only while
+    watched (code that refuses torch-function modes) gives None for every parameter, with a
+    warning."""
     watch = _Watch(params)
     try:
         with watch, torch.no_grad():

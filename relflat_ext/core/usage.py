@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
+from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 ROWS, COLUMNS = "rows", "columns"  # W (out, in) as F.linear takes it; W (in, out) as x @ W takes it
@@ -42,6 +43,7 @@ class _Watch(TorchFunctionMode):
         self.tracked: Dict[int, tuple] = {id(p): (name, False, p) for name, p in params.items()}
         self.uses: Dict[str, Set[str]] = {name: set() for name in params}
         self.others: Dict[str, Set[str]] = {name: set() for name in params}  # functions of the "other" uses
+        self.counts: Dict[str, int] = {name: 0 for name in params}  # calls that consumed it (views aside)
 
     def _track(self, out, name: str, flipped: bool) -> None:
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
@@ -65,26 +67,26 @@ class _Watch(TorchFunctionMode):
         elif func is F.linear or func is torch._C._nn.linear:
             weight = self._entry(args[1] if len(args) > 1 else kwargs.get("weight"))
             if weight is not None:
-                self.uses[weight[0]].add(COLUMNS if weight[1] else ROWS)
+                self._use(weight[0], COLUMNS if weight[1] else ROWS)
             self._other_uses(args[2:] + tuple(v for k, v in kwargs.items() if k != "weight") + args[:1], func)
         elif func in _LOOKUPS:
             position = _LOOKUPS[func]
             table = self._entry(args[position] if len(args) > position else kwargs.get("weight"))
             if table is not None:
-                self.uses[table[0]].add(ROWS if table[1] else LOOKUP)  # a transposed table: W one_hot(x)
+                self._use(table[0], ROWS if table[1] else LOOKUP)  # a transposed table: W one_hot(x)
             self._other_uses(tuple(a for i, a in enumerate(args) if i != position)
                              + tuple(v for k, v in kwargs.items() if k != "weight"), func)
         elif func in _PRODUCTS:
             left, right = (self._entry(args[i]) if i < len(args) else None for i in _PRODUCTS[func])
             if right is not None:
-                self.uses[right[0]].add(ROWS if right[1] else COLUMNS)
+                self._use(right[0], ROWS if right[1] else COLUMNS)
             if left is not None:
-                self.uses[left[0]].add(COLUMNS if left[1] else ROWS)
+                self._use(left[0], COLUMNS if left[1] else ROWS)
         elif func is F.multi_head_attention_forward:  # its projections, each through F.linear (unseen inside)
             for v in tuple(args) + tuple(kwargs.values()):
                 entry = self._entry(v)
                 if entry is not None:
-                    self.uses[entry[0]].add(COLUMNS if entry[1] else ROWS)
+                    self._use(entry[0], COLUMNS if entry[1] else ROWS)
         elif func is torch.einsum:
             self._einsum(args, func)
         elif func is torch.tensordot:
@@ -97,8 +99,12 @@ class _Watch(TorchFunctionMode):
         for v in values:
             entry = self._entry(v)
             if entry is not None:
-                self.uses[entry[0]].add("other")
+                self._use(entry[0], "other")
                 self.others[entry[0]].add(getattr(func, "__name__", str(func)))
+
+    def _use(self, name: str, kind: str) -> None:
+        self.uses[name].add(kind)
+        self.counts[name] += 1
 
     def _contracted(self, entry, dims: List[int], func) -> None:
         """A tracked tensor multiplied over ``dims`` (non-negative, sorted): over its last dim it
@@ -106,7 +112,7 @@ class _Watch(TorchFunctionMode):
         name, flipped, t = entry
         last, before = t.dim() - 1, t.dim() - 2
         if before >= 0 and dims in ([last], [before]):
-            self.uses[name].add(ROWS if (dims == [last]) != flipped else COLUMNS)
+            self._use(name, ROWS if (dims == [last]) != flipped else COLUMNS)
         else:
             self._other_uses([t], func)
 
@@ -163,17 +169,56 @@ def multiplication_layouts(params: Dict[str, torch.Tensor], run: Callable[[], ob
     name the functions of the uses that are no products. A forward pass that fails only while
     watched (code that refuses torch-function modes) gives None for every parameter, with a
     warning."""
+    watch = _watched(params, run)
+    if watch is None:
+        return {name: None for name in params}
+    if others is not None:
+        others.update(watch.others)
+    return {name: _layout(uses) for name, uses in watch.uses.items()}
+
+
+def use_counts(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Optional[Dict[str, int]]:
+    """For each parameter (by name), how many calls of ``run()`` (a forward pass) consume it:
+    products, lookups and any other function (views and transposes aside, and what only reads
+    its size or dtype). One for a layer's weight that only its module's forward uses; more for a
+    weight the model also uses elsewhere (``F.linear(h, self.fc.weight)``). None where the watch
+    failed (with a warning)."""
+    watch = _watched(params, run)
+    return None if watch is None else dict(watch.counts)
+
+
+def traced_uses(model: nn.Module, module: nn.Module, graph: fx.Graph) -> int:
+    """What :func:`use_counts` counts for ``module``'s weight, read from the model's forward traced
+    by torch.fx instead of run: the calls of the module, and the uses of each read of its weight
+    (``self.fc.weight``) outside it."""
+    modules = dict(model.named_modules())
+    count = 0
+    for node in graph.nodes:
+        if node.op == "call_module" and modules.get(node.target) is module:
+            count += 1
+        elif node.op == "get_attr" and _attribute(model, node.target) is module.weight:
+            count += len(node.users)
+    return count
+
+
+def _attribute(model: nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _watched(params: Dict[str, torch.Tensor], run: Callable[[], object]) -> Optional[_Watch]:
     watch = _Watch(params)
     try:
         with watch, torch.no_grad():
             run()
     except Exception as exc:  # noqa: BLE001 - reported, and the caller falls back to what it knows
-        warnings.warn(f"relflat_ext: could not watch how the model multiplies its parameters ({type(exc).__name__}: "
-                      f"{exc}); weights named as parameters keep their stored orientation", RuntimeWarning)
-        return {name: None for name in params}
-    if others is not None:
-        others.update(watch.others)
-    return {name: _layout(uses) for name, uses in watch.uses.items()}
+        warnings.warn(f"relflat_ext: could not watch how the model uses its parameters ({type(exc).__name__}: "
+                      f"{exc}); weights named as parameters keep their stored orientation, and a layer's weight is "
+                      "taken as used by its module alone", RuntimeWarning)
+        return None
+    return watch
 
 
 def _layout(uses: Set[str]) -> Optional[str]:

@@ -135,9 +135,20 @@ def choose_path(problem: Problem, method: str, options: Options) -> Tuple[str, O
         raise ValueError(f"layer {problem.name!r} shares its weight with other modules (tied weights, "
                          f"{problem.weight_uses} places): method={method!r} would measure one use only; "
                          "method='stochastic' or 'autograd' include every use")
+    calls = problem.weight_calls()
+    if calls > 1:
+        if method == "auto":
+            return "stochastic", None, (f"stochastic: the layer's weight is used {calls} times in a forward pass (the "
+                                        "module runs more than once, or the model uses the weight outside it, as in "
+                                        "F.linear(h, layer.weight)); every use counts, and the estimator in "
+                                        "parameter space sees them all")
+        raise ValueError(f"the weight of layer {problem.name!r} is used {calls} times in a forward pass (the module "
+                         f"runs more than once, or the model uses the weight outside it): method={method!r} would "
+                         "measure the module's inputs only; method='stochastic' or 'autograd' include every use")
     with preserved(problem.model):  # in eval mode: a trace follows the mode
         plan = _tail.plan(problem.model, problem.name, problem.module,
-                          final_log_softmax=is_cross_entropy_after_log_softmax(problem.loss))
+                          final_log_softmax=is_cross_entropy_after_log_softmax(problem.loss),
+                          tracer=problem.traced_graph)
     folded = plan is not None and plan.log_softmax_dim is not None  # the loss becomes cross entropy
     if method in ("auto", "closed_form") and (problem.loss.builtin or folded):
         last = (not plan.tail) if plan is not None else _produces_output(problem)

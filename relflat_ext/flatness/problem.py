@@ -9,7 +9,7 @@ import warnings
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..core import dist
 from ..core.data import (Batch, Inputs, as_the_model_takes, batch_length, call_model, check_data, data_device,
@@ -20,7 +20,8 @@ from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
                            resolve_weight_layer, unwrap, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
-from ..core.usage import multiplication_layouts
+from ..core.usage import multiplication_layouts, traced_uses, use_counts
+from . import tail as _tail
 
 METHODS = ("auto", "closed_form", "exact", "autograd", "stochastic")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -61,6 +62,8 @@ class Problem:
     half_copy: bool = False  # a half-precision model measured as a float32 copy: half inputs are cast
     labels: str = ""  # labels as the model's loss reads them: "causal", "seq2seq", "regression" or ""
     device: Optional[torch.device] = None  # where batches go first (a model on one accelerator), or None
+    _weight_calls: Optional[int] = None  # weight_calls(), once counted
+    _graph: object = False  # traced_graph(), once traced (None: the model cannot be)
 
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec, inputs, targets: Optional[torch.Tensor] = None,
@@ -169,6 +172,36 @@ class Problem:
                 module.layout = found[name]
             elif isinstance(module, ParameterLayer):
                 module.unexplained = others.get(name, set())  # its view warns that rows are a guess
+
+    def weight_calls(self) -> int:
+        """How many calls of a forward pass consume the weight of a layer acting on vectors
+        (Linear, Conv1D), where the model runs code from outside torch.nn: a custom forward may use
+        the weight again (``F.linear(h, self.fc.weight)``), and the exact paths, which see the
+        module's inputs, would miss that use. Read from the torch.fx trace (milliseconds), else
+        counted on a watched forward pass of the first batch. 1 where nothing else can use it,
+        where the module alone does, or where the forward can be neither traced nor watched."""
+        if self._weight_calls is None:
+            self._weight_calls = 1
+            custom = any(not type(m).__module__.startswith("torch.nn.") for m in self.model.modules())
+            if custom and acts_on_vectors(self.module) and not isinstance(self.module, ParameterLayer):
+                graph = self.traced_graph()
+                if graph is not None:
+                    count = traced_uses(self.model, self.module, graph)
+                else:
+                    x, _ = next(iter(self.batches(check_values=False)))
+                    with preserved(self.model):
+                        counts = use_counts({self.name: self.module.weight}, lambda: self.forward(x))
+                    count = None if counts is None else counts[self.name]
+                self._weight_calls = max(1, count or 1)
+        return self._weight_calls
+
+    def traced_graph(self) -> Optional[fx.Graph]:
+        """The model's forward traced by torch.fx in eval mode (once: a forward with side effects
+        runs once for it), or None where it cannot be traced."""
+        if self._graph is False:
+            with preserved(self.model):
+                self._graph = _tail.traced_graph(self.model)
+        return self._graph
 
     def layouts(self, params: Dict[str, torch.Tensor], others: Optional[Dict[str, Set[str]]] = None
                 ) -> Dict[str, Optional[str]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,10 +111,13 @@ class TailPlan:
 
 
 def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True,
-         final_log_softmax: bool = False) -> Optional[TailPlan]:
+         final_log_softmax: bool = False, tracer: Optional[Callable[[], Optional[fx.Graph]]] = None
+         ) -> Optional[TailPlan]:
     """The tail of ``layer`` (named ``name`` in ``model``) when the chain rule applies, else None;
     ``trace=False`` looks at plain Sequentials only; ``final_log_softmax`` accepts a log_softmax
     over dim 1 or -1 as the model's last step (for cross entropy or nll_loss, or to run the tail).
+    ``tracer`` gives the model's torch.fx graph (or None) where the caller keeps one (a forward
+    with side effects then runs once for all who trace it); by default :func:`traced_graph`.
     Call it with the model in the mode it is measured in (eval): a trace follows that mode."""
     if not _enabled or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None
@@ -125,7 +128,8 @@ def plan(model: nn.Module, name: str, layer: nn.Linear, trace: bool = True,
         at = next(i for i, m in enumerate(flat) if m is layer)
         tail, prefix = flat[at + 1:], flat[:at]
     else:
-        tail, prefix = _traced_tail(model, name) if trace else None, None
+        graph = (tracer or (lambda: traced_graph(model)))() if trace else None
+        tail, prefix = _traced_tail(model, name, graph) if graph is not None else None, None
     if tail is None:
         return None
     dim = None
@@ -150,11 +154,18 @@ def _flatten(module: nn.Module) -> Optional[List[nn.Module]]:
     return flat
 
 
-def _traced_tail(model: nn.Module, name: str) -> Optional[List[nn.Module]]:
+def traced_graph(model: nn.Module) -> Optional[fx.Graph]:
+    """The model's forward traced by torch.fx, or None where it cannot be traced (or the instance
+    has a forward of its own, which fx, tracing the class's, would not see)."""
+    if "forward" in vars(model):
+        return None
     try:
-        graph = fx.symbolic_trace(model).graph
+        return fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any untraceable forward just means: use HVPs
         return None
+
+
+def _traced_tail(model: nn.Module, name: str, graph: fx.Graph) -> Optional[List[nn.Module]]:
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(calls) != 1:
         return None

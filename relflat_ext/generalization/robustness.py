@@ -280,7 +280,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
     name, lin = problem.name, problem.module
     # Else perturbed through the weight, W -> W (I + A): also for a weight held in several places,
     # whose every use kappa counts (a hook on one module would perturb one use).
-    features_seen = acts_on_vectors(lin) and problem.weight_uses == 1
+    features_seen = acts_on_vectors(lin) and problem.weight_uses == 1 and problem.weight_calls() == 1
     view = matrix_view(lin, name)
     parameter = name if isinstance(lin, ParameterLayer) else f"{name}.weight"
     m = view.to_matrix(lin.weight).shape[1]
@@ -301,7 +301,8 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
         # Where the rest of the model is a tail of Linear and elementwise steps (a Sequential, or a
         # trace checked against the model), the perturbed copies run only that tail from the
         # features of one forward pass; otherwise the whole model runs on the repeated batch.
-        plan = _tail.plan(model, name, lin, final_log_softmax=True) if features_seen else None
+        plan = _tail.plan(model, name, lin, final_log_softmax=True, tracer=problem.traced_graph) \
+            if features_seen else None
         report = ProgressLine(f"feature robustness of {name!r}", "draws x batches") if progress else None
         total = n_samples * problem.batch_count() if problem.batch_count() else None
         # Feature vectors of the batches (and ranks) before: where each batch's vector draws start.

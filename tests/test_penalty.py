@@ -211,6 +211,27 @@ def test_clear_errors():
                             tail=[nn.Conv1d(1, 1, 1)])
 
 
+def test_a_weight_used_more_than_once_is_refused():
+    """Was a silent wrong answer: a weight tied to the next layer got the penalty of one use (-0.10
+    against the full Hessian's kappa 0.156)."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight
+    tied = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(6, 3)).double()
+    with pytest.raises(ValueError, match="used 2 times"):
+        rf.FlatnessRegularizer(tied, "0")
+
+    class Reread(nn.Module):  # fc's output head reads fc's weight again, directly
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6).double()
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.fc(x)), self.fc.weight)
+    with pytest.raises(ValueError, match="used 2 times"):
+        rf.FlatnessRegularizer(Reread(), "fc")
+
+
 def test_traced_models_and_data_parallel():
     class Net(nn.Module):  # not a Sequential: the tail comes from a torch.fx trace
         def __init__(self):

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..core.data import label_convention, model_loss, output_logits, regression_labels
 from ..core.hooks import check_vector_features
-from ..core.layers import LayerSpec, resolve_linear, unwrap, weight_matrix
+from ..core.layers import LayerSpec, resolve_linear, unwrap, weight_matrix, weight_uses
+from ..core.usage import traced_uses
 from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from . import tail as _tail
 from .penalty import penalty as _penalty
@@ -46,10 +47,12 @@ class FlatnessRegularizer:
         self.loss = get_loss(model_loss(inner)[0] if loss is None else loss)
         self._labels = label_convention(inner)
         self.normalize_features = bool(normalize_features)
+        graph = _check_one_use(inner, self.name, self.layer)
         # Before our hooks exist (plan() avoids hooked models). A final log_softmax is taken into the
         # loss where cross entropy or nll_loss absorbs it: CE(log_softmax(u)) = CE(u).
         plan = _tail.plan(inner, self.name, self.layer,
-                          final_log_softmax=is_cross_entropy_after_log_softmax(self.loss))
+                          final_log_softmax=is_cross_entropy_after_log_softmax(self.loss),
+                          tracer=(lambda: graph) if graph is not False else None)
         if plan is not None and plan.log_softmax_dim is not None:
             self.loss = get_loss("cross_entropy")
         self._plan = plan
@@ -144,3 +147,20 @@ class FlatnessRegularizer:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _check_one_use(model: nn.Module, name: str, layer: nn.Module):
+    """Refuses a layer whose weight the forward uses more than once (tied to another module, or read
+    outside its own, as in ``F.linear(h, self.fc.weight)``): the penalty's exact kappa comes from
+    the module's inputs and would miss the other uses. Returns the torch.fx graph it traced (None:
+    untraceable), or False where the model runs torch.nn code only and needed no trace."""
+    uses, graph = weight_uses(model, layer), False
+    if uses == 1 and any(not type(m).__module__.startswith("torch.nn.") for m in model.modules()):
+        graph = _tail.traced_graph(model)
+        uses = traced_uses(model, layer, graph) if graph is not None else 1
+    if uses > 1:
+        raise ValueError(f"the weight of layer {name!r} is used {uses} times in a forward pass (tied to another "
+                         "module, or read outside its own): the penalty's exact kappa sees the module's inputs "
+                         "only, so it would miss the other uses; relative_flatness measures such a layer (by "
+                         "the estimator, every use)")
+    return graph

@@ -132,3 +132,24 @@ def test_a_loss_written_for_the_output_object_is_told_it_gets_the_logits():
     assert "the loss gets those logits" in " ".join(getattr(info.value, "__notes__", [])), info.value
     ok = rf.relative_flatness(DictOutput(), "head", x, y, loss=lambda logits, t: F.cross_entropy(logits, t))
     assert ok.kappa > 0
+
+
+def test_a_callable_loss_summed_over_the_samples_is_refused():
+    """reduction='sum' made every kappa n times too large, without a word: the batch given twice
+    doubles a sum and keeps a mean, which the first batch checks (no extra forward pass)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    summed = lambda out, t: F.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    for call in (lambda: rf.relative_flatness(model, "0", x, y, loss=summed),
+                 lambda: rf.relative_flatness(model, "0", x, y, loss=summed, method="stochastic", max_probes=4),
+                 lambda: rf.feature_robustness(model, "0", x, y, loss=summed, n_samples=4)):
+        with pytest.raises(ValueError, match="sum over the samples"):
+            call()
+    reg = rf.FlatnessRegularizer(model, "0", loss=summed)
+    model(x)
+    with pytest.raises(ValueError, match="sum over the samples"):
+        reg.penalty(y)
+    reg.remove()
+    mean = rf.relative_flatness(model, "0", x, y, loss=lambda out, t: F.cross_entropy(out, t)).kappa
+    assert mean == pytest.approx(rf.relative_flatness(model, "0", x, y).kappa, rel=1e-10)

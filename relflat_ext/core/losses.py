@@ -20,6 +20,7 @@ Hessian-vector products) and no target check beyond what the callable does itsel
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Union
 
@@ -343,6 +344,7 @@ class CallableLoss(Loss):
         super().__init__(getattr(function, "__name__", "callable"), function, None)
         self.for_derivatives = self.__call__
         self._scores_checked = not _is_nll(function)
+        self._reduction_checked = False
 
     def __call__(self, output, target) -> torch.Tensor:
         try:
@@ -375,7 +377,11 @@ class CallableLoss(Loss):
         return self.per_sample(output, target).double()
 
     def check(self, output, targets) -> None:
-        """The callable decides what it takes; nll_loss is checked once for log-probabilities."""
+        """The callable decides what it takes; checked once: that it averages over the samples (the
+        batch given twice has the same loss), and, for nll_loss, that it gets log-probabilities."""
+        if not self._reduction_checked:
+            self._reduction_checked = True
+            self._check_mean(output, targets)
         if self._scores_checked or not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[1] < 2:
             return
         self._scores_checked = True
@@ -386,6 +392,23 @@ class CallableLoss(Loss):
                           f"(logsumexp of a row is {worst:.3g} from 0): nll_loss of raw scores is linear in them, so "
                           "the output layer's kappa is 0. For logits use loss='cross_entropy' (or end the model "
                           "with log_softmax)", RuntimeWarning, stacklevel=2)
+
+    def _check_mean(self, output, targets) -> None:
+        """A loss summed over the samples (reduction='sum') would make every kappa n times too large:
+        the batch given twice doubles it, where a mean keeps it."""
+        if not (isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor) and output.dim() >= 1
+                and targets.dim() >= 1 and output.shape[0] == targets.shape[0] > 0):
+            return
+        with torch.no_grad():
+            try:
+                once = float(self.function(output.detach(), targets))
+                twice = float(self.function(torch.cat([output.detach()] * 2), torch.cat([targets] * 2)))
+            except Exception:  # noqa: BLE001 - a loss that cannot take the doubled batch: not checked
+                return
+        if once != 0 and math.isfinite(once) and abs(twice / once - 2) < 1e-3:
+            raise ValueError(f"loss returns the sum over the samples (the batch given twice gave {twice:.6g} against "
+                             f"{once:.6g}): relative flatness takes the mean loss, so kappa would be n times too "
+                             "large; use reduction='mean' (or divide by the number of samples)")
 
     def check_targets(self, targets, output_shape: Sequence[int]) -> None:
         """The callable decides what it takes."""

@@ -106,6 +106,8 @@ class FlatnessRegularizer:
             tail = self._tail
         if targets is not None and self._labels == "regression":
             targets = regression_labels(targets)
+        if not self._targets_checked and not self.loss.builtin and output is not None:
+            self.loss.check(output.detach(), targets)  # a callable: that it averages over the samples
         total, n = None, 0
         for features, _, module in calls:  # one chunk per replica under DataParallel, else one
             chunk_targets = targets

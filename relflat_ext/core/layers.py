@@ -300,6 +300,12 @@ def fold_derived_weights(model: nn.Module) -> nn.Module:
     return folded
 
 
+def runs_custom_code(model: nn.Module) -> bool:
+    """Whether some module's forward comes from outside torch.nn (a user's or a library's class),
+    which may use a layer's weight outside the layer: a model of torch.nn modules alone cannot."""
+    return any(not type(m).__module__.startswith("torch.nn.") for m in model.modules())
+
+
 def weight_uses(model: nn.Module, module: nn.Module) -> int:
     """How many places in the model hold the layer's weight Parameter: more than one for tied
     weights, or a module registered under two names."""

@@ -18,7 +18,7 @@ from ..core.data import (Batch, Inputs, as_the_model_takes, batch_length, call_m
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
-                           resolve_weight_layer, unwrap, weight_matrix, weight_uses)
+                           resolve_weight_layer, runs_custom_code, unwrap, weight_matrix, weight_uses)
 from ..core.losses import Loss, LossSpec, get_loss
 from ..core.usage import multiplication_layouts, traced_uses, use_counts
 from . import tail as _tail
@@ -182,8 +182,8 @@ class Problem:
         where the module alone does, or where the forward can be neither traced nor watched."""
         if self._weight_calls is None:
             self._weight_calls = 1
-            custom = any(not type(m).__module__.startswith("torch.nn.") for m in self.model.modules())
-            if custom and acts_on_vectors(self.module) and not isinstance(self.module, ParameterLayer):
+            if runs_custom_code(self.model) and acts_on_vectors(self.module) \
+                    and not isinstance(self.module, ParameterLayer):
                 graph = self.traced_graph()
                 if graph is not None:
                     count = traced_uses(self.model, self.module, graph)

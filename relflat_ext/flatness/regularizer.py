@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.data import label_convention, model_loss, output_logits, regression_labels
 from ..core.hooks import check_vector_features
-from ..core.layers import LayerSpec, resolve_linear, unwrap, weight_matrix, weight_uses
+from ..core.layers import LayerSpec, resolve_linear, runs_custom_code, unwrap, weight_matrix, weight_uses
 from ..core.usage import traced_uses
 from ..core.losses import Loss, LossSpec, get_loss, is_cross_entropy_after_log_softmax
 from . import tail as _tail
@@ -157,7 +157,7 @@ def _check_one_use(model: nn.Module, name: str, layer: nn.Module):
     the module's inputs and would miss the other uses. Returns the torch.fx graph it traced (None:
     untraceable), or False where the model runs torch.nn code only and needed no trace."""
     uses, graph = weight_uses(model, layer), False
-    if uses == 1 and any(not type(m).__module__.startswith("torch.nn.") for m in model.modules()):
+    if uses == 1 and runs_custom_code(model):
         graph = _tail.traced_graph(model)
         uses = traced_uses(model, layer, graph) if graph is not None else 1
     if uses > 1:

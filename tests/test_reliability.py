@@ -42,17 +42,23 @@ class _DictOutput(nn.Module):
         return {"scores": self.net(x)}  # no "logits": nothing to pick
 
 
-def test_tied_weights_count_every_use():
-    model = _tied()
-    x = torch.randn(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(1))
-    exact = rf.relative_flatness(model, "2", x, y, method="autograd").kappa
-    auto = rf.relative_flatness(model, "2", x, y, rel_tol=0.02, seed=0)
-    assert auto.method == "stochastic" and "tied weights" in auto.reason
+def _assert_every_use_counts(model, layer, x, y, phrase) -> float:
+    """``auto`` estimates (within 4 standard errors of the full Hessian's kappa, returned) and says
+    ``phrase``; the exact paths, which see the module's inputs only, refuse."""
+    exact = rf.relative_flatness_autograd(model, layer, x, y).kappa
+    auto = rf.relative_flatness(model, layer, x, y, rel_tol=0.03, seed=0)
+    assert auto.method == "stochastic" and phrase in auto.reason
     assert abs(auto.kappa - exact) <= 4 * auto.kappa_stderr
     for method in ("exact", "closed_form"):
-        with pytest.raises(ValueError, match="tied weights"):
-            rf.relative_flatness(model, "2", x, y, method=method)
+        with pytest.raises(ValueError, match=phrase):
+            rf.relative_flatness(model, layer, x, y, method=method)
+    return exact
+
+
+def test_tied_weights_count_every_use():
+    x = torch.randn(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(1))
+    _assert_every_use_counts(_tied(), "2", x, y, "tied weights")
 
 
 class _Gain(nn.Module):
@@ -364,13 +370,7 @@ def test_a_weight_used_outside_its_module_counts_every_use(branch):
     """Was a silent wrong answer: the exact path gave 0.0026 against the full Hessian's 0.072."""
     model = _Reused(branch).double()
     x, y = _data(40)
-    exact = rf.relative_flatness_autograd(model, "fc", x, y).kappa
-    res = rf.relative_flatness(model, "fc", x, y, rel_tol=0.03, seed=0)
-    assert res.method == "stochastic" and "used 2 times" in res.reason
-    assert abs(res.kappa - exact) <= 4 * res.kappa_stderr
-    for method in ("exact", "closed_form"):
-        with pytest.raises(ValueError, match="used 2 times"):
-            rf.relative_flatness(model, "fc", x, y, method=method)
+    exact = _assert_every_use_counts(model, "fc", x, y, "used 2 times")
     # feature robustness perturbs every use, through the weight (the module's inputs alone: 16x less)
     fr = rf.feature_robustness(model, "fc", x, y, delta=1e-3, seed=0, n_samples=512, kappa=exact)
     assert abs(fr.value - fr.predicted) <= 4 * fr.stderr + 0.05 * fr.predicted

@@ -35,7 +35,8 @@ from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
 from .problem import Problem
-from .stochastic import QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate, probe_factor, stores_transposed
+from .stochastic import (QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate, as_weights, probe_factor,
+                         stores_transposed)
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
@@ -195,7 +196,7 @@ class _ProbeSpace:
             for mat, rq, flip in zip(mats, mapped_basis, self.transposed):  # in the buffers' layout
                 mat, rq = (mat.transpose(1, 2), rq.transpose(1, 2)) if flip else (mat, rq)
                 mat.view(count, -1).addmm_(coef, rq.reshape(rq.shape[0], -1), alpha=-1)
-        return [torch.vmap(view.from_matrix)(mat) for mat, view in zip(mats, self.views)]
+        return self.as_weights(mats)
 
     def _buffer(self, kind: str, layer: int, *shape: int) -> torch.Tensor:
         """A buffer kept from round to round: a fresh one's page faults cost as much as the map."""
@@ -220,7 +221,7 @@ class _ProbeSpace:
 
     def as_weights(self, mats: List[torch.Tensor]) -> List[torch.Tensor]:
         """Per layer (k, d, m) matrices -> (k, *weight.shape)."""
-        return [torch.vmap(view.from_matrix)(m) for m, view in zip(mats, self.views)]
+        return [as_weights(view, m) for m, view in zip(mats, self.views)]
 
     def from_weights(self, hv: List[torch.Tensor]) -> torch.Tensor:
         """Per layer (k, *weight.shape) -> (k, dim), the adjoint map R^T."""

@@ -172,6 +172,28 @@ def test_a_weight_the_loss_does_not_reach_gets_an_error_naming_it(call, layer):
     assert_unchanged(model, before)
 
 
+class _Detached(nn.Module):
+    """A layer whose output the forward detaches (a stop-gradient branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cut = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.cut(x)).detach())
+
+
+@pytest.mark.parametrize("method", ["auto", "exact"])
+def test_a_layer_whose_output_is_detached_gets_the_same_error_on_the_exact_path(method):
+    """Before: torch's "element 0 of tensors does not require grad" from the exact path's products."""
+    model = _Detached().double()
+    x, y = data(20, 5, 4, "cross_entropy")
+    with pytest.raises(ValueError, match="'cut' through autograd.*after .detach"):
+        rf.relative_flatness(model, "cut", x, y, method=method)
+    assert rf.relative_flatness(model, "head", x, y).kappa > 0
+
+
 def test_the_profile_marks_a_layer_the_loss_does_not_reach_and_measures_the_others():
     model = _SkipsInEval().double()
     x, y = data(40, 5, 4, "cross_entropy")

@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from ..core.data import batch_length, take_rows
 from ..core.hooks import NotVectorFeatures, preserved, tapped
-from ..core.hvp import double_backward_kernels, hessian_vector_products
+from ..core.hvp import check_reached, double_backward_kernels, hessian_vector_products
 from ..core.progress import ProgressLine
 from . import chain_rule, tail as _tail
 from .accumulator import Accumulator, explain_not_finite
@@ -46,7 +46,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
         except ValueError:  # no per-sample feature vectors: the products below say so, for the caller's fallback
             pass
     with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
-        tokens = False
+        tokens, reached = False, plan is not None
         for x, y in problem.batches():
             tokens = tokens or has_token_targets(problem.loss, y)
             if plan is not None:
@@ -60,8 +60,9 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
                 n_x = batch_length(x)
                 step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if w.device.type == "cpu" else n_x
                 for s in range(0, n_x, step):
-                    _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale, report,
-                               normalized)
+                    reached |= _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale,
+                                          report, normalized)
+        check_reached([reached], [problem.name], problem.distributed, w.device)
         result = acc.result("exact", problem.name, scale, start)
         if normalized is not None:
             result.kappa_normalized = normalized[0].result("exact", problem.name, normalized[1], start).kappa
@@ -125,14 +126,15 @@ def check_token_wise(name: str, out: torch.Tensor, z: torch.Tensor) -> None:
 
 def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor],
                report: Optional[ProgressLine] = None,
-               normalized: Optional[Tuple[Accumulator, torch.Tensor]] = None) -> None:
+               normalized: Optional[Tuple[Accumulator, torch.Tensor]] = None) -> bool:
     """Adds the chunk's samples to ``acc`` (and, given ``normalized`` = (accumulator, Theorem 4's
     scale s), to the normalized kappa's sums from the same products: the features become phi / s
-    and the weight W diag(s); a product along W's column k becomes s_k times itself)."""
+    and the weight W diag(s); a product along W's column k becomes s_k times itself). False where
+    the chunk's loss does not reach the layer's output through autograd (its terms are then 0)."""
     loss = problem.loss
     n_b = problem.count(y)  # terms of the batch mean: samples, or counted tokens
     if n_b == 0:
-        return
+        return True
     with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad(), \
             double_backward_kernels(problem.model):
         out = problem.forward(x)
@@ -142,7 +144,14 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
         phi = tap.sample_features(y)
         if z.dim() > 2:
             check_token_wise(problem.name, out, z)
-        grad_z = torch.autograd.grad(batch_loss, z, create_graph=True)[0]
+        # Not reached (a .detach() or torch.no_grad() after the layer): no grad_fn to differentiate.
+        grad_z = torch.autograd.grad(batch_loss, z, create_graph=True, allow_unused=True)[0] \
+            if batch_loss.requires_grad else None
+    if grad_z is None:
+        acc.n += n_b
+        if normalized is not None:
+            normalized[0].n += n_b
+        return False
     phi = phi if scale is None else phi * inverse_scale(scale)
     d, m = w.shape
     # Batch mean loss: d^2 E_b / dz_i^2 = Hz_i / n_b, so the weights carry the factor n_b.
@@ -154,7 +163,7 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
         sq_norms_n = (phi * inverse_scale(s_n)).pow(2).sum(1) * n_b
         acc_n.n += n_b
     if not grad_z.requires_grad:  # loss linear in z: Hz = 0, nothing to add
-        return
+        return True
     use_weight_probes = m < d and acc.block is None and acc.diag_blocks is None
     probe_dirs = w if use_weight_probes else torch.eye(d, dtype=w.dtype, device=w.device)
     num_probes = probe_dirs.shape[1]
@@ -181,3 +190,4 @@ def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale:
             report.add(dirs.shape[0], note=f"{acc.n} samples so far")
     if hdiag is not None:
         acc.add_diagonal(hdiag, phi)
+    return True

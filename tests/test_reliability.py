@@ -207,6 +207,8 @@ def test_half_precision_results_say_so():
     res = rf.relative_flatness_from_features(X.half(), torch.randn(3, 5).half(), Y)
     assert "computed in float32" in res.reason and math.isfinite(res.kappa)
     assert rf.kde_log_density(X.half(), X.half(), 1.0).dtype == torch.float32
+    with pytest.warns(RuntimeWarning), pytest.raises(TypeError, match="float64 but the model computes in a half"):
+        rf.relative_flatness(_mlp(torch.bfloat16), "2", X.double(), Y)  # not "computes in float32"
 
 
 def test_kde_is_scale_free_in_float32():

@@ -257,7 +257,8 @@ class Problem:
         dtype = self.weight.dtype
         if x.is_floating_point():
             if x.dtype != dtype and not (self.half_copy and x.dtype in HALF_DTYPES):
-                raise TypeError(f"{what} has dtype {x.dtype} but the model computes in {dtype}: convert one of "
+                computes = f"{dtype}" if not self.half_copy else "a half dtype (measured in a float32 copy)"
+                raise TypeError(f"{what} has dtype {x.dtype} but the model computes in {computes}: convert one of "
                                 f"them (e.g. inputs.to({dtype}))")
         elif not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.model.modules()):
             raise TypeError(f"{what} has dtype {x.dtype} but the model has no embedding to take integer inputs; "

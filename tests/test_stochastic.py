@@ -231,6 +231,11 @@ def test_lmax_asked_of_an_estimated_layer_is_said_to_be_missing():
     with pytest.warns(RuntimeWarning, match="lmax asked, but layer '0' is estimated"):
         res = rf.relative_flatness(model, "0", x, y, lmax=True, rel_tol=0.5, seed=0)
     assert res.method == "stochastic" and res.kappa_lmax is None
+    with pytest.warns(RuntimeWarning, match="block_trace asked, but layer '0' is estimated.*block_trace is None"):
+        res = rf.relative_flatness(model, "0", x, y, block_trace=True, rel_tol=0.5, seed=0)  # was silent
+    assert res.block_trace is None
+    with pytest.warns(RuntimeWarning, match="lmax and block_trace asked.*kappa_lmax and block_trace are None"):
+        rf.relative_flatness(model, "0", x, y, lmax=True, block_trace=True, rel_tol=0.5, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the profile asks block traces of every layer: no warning for those
         rf.profile(model, x, y, rel_tol=0.5, max_probes=64, progress=False)

@@ -10,6 +10,7 @@ chooses the path before touching the data (:func:`choose_path`), and hands the p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -72,6 +73,15 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
                       max_probes=max_probes, seed=seed, weight_view=weight_view, progress=progress)
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     result = _dispatch(problem, method, options)
+    # Here, not in the estimator: the profile asks block traces of every layer, for Tr(H) where exact.
+    missing = [name for name, asked, got in (("lmax", lmax, result.kappa_lmax), ("block_trace", block_trace,
+                                                                                  result.block_trace))
+               if asked and got is None and result.method == "stochastic"]
+    if missing:
+        warnings.warn(f"relflat_ext: {' and '.join(missing)} asked, but layer {problem.name!r} is estimated "
+                      f"({result.reason}); the estimator gives kappa_Tr only, so "
+                      f"{' and '.join('kappa_lmax' if m == 'lmax' else m for m in missing)} "
+                      f"{'is' if len(missing) == 1 else 'are'} None", RuntimeWarning, stacklevel=3)
     if problem.note:
         result.reason = f"{result.reason}; {problem.note}"
     return result

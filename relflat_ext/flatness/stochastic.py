@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from typing import List, Optional
 
 import torch
@@ -230,9 +229,6 @@ def stochastic_estimate(model: nn.Module, layer: LayerSpec, inputs, targets=None
 
 def run(problem: Problem, options: Options, reason: str) -> FlatnessResult:
     """kappa_Tr by the estimator, as a :class:`FlatnessResult` (the front door's stochastic path)."""
-    if options.lmax:  # not block_trace: the profile asks it of every layer, for Tr(H) where exact
-        warnings.warn(f"relflat_ext: lmax asked, but layer {problem.name!r} is estimated ({reason}); the "
-                      "estimator gives kappa_Tr only, so kappa_lmax is None", RuntimeWarning, stacklevel=4)
     scale = None
     if options.normalize_features:
         if not acts_on_vectors(problem.module):

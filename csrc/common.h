@@ -126,10 +126,32 @@ inline at::Tensor symmetric_gram(const at::Tensor& q, const Strip& strip) {
   return out;
 }
 
+// Columns [lo, hi) of Q^T Q into out by halves: the off-diagonal block is one square GEMM, mirrored,
+// and each half recurses down to leaves of at most kGramLeaf columns, taken whole. About 0.55 of a
+// full GEMM's work in GEMMs BLAS runs near its peak; the strips above took 0.69-0.89 of a full
+// GEMM's time at d = 1000-4000 on the CPU, these 0.57-0.75 (bench/RESULTS.md). Halves are rounded
+// to multiples of 64 columns, the GEMM kernels' blocking.
+constexpr int64_t kGramLeaf = 192;
+
+inline void gram_by_halves(const at::Tensor& q, at::Tensor& out, int64_t lo, int64_t hi) {
+  const int64_t size = hi - lo;
+  if (size <= kGramLeaf) {
+    at::Tensor leaf = out.narrow(0, lo, size).narrow(1, lo, size);
+    at::mm_out(leaf, q.narrow(1, lo, size).t(), q.narrow(1, lo, size));  // BLAS writes the view
+    return;
+  }
+  const int64_t mid = lo + (size / 2 + 63) / 64 * 64;
+  at::Tensor upper = out.narrow(0, lo, mid - lo).narrow(1, mid, hi - mid);
+  at::mm_out(upper, q.narrow(1, lo, mid - lo).t(), q.narrow(1, mid, hi - mid));
+  out.narrow(0, mid, hi - mid).narrow(1, lo, mid - lo).copy_(upper.t());
+  gram_by_halves(q, out, lo, mid);
+  gram_by_halves(q, out, mid, hi);
+}
+
 inline at::Tensor symmetric_gram(const at::Tensor& q) {
-  return symmetric_gram(q, [&](at::Tensor& part, int64_t i, int64_t rows) {
-    at::mm_out(part, q.narrow(1, i, rows).t(), q.narrow(1, i, q.size(1) - i));  // BLAS writes the view
-  });
+  at::Tensor out = at::empty({q.size(1), q.size(1)}, q.options());
+  gram_by_halves(q, out, 0, q.size(1));
+  return out;
 }
 
 // sum_i a_i Hz_i from the per-row h (n, d) of the closed form (softmax p for cross entropy,

@@ -12,8 +12,9 @@ from relflat_ext.ops._extension import HAS_EXTENSION, fallback_only, runs_on
 from testing import DEVICES, DTYPES, assert_matches_reference
 
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 1, 4), (40, 13, 1), (64, 17, 10), (33, 9, 32), (50, 20, 33), (30, 70, 120),
-          (20, 130, 100), (4200, 9, 12)]  # every branch: d <= 32 (batches up to 4096 rows and above), d <= 64,
-# d > 64 with m < d and with m >= d
+          (20, 130, 100), (4200, 9, 12), (4200, 9, 20), (60, 500, 450)]  # every branch: d <= 32 (batches up
+# to 4096 rows and above; above, cross entropy with d < 16 or not), d <= 64, d > 64 with m < d and with m >= d;
+# d > 192: the block's symmetric product by halves
 LOSSES = ["cross_entropy", "mse", "bce_with_logits"]
 CE = "cross_entropy"
 

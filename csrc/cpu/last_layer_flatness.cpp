@@ -3,8 +3,9 @@
 //    reads each feature row once (BLAS is slow for such skinny products); many outputs: BLAS.
 // 2. softmax / sigmoid through ATen's vectorized kernels, in place (when only the block sum is
 //    asked for, as for wide heads, the softmax is taken inside the block's pass instead).
-// (Batches of up to 4096 rows with d <= 32: one pass over tiles of rows instead, SmallBatchTerms,
-//  since there the fixed costs of the steps below dominate; the block sum, if asked, from its rows.)
+// (Batches of up to 4096 rows with d <= 32, and cross entropy with d < 16 at any batch size: one
+//  pass over tiles of rows instead, SmallBatchTerms, since there the fixed costs of the steps below,
+//  or ATen's softmax over short rows, dominate; the block sum, if asked, from its rows.)
 // 3. one pass per row for <G, Hz_i>: cross entropy as 1/2 p^T D p (D[s,t] = ||w_s - w_t||^2, no
 //    cancellation at confident rows; inline for d <= 64, else from the GEMM P D), or, when m < d,
 //    the argmax-centred form from the GEMM (P - e_k) W (common.h).

@@ -11,7 +11,7 @@ from torch import nn
 
 import relflat_ext as rf
 from models import assert_unchanged, data, snapshot, train_to_minimum
-from relflat_ext.flatness import tail as _tail
+from relflat_ext.flatness import chain_rule, tail as _tail
 
 ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.2),
                nn.ELU(0.7), nn.SELU(), nn.CELU(1.3), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Mish(),
@@ -57,6 +57,32 @@ def test_each_loss_and_layer_matches_baseline(loss, layer):
     model = _deep(nn.Softplus(), seed=1)
     x, y = data(25, 5, 4, loss, seed=4)
     _compare(model, layer, x, y, loss)
+
+
+PIECEWISE_LINEAR = [nn.ReLU(), nn.LeakyReLU(0.2), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)]
+
+
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR, ids=lambda a: repr(a))
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+@pytest.mark.parametrize("reverse", [True, False], ids=["from the output", "from z"])
+def test_piecewise_linear_tails_give_the_baseline_from_either_end(act, loss, reverse, monkeypatch):
+    """No curvature after the layer: the loss is the only source, and d out / dz may be carried from
+    the output (k rows) or from z (d columns). Both equal the baseline, also where the model ends in
+    an activation (the carried Jacobian then starts diagonal)."""
+    monkeypatch.setattr(chain_rule, "reverse_is_cheaper", lambda tail, d, k: reverse)
+    x, y = data(30, 5, 4, loss, seed=7)
+    for layer in ("0", "2", "5"):
+        _compare(_deep(act, seed=5), layer, 2 * x, y, loss)
+    torch.manual_seed(6)
+    ends_in_act = nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 4), act).double()
+    _compare(ends_in_act, "0", 2 * x, torch.rand(30, 4, dtype=torch.float64), "mse")
+
+
+def test_a_wide_relu_layer_under_a_narrow_head_is_carried_from_the_output():
+    tail = [nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)]
+    assert chain_rule.reverse_is_cheaper(tail, 256, 10)  # 10 rows carried, not 128 x 256 per sample
+    assert not chain_rule.reverse_is_cheaper([nn.ReLU(), nn.Linear(8, 1000)], 8, 1000)  # wide output: from z
+    assert not chain_rule.reverse_is_cheaper([nn.ReLU()], 8, 8)  # no Linear: the diagonal is cheapest
 
 
 def test_probability_targets_and_callable_losses():

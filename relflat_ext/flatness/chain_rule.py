@@ -56,6 +56,13 @@ class _Jacobian:
         self.diag: Optional[torch.Tensor] = like.new_ones((n, d))
         self.dense: Optional[torch.Tensor] = None
 
+    @classmethod
+    def of_stack(cls, dense: torch.Tensor) -> "_Jacobian":
+        """The Jacobian given as its dense (r, n, d) stack."""
+        jac = cls.__new__(cls)
+        jac.diag, jac.dense = None, dense
+        return jac
+
     def linear(self, weight: torch.Tensor) -> None:
         if self.diag is not None:
             self.dense, self.diag = weight[:, None, :] * self.diag[None], None
@@ -202,16 +209,62 @@ def _chunk(tail, z, y, loss: Loss, weights, want_diag):
             sources.append(curvatures[a] * grad)
             grad = grad * slopes[a]
     sources.reverse()
-    # Forward again: carry dz -> du, contract each source where it is met.
     acc = _Sum(weights, d, want_diag)
-    jac = _Jacobian(n, d, z)
-    a = 0
-    for module in tail:
-        if is_linear(module):
-            jac.linear(module.weight.detach())
-        elif is_elementwise(module):
-            acc.diagonal_source(jac, sources[a])
-            jac.elementwise(slopes[a])
-            a += 1
+    active = [bool(source.any()) for source in sources]  # ReLU-like steps have no curvature: no source
+    if not any(active) and reverse_is_cheaper(tail, d, out.shape[1]):
+        jac = _reverse_jacobian(tail, slopes, n)
+    else:
+        # Forward again: carry dz -> du, contract each source where it is met.
+        jac = _Jacobian(n, d, z)
+        a = 0
+        for module in tail:
+            if is_linear(module):
+                jac.linear(module.weight.detach())
+            elif is_elementwise(module):
+                if active[a]:
+                    acc.diagonal_source(jac, sources[a])
+                jac.elementwise(slopes[a])
+                a += 1
     _loss_source(acc, jac, out, y, loss)
     return acc.total, acc.diag
+
+
+def _multiply_adds(tail: List[nn.Module], d: int, k: int, reverse: bool) -> int:
+    """Multiply-adds per sample of carrying d out / dz through the tail from z (``reverse=False``:
+    d columns carried, rows r_l) or from the output (k rows carried, columns r_l): diagonal until the
+    first Linear met, a broadcast at it, a GEMM at every later one."""
+    carried = k if reverse else d
+    width, dense, cost = carried, False, 0
+    for module in (reversed(tail) if reverse else tail):
+        if is_linear(module):
+            near, far = (module.out_features, module.in_features) if reverse else \
+                (module.in_features, module.out_features)
+            cost += carried * far * (near if dense else 1)
+            dense, width = True, far
+        else:
+            cost += carried * width if dense else width
+    return cost
+
+
+def reverse_is_cheaper(tail: List[nn.Module], d: int, k: int) -> bool:
+    """Where only the loss is a source, the Jacobian d out / dz (k, n, d) can be carried from either
+    end: from z (stacks of r_l x d per sample) or from the output (k x r_l). The cheaper one wins:
+    a ReLU network's hidden layer of width 256 under a 10-class head carries 10 rows, not 128."""
+    if not any(is_linear(m) for m in tail):
+        return False
+    return _multiply_adds(tail, d, k, reverse=True) < _multiply_adds(tail, d, k, reverse=False)
+
+
+def _reverse_jacobian(tail: List[nn.Module], slopes: List[torch.Tensor], n: int) -> _Jacobian:
+    """d out / dz as the dense (k, n, d) stack, carried from the output back to z."""
+    rows: Optional[torch.Tensor] = None  # (k, n, width): d out / d (the current step's output)
+    a = len(slopes)
+    for module in reversed(tail):
+        if is_linear(module):
+            w = module.weight.detach()  # (r_out, r_in)
+            rows = w[:, None, :].expand(-1, n, -1) if rows is None else \
+                (rows.reshape(-1, w.shape[0]) @ w).reshape(rows.shape[0], n, w.shape[1])
+        elif is_elementwise(module):
+            a -= 1
+            rows = torch.diag_embed(slopes[a]).transpose(0, 1) if rows is None else rows * slopes[a][None]
+    return _Jacobian.of_stack(rows)

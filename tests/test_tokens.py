@@ -57,3 +57,28 @@ def test_lm_head_is_estimated_against_the_full_hessian(tied):
         est = rf.relative_flatness(model, "head", x, y, method="stochastic", rel_tol=0.05, max_probes=600, seed=0)
     assert est.method == "stochastic" and ("tied weights" in est.reason) == tied
     assert abs(est.kappa - exact) <= 4 * est.kappa_stderr
+
+
+@pytest.mark.parametrize("method", ["exact", "stochastic", "auto", "autograd"])
+def test_labels_all_ignored_get_a_clear_error_on_every_path(method):
+    """Before: NaN (the estimator, the baseline) or a ZeroDivisionError (the exact paths)."""
+    x, y = _tokens()
+    with pytest.raises(ValueError, match="every target is -100"):
+        rf.relative_flatness(TinyLM(False).double(), "mix", x, torch.full_like(y, -100), method=method)
+
+
+def test_features_labelled_minus_100_do_not_count_in_the_features_given_call():
+    """Before: relative_flatness_from_features averaged over every row, while the model-level call
+    (and F.cross_entropy) leaves out the rows labelled -100."""
+    g = torch.Generator().manual_seed(1)
+    f, w = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, -100, 2, -100, 1, 0, 2, -100])
+    kept = rf.relative_flatness_from_features(f[y != -100], w, y[y != -100])
+    got = rf.relative_flatness_from_features(f, w, y)
+    head = nn.Sequential(nn.Linear(4, 3, bias=False)).double()
+    head[0].weight.data.copy_(w)
+    assert got.kappa == pytest.approx(kept.kappa, rel=1e-12) and got.n == 6
+    assert got.kappa == pytest.approx(rf.relative_flatness(head, "0", f, y).kappa, rel=1e-12)
+    assert got.kappa != pytest.approx(rf.relative_flatness_from_features(f, w, y.clamp(min=0)).kappa, rel=1e-3)
+    with pytest.raises(ValueError, match="every target is -100"):
+        rf.relative_flatness_from_features(f, w, torch.full_like(y, -100))

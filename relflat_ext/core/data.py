@@ -20,6 +20,8 @@ Batch = Tuple[Inputs, torch.Tensor]
 LABELS = "labels"
 LABEL_ALIASES = ("label", "label_ids")
 IGNORE_INDEX = -100
+NOTHING_COUNTED = ("every target is -100, which cross entropy ignores (as F.cross_entropy does): no sample counts "
+                   "toward the loss")
 
 
 def is_dict_batch(x) -> bool:

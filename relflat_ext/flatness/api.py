@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..core.data import NOTHING_COUNTED
 from ..core.hooks import LayerNotCalled, NotVectorFeatures, SharedLayer, preserved, tapped
 from ..core.layers import EMBEDDING_TYPES, LayerSpec, ParameterLayer, WeightView, acts_on_vectors, resolve_linear
 from ..core.losses import LossSpec, get_loss, is_cross_entropy_after_log_softmax
@@ -74,14 +75,13 @@ def relative_flatness(model: nn.Module, layer: LayerSpec, inputs, targets: Optio
     problem = Problem.build(model, layer, inputs, targets, loss, batch_size, distributed)
     result = _dispatch(problem, method, options)
     # Here, not in the estimator: the profile asks block traces of every layer, for Tr(H) where exact.
-    missing = [name for name, asked, got in (("lmax", lmax, result.kappa_lmax), ("block_trace", block_trace,
-                                                                                  result.block_trace))
-               if asked and got is None and result.method == "stochastic"]
-    if missing:
-        warnings.warn(f"relflat_ext: {' and '.join(missing)} asked, but layer {problem.name!r} is estimated "
-                      f"({result.reason}); the estimator gives kappa_Tr only, so "
-                      f"{' and '.join('kappa_lmax' if m == 'lmax' else m for m in missing)} "
-                      f"{'is' if len(missing) == 1 else 'are'} None", RuntimeWarning, stacklevel=3)
+    missing = [(option, field) for option, field, asked in (("lmax", "kappa_lmax", lmax),
+                                                            ("block_trace", "block_trace", block_trace)) if asked]
+    if missing and result.method == "stochastic":
+        options_asked, fields = (" and ".join(names) for names in zip(*missing))
+        warnings.warn(f"relflat_ext: {options_asked} asked, but layer {problem.name!r} is estimated ({result.reason}); "
+                      f"the estimator gives kappa_Tr only, so {fields} {'is' if len(missing) == 1 else 'are'} None",
+                      RuntimeWarning, stacklevel=3)
     if problem.note:
         result.reason = f"{result.reason}; {problem.note}"
     return result
@@ -196,7 +196,9 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
 
     features (n, m), weight (d, m), targets as the loss takes them (class indices (n,) or
     probabilities (n, d) for cross entropy; (n, d) floats for MSE and BCE), bias (d,) or None.
-    The targets are validated but do not enter: these losses' Hessians in z do not depend on them.
+    The targets are validated but do not enter, these losses' Hessians in z not depending on them,
+    except that samples labelled -100 do not count (cross entropy ignores them, as the model-level
+    call and ``F.cross_entropy`` do).
     block_trace: also return ``T`` (d, d) (an extra n*d*d GEMM for cross entropy).
     """
     record = get_loss(loss)
@@ -214,6 +216,9 @@ def relative_flatness_from_features(features: torch.Tensor, weight: torch.Tensor
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have at least one row and one column, got shape {tuple(weight.shape)}")
     record.check_targets(targets, (features.shape[0], weight.shape[0]))
+    targets, features = closed_form.counted_rows(record, targets, features)  # as the model-level call counts
+    if features.shape[0] == 0:
+        raise ValueError(NOTHING_COUNTED)
     note = ""
     half = [t.dtype for t in (features, weight, bias) if t is not None and t.dtype in HALF_DTYPES]
     if half:

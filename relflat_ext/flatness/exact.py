@@ -45,8 +45,8 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
             normalized = (Accumulator(w * normalized_scale, False, False, problem.distributed), normalized_scale)
         except ValueError:  # no per-sample feature vectors: the products below say so, for the caller's fallback
             pass
-    with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
-        tokens, reached = False, plan is not None
+    with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors, problem.check_outputs_finite):
+        tokens, reached, counted = False, plan is not None, False
         for x, y in problem.batches():
             tokens = tokens or has_token_targets(problem.loss, y)
             if plan is not None:
@@ -60,9 +60,12 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
                 n_x = batch_length(x)
                 step = max(1, EXACT_CPU_CHUNK_ELEMENTS // w.shape[0]) if w.device.type == "cpu" else n_x
                 for s in range(0, n_x, step):
-                    reached |= _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w, scale,
-                                          report, normalized)
-        check_reached([reached], [problem.name], problem.distributed, w.device)
+                    chunk_reached = _hvp_chunk(acc, problem, take_rows(x, slice(s, s + step)), y[s:s + step], w,
+                                               scale, report, normalized)
+                    counted |= chunk_reached is not None
+                    reached |= bool(chunk_reached)
+        # No counted term at all (every label -100) is not evidence either way: the count's error follows.
+        check_reached([reached or not counted], [problem.name], problem.distributed, w.device)
         result = acc.result("exact", problem.name, scale, start)
         if normalized is not None:
             result.kappa_normalized = normalized[0].result("exact", problem.name, normalized[1], start).kappa
@@ -126,15 +129,16 @@ def check_token_wise(name: str, out: torch.Tensor, z: torch.Tensor) -> None:
 
 def _hvp_chunk(acc: Accumulator, problem: Problem, x, y, w: torch.Tensor, scale: Optional[torch.Tensor],
                report: Optional[ProgressLine] = None,
-               normalized: Optional[Tuple[Accumulator, torch.Tensor]] = None) -> bool:
+               normalized: Optional[Tuple[Accumulator, torch.Tensor]] = None) -> Optional[bool]:
     """Adds the chunk's samples to ``acc`` (and, given ``normalized`` = (accumulator, Theorem 4's
     scale s), to the normalized kappa's sums from the same products: the features become phi / s
     and the weight W diag(s); a product along W's column k becomes s_k times itself). False where
-    the chunk's loss does not reach the layer's output through autograd (its terms are then 0)."""
+    the chunk's loss does not reach the layer's output through autograd (its terms are then 0),
+    None where the chunk has no counted term."""
     loss = problem.loss
     n_b = problem.count(y)  # terms of the batch mean: samples, or counted tokens
     if n_b == 0:
-        return True
+        return None
     with tapped(problem.module, problem.name, replace_output=True) as tap, torch.enable_grad(), \
             double_backward_kernels(problem.model):
         out = problem.forward(x)

@@ -12,9 +12,9 @@ import torch
 from torch import fx, nn
 
 from ..core import dist
-from ..core.data import (Batch, Inputs, as_the_model_takes, batch_length, call_model, check_data, data_device,
-                         is_dict_batch, iterate_batches, label_convention, model_arguments, model_loss, to_device,
-                         unpack_pair)
+from ..core.data import (IGNORE_INDEX, NOTHING_COUNTED, Batch, Inputs, as_the_model_takes, batch_length, call_model,
+                         check_data, check_finite, data_device, is_dict_batch, iterate_batches, label_convention, model_arguments,
+                         model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
@@ -220,7 +220,7 @@ class Problem:
         ignored (-100) for cross entropy on class indices (tokens, for a language model). Batch
         results are weighted by it, so the risk is the mean over every term of the data."""
         if self.loss.name == "cross_entropy" and not y.is_floating_point():
-            return int((y != -100).sum())
+            return int((y != IGNORE_INDEX).sum())
         return y.shape[0]
 
     def positions(self, y: torch.Tensor) -> int:
@@ -268,13 +268,19 @@ class Problem:
         """The (x, y) batches; ``check_values=False`` skips the NaN/Inf scan for callers that check
         their result instead (a scan can cost more than the work)."""
         checked = isinstance(self.inputs, torch.Tensor) or is_dict_batch(self.inputs)
+        counted = None  # cross entropy's labels that are not -100, summed without a sync per batch
         for k, (x, y) in enumerate(iterate_batches(self.inputs, self.targets, self.batch_size, check_values)):
             if not checked:
                 self._check_input(x, f"inputs (batch {k})")
             if self.half_copy:
                 x = {key: _float(v) for key, v in x.items()} if is_dict_batch(x) else _float(x)
                 y = _float(y)
-            yield as_the_model_takes(self.model, self.labels, *to_device(x, y, self.device))
+            x, y = as_the_model_takes(self.model, self.labels, *to_device(x, y, self.device))
+            if self.loss.name == "cross_entropy" and not y.is_floating_point():
+                counted = (y != IGNORE_INDEX).sum() + (0 if counted is None else counted)
+            yield x, y
+        if counted is not None and int(counted) == 0:  # else a NaN mean loss, or a division by zero
+            raise ValueError(NOTHING_COUNTED)
 
     def sample_count(self) -> Optional[int]:
         """The number of samples where the data are tensors or a dict batch; None otherwise."""
@@ -292,6 +298,21 @@ class Problem:
             return len(self.inputs)
         except TypeError:
             return None
+
+    def check_outputs_finite(self) -> None:
+        """Raises a ValueError naming the parameter that holds NaN or Inf, or else the first batch
+        whose model output or loss does (a log or a division in the forward can make them from
+        finite inputs and weights)."""
+        for name, t in self.model.named_parameters():
+            check_finite(name, t)
+        with torch.no_grad(), preserved(self.model):
+            for k, (x, y) in enumerate(self.batches(check_values=False)):
+                out = self.forward(x)
+                for what, value in (("output", out), ("loss", self.loss.for_derivatives(out, y))):
+                    if not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"the model's {what} is NaN or Inf on batch {k} of the data, whose inputs "
+                                         "and weights are finite: the forward itself computes it (a log or a "
+                                         "division?), so no derivative of the loss is defined there")
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

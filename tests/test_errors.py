@@ -243,3 +243,41 @@ def test_a_model_of_two_inputs_fed_a_dataset_of_three_tensors_is_told_how_to_bat
     with pytest.warns(RuntimeWarning, match="3 entries"):  # (x, y, index): the index ignored
         res = rf.relative_flatness(plain, "0", [(x, y1, torch.arange(20))])
     assert res.kappa == rf.relative_flatness(plain, "0", x, y1).kappa
+
+
+class _LogOfNegative(nn.Module):
+    """A forward that computes NaN from finite inputs and weights (log of a negative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.log(torch.tanh(self.body(x))))
+
+
+NAN_FORWARD_CALLS = {
+    "exact": lambda m, x, y: rf.relative_flatness(m, "body", x, y, method="exact"),
+    "closed form": lambda m, x, y: rf.relative_flatness(m, "head", x, y),
+    "stochastic": lambda m, x, y: rf.relative_flatness(m, "body", x, y, method="stochastic", seed=0),
+    "autograd": lambda m, x, y: rf.relative_flatness_autograd(m, "body", x, y),
+    "feature robustness": lambda m, x, y: rf.feature_robustness(m, "head", x, y, seed=0),
+    "representativeness": lambda m, x, y: rf.representativeness(m, "head", x, y, folds=2, seed=0),
+}
+
+
+@pytest.mark.parametrize("call", NAN_FORWARD_CALLS)
+def test_a_forward_that_computes_nan_is_named_on_every_path(call):
+    """Before: NaN from the estimator and the baseline, "the inputs are too large for float32" from
+    the exact paths, a raw "atol must be >= 0" from feature robustness, the kernel's "key_scale must
+    be finite" from representativeness."""
+    model = _LogOfNegative().double()
+    x, y = data(20, 5, 4, "cross_entropy")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or Inf on batch 0 of the data"):
+        NAN_FORWARD_CALLS[call](model, x, y)
+    assert_unchanged(model, before)
+    model.head.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="head.weight contains NaN"):
+        NAN_FORWARD_CALLS[call](model, x, y)

@@ -23,16 +23,20 @@ class NotFinite(ValueError):
 
 
 @contextlib.contextmanager
-def explain_not_finite(dtype: torch.dtype, tensors: Callable[[], Dict[str, Optional[torch.Tensor]]]) -> Iterator[None]:
+def explain_not_finite(dtype: torch.dtype, tensors: Callable[[], Dict[str, Optional[torch.Tensor]]],
+                       check_outputs: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Turns :class:`NotFinite` into an error naming the input (name -> tensor) that holds NaN/Inf,
-    or else saying the inputs are too large for ``dtype``. Checking the result costs nothing on
-    good input; a scan of every input up front can cost more than the work."""
+    or the batch whose model output or loss does (``check_outputs`` raises it), or else saying the
+    inputs are too large for ``dtype``. Checking the result costs nothing on good input; a scan of
+    every input up front can cost more than the work."""
     try:
         yield
     except NotFinite as exc:
         for name, t in tensors().items():
             if isinstance(t, torch.Tensor):
                 check_finite(name, t)
+        if check_outputs is not None:
+            check_outputs()
         raise ValueError(f"{exc}: the inputs are finite but too large for {dtype} (the squared feature norms or "
                          "the logits overflow); rescale them or use float64") from None
 

@@ -16,6 +16,7 @@ from ..core.hvp import check_reached, double_backward_kernels
 from ..core.layers import LayerSpec, acts_on_vectors, has_matrix_view, matrix_view, resolve_linear
 from ..core.losses import LossSpec
 from ..core.modes import measurement
+from .accumulator import NotFinite, explain_not_finite
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult
@@ -110,6 +111,9 @@ def run(problem: Problem, options: Options, reason: str = "autograd: the full He
         vectorize: bool = False, max_hessian_bytes: int = DEFAULT_MAX_HESSIAN_BYTES) -> FlatnessResult:
     start = time.perf_counter()
     hessian, n = _hessian(problem, vectorize, max_hessian_bytes)
+    if not bool(torch.isfinite(hessian).all()):
+        with explain_not_finite(hessian.dtype, problem.tensors, problem.check_outputs_finite):
+            raise NotFinite("the Hessian is not finite")
     weight = problem.matrix.detach()
     scale = None
     if options.normalize_features:

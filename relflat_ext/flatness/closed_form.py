@@ -98,7 +98,7 @@ def run(problem: Problem, options: Options, plan: Optional[_tail.TailPlan], reas
     bias = lin.bias.detach() if lin.bias is not None else None
     acc = Accumulator(w, options.block_trace, options.lmax, problem.distributed)
     from_prefix = plan is not None and not plan.traced
-    with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors):
+    with preserved(problem.model), explain_not_finite(lin.weight.dtype, problem.tensors, problem.check_outputs_finite):
         tokens = False
         for x, y in problem.batches(check_values=not from_prefix):
             tokens = tokens or has_token_targets(loss, y)

@@ -41,6 +41,7 @@ from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.progress import ProgressLine
 from ..core.rng import standard_normal
+from .accumulator import NotFinite, explain_not_finite
 from .normalization import inverse_scale, scale_over_data
 from .problem import Options, Problem
 from .result import FlatnessResult, estimate_text
@@ -299,6 +300,9 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             allq = torch.cat(samples)
             value = float(allq.mean())
             stderr = float(allq.std() / math.sqrt(allq.numel()))
+            if not math.isfinite(value):
+                with explain_not_finite(weight.dtype, problem.tensors, problem.check_outputs_finite):
+                    raise NotFinite(f"the estimate of {quantity} is not finite ({value})")
             converged = stderr <= rel_tol * abs(value)
             if report:
                 report(allq.numel(), max_probes, f"{quantity} {value:.5g} +- {stderr:.2g}")

@@ -219,6 +219,7 @@ def reproduces(tail_output: torch.Tensor, model_output) -> bool:
     """Whether a traced tail gives the model's own output (same ops, so equal up to rounding)."""
     if not isinstance(model_output, torch.Tensor) or model_output.shape != tail_output.shape:
         return False
-    scale = model_output.abs().max().item() if model_output.numel() else 0.0
+    # NaN where the model's output is (a forward that computes NaN): the caller's result says so.
+    scale = model_output.abs().nan_to_num(0.0, 0.0, 0.0).max().item() if model_output.numel() else 0.0
     tol = 1e-4 if model_output.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
-    return bool(torch.allclose(tail_output, model_output, rtol=tol, atol=tol * max(scale, 1e-30)))
+    return bool(torch.allclose(tail_output, model_output, rtol=tol, atol=tol * max(scale, 1e-30), equal_nan=True))

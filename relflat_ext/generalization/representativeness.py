@@ -113,7 +113,12 @@ def _collect(problem: Problem, lin: nn.Linear):
             ys.append(y)
             samples.append(owner)
             seen += n
-    return torch.cat(feats), torch.cat(outs), torch.cat(ys), torch.cat(samples)
+    phi, out = torch.cat(feats), torch.cat(outs)
+    if not (bool(torch.isfinite(phi).all()) and bool(torch.isfinite(out).all())):  # else the kernel's own error
+        problem.check_outputs_finite()
+        raise ValueError(f"the features entering layer {problem.name!r} are NaN or Inf on the data, whose inputs "
+                         "and weights are finite: the forward itself computes them (a log or a division?)")
+    return phi, out, torch.cat(ys), torch.cat(samples)
 
 
 LABELS = ("train", "held_out")

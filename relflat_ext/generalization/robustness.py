@@ -366,7 +366,7 @@ def feature_robustness(model: nn.Module, layer: LayerSpec, inputs, targets: Opti
                                      block_trace=False, seed=seed, distributed=problem.distributed)
         kappa, kappa_stderr = measured.kappa, measured.kappa_stderr
     if not bool(torch.isfinite(sums).all()):
-        with explain_not_finite(dtype, problem.tensors):
+        with explain_not_finite(dtype, problem.tensors, problem.check_outputs_finite):
             raise NotFinite("the perturbed losses are not finite")
     per_draw = (sums / n).reshape(len(deltas), len(signs), n_samples).mean(1)  # pair averages
     results = []

@@ -262,6 +262,7 @@ NAN_FORWARD_CALLS = {
     "closed form": lambda m, x, y: rf.relative_flatness(m, "head", x, y),
     "stochastic": lambda m, x, y: rf.relative_flatness(m, "body", x, y, method="stochastic", seed=0),
     "autograd": lambda m, x, y: rf.relative_flatness_autograd(m, "body", x, y),
+    "shared probes": lambda m, x, y: rf.stochastic_estimate_layers(m, ["body", "head"], x, y, seed=0),
     "feature robustness": lambda m, x, y: rf.feature_robustness(m, "head", x, y, seed=0),
     "representativeness": lambda m, x, y: rf.representativeness(m, "head", x, y, folds=2, seed=0),
 }

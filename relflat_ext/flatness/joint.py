@@ -34,6 +34,7 @@ from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_lay
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
+from .accumulator import NotFinite, explain_not_finite
 from .problem import Problem
 from .stochastic import (QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate, as_weights, probe_factor,
                          stores_transposed)
@@ -131,6 +132,10 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             if allq.shape[0] < 2:
                 continue
             values = exact + allq.mean(0)
+            if not bool(torch.isfinite(values).all()):
+                bad = [name for name, v in zip(names, values) if not math.isfinite(float(v))]
+                with explain_not_finite(space.dtype, problem.tensors, problem.check_outputs_finite):
+                    raise NotFinite(f"the estimates of {', '.join(map(repr, bad))} are not finite")
             errors = allq.std(0) / math.sqrt(allq.shape[0])
             converged = [bool(e <= rel_tol * abs(v)) for e, v in zip(errors, values)]
             if all(converged):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..core import dist
+from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
@@ -87,6 +88,8 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
     if len({id(w) for w in weights}) < len(weights):
         raise ValueError("two of the layers share one weight: name each weight once")
     views = [matrix_view(module, name) for name, module in resolved]
+    for name, w in zip(names, weights):  # before the probe factors' eigendecompositions
+        check_finite(f"the weight of {name!r}", w.detach())
     space = _ProbeSpace([view.to_matrix(w.detach()) for view, w in zip(views, weights)], views, quantity)
     if sketch == "auto":
         fits = SKETCH_MEMORY_BYTES // (2 * space.dim * space.dtype.itemsize)

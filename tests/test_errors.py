@@ -282,3 +282,16 @@ def test_a_forward_that_computes_nan_is_named_on_every_path(call):
     model.head.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="(head.weight|weight of 'head') contains NaN"):
         NAN_FORWARD_CALLS[call](model, x, y)
+    model = _LogOfNegative().double()
+    model.body.weight.data[0, 0] = float("nan")  # m = 5 < d = 6 here; a wide one below
+    with pytest.raises(ValueError, match="(body.weight|weight of 'body') contains NaN"):
+        NAN_FORWARD_CALLS[call](model, x, y)
+
+
+def test_the_estimator_names_a_nan_weight_before_factoring_it():
+    """Before: LinAlgError from the eigendecomposition of W W^T (m > d)."""
+    model = nn.Sequential(nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model[0].weight.data[0, 0] = float("nan")
+    x, y = data(10, 8, 2, "cross_entropy")
+    with pytest.raises(ValueError, match="weight of '0' contains NaN"):
+        rf.relative_flatness(model, "0", x, y, method="stochastic")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..core import dist
+from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels, hessian_quadratic_forms
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
@@ -262,6 +263,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
     view = matrix_view(module, name, weight_view)
     weight = module.weight
     w_mat = view.to_matrix(weight.detach())
+    check_finite(f"the weight of {name!r}", w_mat)  # before the probe factor's eigendecomposition
     if feature_scale is not None and tuple(feature_scale.shape) != (w_mat.shape[1],):
         raise ValueError(f"feature_scale must be ({w_mat.shape[1]},), got {tuple(feature_scale.shape)}")
     if problem.distributed:

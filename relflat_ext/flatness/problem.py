@@ -13,8 +13,8 @@ from torch import fx, nn
 
 from ..core import dist
 from ..core.data import (IGNORE_INDEX, NOTHING_COUNTED, Batch, Inputs, as_the_model_takes, batch_length, call_model,
-                         check_data, check_finite, data_device, is_dict_batch, iterate_batches, label_convention, model_arguments,
-                         model_loss, to_device, unpack_pair)
+                         check_data, check_finite, data_device, is_dict_batch, iterate_batches, label_convention,
+                         model_arguments, model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,

@@ -265,6 +265,8 @@ NAN_FORWARD_CALLS = {
     "shared probes": lambda m, x, y: rf.stochastic_estimate_layers(m, ["body", "head"], x, y, seed=0),
     "feature robustness": lambda m, x, y: rf.feature_robustness(m, "head", x, y, seed=0),
     "representativeness": lambda m, x, y: rf.representativeness(m, "head", x, y, folds=2, seed=0),
+    "Fisher-Rao norm": lambda m, x, y: rf.measures.fisher_rao_norm(m, x, y),
+    "PAC-Bayes flatness": lambda m, x, y: rf.measures.pacbayes_flatness(m, x, y, draws=2, iterations=2),
 }
 
 
@@ -272,7 +274,8 @@ NAN_FORWARD_CALLS = {
 def test_a_forward_that_computes_nan_is_named_on_every_path(call):
     """Before: NaN from the estimator and the baseline, "the inputs are too large for float32" from
     the exact paths, a raw "atol must be >= 0" from feature robustness, the kernel's "key_scale must
-    be finite" from representativeness."""
+    be finite" from representativeness, NaN from the Fisher-Rao norm, and a PAC-Bayes sigma from the
+    argmax of NaN outputs."""
     model = _LogOfNegative().double()
     x, y = data(20, 5, 4, "cross_entropy")
     before = snapshot(model)

@@ -302,6 +302,15 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_forward_finite(what: str, value: torch.Tensor, batch: int) -> None:
+    """For a model output (or loss) computed from finite inputs and weights: NaN or Inf there is
+    the forward's own doing, and no measure of the loss is defined."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"the model's {what} is NaN or Inf on batch {batch} of the data, whose inputs and weights "
+                         "are finite: the forward itself computes it (a log or a division?), so no derivative of "
+                         "the loss is defined there")
+
+
 def check_data(inputs, targets, batch_size: Optional[int]) -> None:
     """The checks that need no pass over the data: types, sample counts, batch size."""
     for what, value in (("inputs", inputs), ("targets", targets)):

@@ -13,8 +13,8 @@ from torch import fx, nn
 
 from ..core import dist
 from ..core.data import (IGNORE_INDEX, NOTHING_COUNTED, Batch, Inputs, as_the_model_takes, batch_length, call_model,
-                         check_data, check_finite, data_device, is_dict_batch, iterate_batches, label_convention,
-                         model_arguments, model_loss, to_device, unpack_pair)
+                         check_data, check_finite, check_forward_finite, data_device, is_dict_batch, iterate_batches,
+                         label_convention, model_arguments, model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
@@ -308,11 +308,8 @@ class Problem:
         with torch.no_grad(), preserved(self.model):
             for k, (x, y) in enumerate(self.batches(check_values=False)):
                 out = self.forward(x)
-                for what, value in (("output", out), ("loss", self.loss.for_derivatives(out, y))):
-                    if not bool(torch.isfinite(value).all()):
-                        raise ValueError(f"the model's {what} is NaN or Inf on batch {k} of the data, whose inputs "
-                                         "and weights are finite: the forward itself computes it (a log or a "
-                                         "division?), so no derivative of the loss is defined there")
+                check_forward_finite("output", out, k)
+                check_forward_finite("loss", self.loss.for_derivatives(out, y), k)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The data (when given as tensors) and the model's parameters, by name: where to look

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.data import IGNORE_INDEX, batch_length, call_model, first_labels, model_batches, model_loss, problem_type
+from ..core.data import (IGNORE_INDEX, batch_length, call_model, check_finite, check_forward_finite, first_labels,
+                         model_batches, model_loss, problem_type)
 from ..core.hooks import preserved
 from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, acts_on_vectors, resolve_weight_layer,
                            weight_matrix)
@@ -69,10 +70,13 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: Optional[Lo
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     record = get_loss(model_loss(model, inputs, targets)[0] if loss is None else loss)
     total, n = 0.0, 0
+    for name, p in model.named_parameters():
+        check_finite(name, p)
     with preserved(model):
-        for x, y in model_batches(model, inputs, targets, batch_size):
+        for k, (x, y) in enumerate(model_batches(model, inputs, targets, batch_size)):
             with torch.no_grad():
                 out = call_model(model, x)
+            check_forward_finite("output", out, k)
             record.check(out, y)
             f = out.detach().requires_grad_(True)
             n_b = batch_length(x)
@@ -101,12 +105,17 @@ class PacBayes:
     n: int
 
 
-def _accuracy(model, inputs, targets, batch_size) -> (float, int):
-    """Top-1 accuracy over the counted predictions (samples, or tokens not labelled -100) and their count."""
+def _accuracy(model, inputs, targets, batch_size, finite: bool = False) -> (float, int):
+    """Top-1 accuracy over the counted predictions (samples, or tokens not labelled -100) and their
+    count. ``finite``: the outputs must be finite (the model's own weights; noisy ones may overflow,
+    and a non-finite output then counts as the wrong prediction it gives)."""
     correct, n = 0, 0
     with torch.no_grad():
-        for x, y in model_batches(model, inputs, targets, batch_size):
-            pred = call_model(model, x).argmax(-1)
+        for k, (x, y) in enumerate(model_batches(model, inputs, targets, batch_size)):
+            out = call_model(model, x)
+            if finite:
+                check_forward_finite("output", out, k)
+            pred = out.argmax(-1)
             labels = y.argmax(-1) if y.is_floating_point() else y
             if labels.shape != pred.shape:
                 raise ValueError(f"targets of shape {tuple(y.shape)} do not match predictions of shape "
@@ -139,9 +148,11 @@ def pacbayes_flatness(model: nn.Module, inputs, targets=None, *, target_drop: fl
     params = [p for p in model.parameters()]
     if not params:
         raise ValueError("the model has no parameters")
+    for name, p in model.named_parameters():
+        check_finite(name, p)
     w_sq = float(sum(p.detach().double().pow(2).sum() for p in params))
     with preserved(model):
-        base, n = _accuracy(model, inputs, targets, batch_size)
+        base, n = _accuracy(model, inputs, targets, batch_size, finite=True)
         originals = [p.detach().clone() for p in params]
         unit = []
         for k in range(draws):  # unit-variance directions, reused at every sigma

@@ -380,3 +380,17 @@ def test_a_weight_used_outside_its_module_counts_every_use(branch):
     plain = _Reused(branch).double()
     plain.forward = lambda x: plain.head(torch.tanh(plain.fc(x)))
     assert rf.relative_flatness(plain, "fc", x, y).method in ("exact", "closed_form")
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
+    """stderr that is not a terminal (a log file, a batch job): "\\r" rewrites piled every update onto
+    one line; now the first state and the last, each on its own line (and one every 30 s between)."""
+    from relflat_ext.core.progress import ProgressLine
+    report = ProgressLine("a test", "probes")
+    for done in range(1, 11):
+        report(done, 10)
+    report.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and "1/10 probes (a test" in lines[0] and "10/10 probes (a test" in lines[1]

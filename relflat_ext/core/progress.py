@@ -1,4 +1,5 @@
-"""Progress of long work on stderr: one line, rewritten in place, at most a few times a second."""
+"""Progress of long work on stderr: on a terminal one line, rewritten in place at most a few times
+a second; elsewhere (a log file, a batch job, a notebook's captured stream) a line every 30 s."""
 from __future__ import annotations
 
 import sys
@@ -10,15 +11,18 @@ class ProgressLine:
     """``report(done, total, note)``: a bar when the total is known, else a count, with the elapsed
     time and a note (an estimate so far); ``add(count, note)`` counts on where the total is not
     known; ``close()`` draws the last state and ends the line. ``unit`` names what is counted."""
-    INTERVAL = 0.5  # seconds between redraws
+    INTERVAL = 0.5  # seconds between redraws on a terminal
+    LOG_INTERVAL = 30.0  # between lines elsewhere, where "\r" does not rewrite but piles up on one line
 
     def __init__(self, label: str, unit: str = "Hessian-vector products"):
         self.label, self.unit, self.start, self.shown = label, unit, time.perf_counter(), 0.0
         self.state = (0, None, "")  # done, total, note
+        self.terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
 
     def __call__(self, done: int, total: Optional[int] = None, note: str = "", force: bool = False) -> None:
         self.state = (done, total, note)
-        if force or done == total or time.perf_counter() - self.shown >= self.INTERVAL:
+        interval = self.INTERVAL if self.terminal else self.LOG_INTERVAL
+        if force or (done == total and self.terminal) or time.perf_counter() - self.shown >= interval:
             self._draw()
 
     def add(self, count: int, note: str = "") -> None:
@@ -28,7 +32,8 @@ class ProgressLine:
     def close(self) -> None:
         if self.shown:
             self._draw()
-            print(file=sys.stderr, flush=True)
+            if self.terminal:
+                print(file=sys.stderr, flush=True)
 
     def _draw(self) -> None:
         done, total, note = self.state
@@ -39,5 +44,8 @@ class ProgressLine:
         else:
             count = str(done)
         note = f"; {note}" if note else ""
-        print(f"\r{count} {self.unit} ({self.label}, {now - self.start:.1f} s{note})  ", end="", file=sys.stderr,
-              flush=True)
+        line = f"{count} {self.unit} ({self.label}, {now - self.start:.1f} s{note})"
+        if self.terminal:
+            print(f"\r{line}  ", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -73,8 +73,8 @@ class _Jacobian:
     def elementwise(self, slope: torch.Tensor) -> None:  # slope (n, r)
         if self.diag is not None:
             self.diag = self.diag * slope
-        else:
-            self.dense = self.dense * slope.T[:, :, None]
+        else:  # in place: the stack is this object's own (made by linear), and the largest tensor here
+            self.dense.mul_(slope.T[:, :, None])
 
 
 class _Sum:

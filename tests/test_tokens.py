@@ -82,3 +82,20 @@ def test_features_labelled_minus_100_do_not_count_in_the_features_given_call():
     assert got.kappa != pytest.approx(rf.relative_flatness_from_features(f, w, y.clamp(min=0)).kappa, rel=1e-3)
     with pytest.raises(ValueError, match="every target is -100"):
         rf.relative_flatness_from_features(f, w, torch.full_like(y, -100))
+
+
+def test_theorem_4_scales_leave_out_the_samples_labelled_minus_100():
+    """Before: the features' standard deviations were taken over every sample, the ignored ones too
+    (39.36 against 36.18 here), while kappa sums over the counted ones."""
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(12, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2, 3.0], dtype=torch.float64)
+    y = torch.tensor([0, 1, -100, 2, -100, 1, 0, 2, -100, 1, 1, 0])
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    kept = y != -100
+    for layer in ("0", "2"):
+        got = rf.relative_flatness(mlp, layer, f, y, normalize_features=True).kappa
+        want = rf.relative_flatness(mlp, layer, f[kept], y[kept], normalize_features=True).kappa
+        assert got == pytest.approx(want, rel=1e-12), layer
+        assert got == pytest.approx(rf.relative_flatness_autograd(mlp, layer, f[kept], y[kept],
+                                                                  normalize_features=True).kappa, rel=1e-10)

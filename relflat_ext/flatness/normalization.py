@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core import dist
+from ..core.data import IGNORE_INDEX
 from ..core.hooks import NotVectorFeatures, preserved, tapped
 from ..core.layers import LayerSpec, resolve_linear
 from ..core.modes import measurement
@@ -61,8 +62,8 @@ def scale_over_data(problem: Problem) -> torch.Tensor:
             except NotVectorFeatures as exc:
                 raise ValueError(f"normalize_features (Theorem 4) needs per-sample feature vectors (n, m): {exc}"
                                  .split("; the exact path")[0]) from None
-            if phi.shape[0] != y.shape[0] and phi.shape[0] == y.numel():  # tokens: the counted ones, as the
-                phi = phi[y.reshape(-1) != -100]                            # paths sum over
+            if problem.loss.name == "cross_entropy" and not y.is_floating_point() and phi.shape[0] == y.numel():
+                phi = phi[y.reshape(-1) != IGNORE_INDEX]  # the counted samples or tokens, as the paths sum over
             # other row counts: a layer that sees some of the samples (a routed expert), over those
             total = phi.sum(0) if total is None else total + phi.sum(0)
             sq_total = phi.pow(2).sum(0) if sq_total is None else sq_total + phi.pow(2).sum(0)

@@ -99,3 +99,19 @@ def test_theorem_4_scales_leave_out_the_samples_labelled_minus_100():
         assert got == pytest.approx(want, rel=1e-12), layer
         assert got == pytest.approx(rf.relative_flatness_autograd(mlp, layer, f[kept], y[kept],
                                                                   normalize_features=True).kappa, rel=1e-10)
+
+
+def test_representativeness_leaves_out_samples_labelled_minus_100():
+    """Before: kernel points with a loss of 0 (0.72 against 0.18 here); tokens were already left out."""
+    g = torch.Generator().manual_seed(3)
+    x, xt = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(10, 4, generator=g, dtype=torch.float64)
+    y, yt = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (10,), generator=g)
+    y[::4] = -100
+    yt_ignored = yt.clone()
+    yt_ignored[::3] = -100
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    kept, kept_t = y != -100, yt_ignored != -100
+    got = rf.representativeness(model, "2", x, y, held_out=(xt, yt_ignored)).value
+    want = rf.representativeness(model, "2", x[kept], y[kept], held_out=(xt[kept_t], yt[kept_t])).value
+    assert got == pytest.approx(want, rel=1e-12)

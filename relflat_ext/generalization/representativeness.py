@@ -108,6 +108,7 @@ def _collect(problem: Problem, lin: nn.Linear):
                                      f"{out.shape[0]} samples (the model routes samples through it, or puts "
                                      "several rows per sample into it): "
                                      "representativeness needs one feature vector per sample")
+                y, phi, out, owner = counted_rows(problem.loss, y, phi, out, owner)  # no samples labelled -100
             feats.append(phi)
             outs.append(out.detach())
             ys.append(y)

@@ -85,6 +85,25 @@ def test_a_wide_relu_layer_under_a_narrow_head_is_carried_from_the_output():
     assert not chain_rule.reverse_is_cheaper([nn.ReLU()], 8, 8)  # no Linear: the diagonal is cheapest
 
 
+def test_a_trained_relu_network_keeps_float32_digits_from_the_output_end():
+    """Where users are: a ReLU MLP trained to a confident minimum, measured in float32 through the
+    path that carries d out / dz from the output, against float64 and the full Hessian."""
+    x, y = data(64, 8, 4, "cross_entropy", seed=8)
+    torch.manual_seed(8)
+    model = train_to_minimum(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                                           nn.Linear(16, 4)).double(), x, y, steps=600, lr=0.02, below=1e-4)
+    assert chain_rule.reverse_is_cheaper(list(model)[1:], 32, 4)
+    wide = rf.relative_flatness(model, "0", x, y, lmax=True, block_trace=True)
+    base = rf.relative_flatness_autograd(model, "0", x, y, lmax=True)
+    assert wide.kappa == pytest.approx(base.kappa, rel=1e-10)
+    narrow = rf.relative_flatness(copy.deepcopy(model).float(), "0", x.float(), y, lmax=True, block_trace=True)
+    assert "chain rule" in narrow.reason
+    for key in ("kappa", "kappa_lmax"):
+        assert getattr(narrow, key) == pytest.approx(getattr(wide, key), rel=1e-5), key
+    scale = wide.block_trace.abs().max()
+    assert float((narrow.block_trace.double() - wide.block_trace).abs().max()) <= 1e-5 * float(scale)
+
+
 def test_probability_targets_and_callable_losses():
     model = _deep(nn.GELU(), seed=2)
     x, y = data(20, 5, 4, "cross_entropy", seed=5)

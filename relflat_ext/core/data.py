@@ -302,6 +302,12 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_parameters_finite(model: nn.Module) -> None:
+    """Raises a ValueError naming the first parameter that holds NaN or Inf."""
+    for name, p in model.named_parameters():
+        check_finite(name, p)
+
+
 def check_forward_finite(what: str, value: torch.Tensor, batch: int) -> None:
     """For a model output (or loss) computed from finite inputs and weights: NaN or Inf there is
     the forward's own doing, and no measure of the loss is defined."""

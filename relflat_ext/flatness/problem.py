@@ -13,8 +13,8 @@ from torch import fx, nn
 
 from ..core import dist
 from ..core.data import (IGNORE_INDEX, NOTHING_COUNTED, Batch, Inputs, as_the_model_takes, batch_length, call_model,
-                         check_data, check_finite, check_forward_finite, data_device, is_dict_batch, iterate_batches,
-                         label_convention, model_arguments, model_loss, to_device, unpack_pair)
+                         check_data, check_forward_finite, check_parameters_finite, data_device, is_dict_batch,
+                         iterate_batches, label_convention, model_arguments, model_loss, to_device, unpack_pair)
 from ..core.hooks import preserved
 from ..core.layers import (LayerSpec, ParameterLayer, WeightView,
                            acts_on_vectors, fold_derived_weights, has_derived_weights, has_matrix_view, matrix_view,
@@ -303,8 +303,7 @@ class Problem:
         """Raises a ValueError naming the parameter that holds NaN or Inf, or else the first batch
         whose model output or loss does (a log or a division in the forward can make them from
         finite inputs and weights)."""
-        for name, t in self.model.named_parameters():
-            check_finite(name, t)
+        check_parameters_finite(self.model)
         with torch.no_grad(), preserved(self.model):
             for k, (x, y) in enumerate(self.batches(check_values=False)):
                 out = self.forward(x)

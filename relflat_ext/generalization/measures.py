@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.data import (IGNORE_INDEX, batch_length, call_model, check_finite, check_forward_finite, first_labels,
-                         model_batches, model_loss, problem_type)
+from ..core.data import (IGNORE_INDEX, batch_length, call_model, check_forward_finite, check_parameters_finite,
+                         first_labels, model_batches, model_loss, problem_type)
 from ..core.hooks import preserved
 from ..core.layers import (CONV_TYPES, TRANSPOSED_CONV_TYPES, LayerSpec, acts_on_vectors, resolve_weight_layer,
                            weight_matrix)
@@ -70,8 +70,7 @@ def fisher_rao_norm(model: nn.Module, inputs, targets=None, *, loss: Optional[Lo
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     record = get_loss(model_loss(model, inputs, targets)[0] if loss is None else loss)
     total, n = 0.0, 0
-    for name, p in model.named_parameters():
-        check_finite(name, p)
+    check_parameters_finite(model)
     with preserved(model):
         for k, (x, y) in enumerate(model_batches(model, inputs, targets, batch_size)):
             with torch.no_grad():
@@ -148,8 +147,7 @@ def pacbayes_flatness(model: nn.Module, inputs, targets=None, *, target_drop: fl
     params = [p for p in model.parameters()]
     if not params:
         raise ValueError("the model has no parameters")
-    for name, p in model.named_parameters():
-        check_finite(name, p)
+    check_parameters_finite(model)
     w_sq = float(sum(p.detach().double().pow(2).sum() for p in params))
     with preserved(model):
         base, n = _accuracy(model, inputs, targets, batch_size, finite=True)

@@ -256,14 +256,21 @@ def test_traced_models_and_data_parallel():
 
 def _ddp_worker(rank, world, init_file, out_file):
     with gloo_group(rank, world, init_file):
-        model = nn.parallel.DistributedDataParallel(mlp([6, 8, 7, 4], "tanh", seed=8))
-        x, y = data(40, 6, 4, "cross_entropy", seed=8)
-        shard = slice(rank * 20, (rank + 1) * 20)
-        reg = rf.FlatnessRegularizer(model, "2")
-        out = model(x[shard])
-        (F.cross_entropy(out, y[shard]) + 0.5 * reg.penalty(y[shard])).backward()
-        if rank == 0:
-            torch.save([p.grad for p in model.module.parameters()], out_file)
+        _ddp_step(rank, out_file)  # returns with the DDP wrapper freed, before the group goes
+
+
+def _ddp_step(rank, out_file):
+    """One step of a DDP-wrapped MLP with the penalty. Its own function so that the wrapper (its
+    reducer's threads) is gone before the process group is destroyed: alive at teardown, it made a
+    rank abort ("terminate called without an active exception") about one run in twelve."""
+    model = nn.parallel.DistributedDataParallel(mlp([6, 8, 7, 4], "tanh", seed=8))
+    x, y = data(40, 6, 4, "cross_entropy", seed=8)
+    shard = slice(rank * 20, (rank + 1) * 20)
+    reg = rf.FlatnessRegularizer(model, "2")
+    out = model(x[shard])
+    (F.cross_entropy(out, y[shard]) + 0.5 * reg.penalty(y[shard])).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.module.parameters()], out_file)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from ..core import dist
 from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
+from ..core.linear_forms import LinearForms
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from ..core.modes import measurement
@@ -42,6 +43,9 @@ from .stochastic import (QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate,
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
+# The CPU's quadratic forms contract F.linear weights in the second backward (core.linear_forms);
+# off, they come from the full products H V (the tests compare both).
+CONTRACT_LINEAR = True
 # Directions per vmap'd backward pass (is_grads_batched) on GPUs; the CPU loops (bench/RESULTS.md).
 BATCHED_DIRECTIONS = 8
 
@@ -247,11 +251,12 @@ class _Operator:
     def __init__(self, problem: Problem, weights: List[torch.Tensor], space: _ProbeSpace):
         self.problem, self.weights, self.space, self.n = problem, weights, space, 0
         self.reached = [False] * len(weights)  # whether some batch's loss reached each weight
+        self.mixed: Set[int] = set()  # layers whose weight the forward also uses besides F.linear
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         dirs = self.space.to_weights(p)
         total = [torch.zeros_like(d) for d in dirs]
-        for count, hvs in self._batches(dirs):
+        for count, hvs in self._batches(dirs, _hvps_reached):
             for acc, rows in zip(total, hvs):
                 for j, hv in enumerate(rows or ()):
                     acc[j].add_(hv, alpha=count)
@@ -265,7 +270,11 @@ class _Operator:
         vectors."""
         k = dirs[0].shape[0]
         total = torch.zeros(k, len(dirs), dtype=torch.float64, device=dirs[0].device)
-        for count, hvs in self._batches(dirs):
+        if CONTRACT_LINEAR and not dirs[0].is_cuda:  # the CPU's per-direction loop
+            for count, forms in self._batches(dirs, self._contracted_forms):
+                total.add_(forms, alpha=count)
+            return total / self._total_count([total])
+        for count, hvs in self._batches(dirs, _hvps_reached):
             for l, (v, rows) in enumerate(zip(dirs, hvs)):
                 for j, hv in enumerate(rows or ()):
                     # in place (the product is ours), a cascade sum in the weight's dtype (with
@@ -273,16 +282,20 @@ class _Operator:
                     total[j, l] += hv.mul_(v[j]).sum().double() * count
         return total / self._total_count([total])
 
-    def _batches(self, dirs: List[torch.Tensor]):
-        """(terms, per-layer H_b V) for each batch with terms; counts them in self.n."""
+    def _contracted_forms(self, problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]):
+        return _batch_forms(problem, weights, x, y, dirs, self.mixed)
+
+    def _batches(self, dirs: List[torch.Tensor], per_batch):
+        """(terms, result) for each batch with terms, ``per_batch(problem, weights, x, y, dirs)``
+        returning (result, whether the batch's loss reached each layer); counts the terms in self.n."""
         self.n = 0
         for x, y in self.problem.batches():
             count = self.problem.count(y)
             if count:
                 self.n += count
-                hvs = _batch_hvps(self.problem, self.weights, x, y, dirs)
-                self.reached = [r or rows is not None for r, rows in zip(self.reached, hvs)]
-                yield count, hvs
+                result, reached = per_batch(self.problem, self.weights, x, y, dirs)
+                self.reached = [r or now for r, now in zip(self.reached, reached)]
+                yield count, result
 
     def _total_count(self, sums: List[torch.Tensor]) -> int:
         """The number of terms over all ranks, all-reducing ``sums`` in place on the way."""
@@ -291,6 +304,11 @@ class _Operator:
             dist.all_reduce_sum([*sums, count_t])
             self.n = int(count_t.item())
         return self.n
+
+
+def _hvps_reached(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]):
+    hvs = _batch_hvps(problem, weights, x, y, dirs)
+    return hvs, [rows is not None for rows in hvs]
 
 
 def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
@@ -341,3 +359,42 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
     for r, l in enumerate(live):
         result[l] = rows[r]
     return result
+
+
+def _batch_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
+                 mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
+    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions, one second backward each,
+    the layers the model uses only through ``F.linear`` contracted in it (core.linear_forms), and
+    whether the batch's loss reached each layer. ``mixed`` collects the layers whose weight the
+    forward also uses otherwise (measured from the full product; the forward is run again once)."""
+    loss = problem.loss
+    k = dirs[0].shape[0]
+    result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs[0].device)
+    with torch.enable_grad(), double_backward_kernels(problem.model):
+        while True:
+            forms = LinearForms(weights, mixed)
+            with forms.intercepting():
+                out = problem.forward(x)
+            loss.check(out, y)
+            value = loss.for_derivatives(out, y)
+            found = forms.settle(value) if forms.used and value.requires_grad else []
+            if not found:
+                break
+            mixed.update(found)
+        grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True) if value.requires_grad \
+            else [None] * len(weights)
+        reached = [g is not None for g in grads]
+        live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]  # else H V = 0
+        if not live:
+            return result, reached
+        contracted = [l for l in live if l in set(forms.contracted)]
+        plain = [l for l in live if l not in set(contracted)]
+        inputs = [forms.taus[l] for l in contracted] + [weights[l] for l in plain]
+        for j in range(k):
+            forms.direct([d[j] for d in dirs])
+            parts = torch.autograd.grad([grads[l] for l in live], inputs, grad_outputs=[dirs[l][j] for l in live],
+                                        retain_graph=True, allow_unused=True)
+            for l, part in zip(contracted + plain, parts):
+                if part is not None:  # a weight's product in place, summed in its dtype (see quadratic_forms)
+                    result[j, l] = part.double() if l in contracted else part.mul_(dirs[l][j]).sum().double()
+    return result, reached

@@ -1,0 +1,152 @@
+"""The shared probes' quadratic forms with F.linear weights contracted in the second backward
+(core.linear_forms) equal the ones from the full Hessian-vector products, probe by probe, on the
+models where the contraction applies, partly applies, or must not."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relflat_ext as rf
+from relflat_ext.core import linear_forms
+from relflat_ext.flatness import joint
+from models import data, mlp
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, width=8, vocab=11, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0,
+                                                                        batch_first=True), 2,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+class TiedLM(nn.Module):
+    """Token logits from an embedding whose table is also the output head (F.linear on it)."""
+
+    def __init__(self, vocab=9, width=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, tokens):
+        return F.linear(torch.tanh(self.mix(self.embed(tokens))), self.embed.weight)
+
+
+class Recurrent(nn.Module):
+    """One Linear applied three times (its weight has three F.linear uses), and a weight used both
+    through F.linear and as ``x @ W.t()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.cell = nn.Linear(5, 5)
+        self.odd = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for _ in range(3):
+            h = torch.tanh(self.cell(h))
+        h = torch.sigmoid(self.odd(h)) + h @ self.odd.weight.t()
+        return self.out(h)
+
+
+def _cases():
+    torch.manual_seed(0)
+    x, y = data(24, 5, 3, "cross_entropy", seed=1)
+    yield "tanh MLP", mlp([5, 7, 6, 3], "tanh", seed=1), ["0", "2", "4"], x, y, "cross_entropy", None
+    yield "GELU MLP, no biases, MSE", mlp([5, 6, 3], "gelu", seed=2, bias=False), ["0", "2"], x, \
+        data(24, 5, 3, "mse", seed=1)[1], "mse", None
+    yield "tanh MLP, batches of 10", mlp([5, 7, 3], "tanh", seed=3), ["0", "2"], x, y, "cross_entropy", 10
+    torch.manual_seed(1)
+    tokens, labels = torch.randint(0, 11, (4, 6)), torch.randint(0, 3, (4,))
+    model = TokenClassifier().double().eval()
+    names = ["embed", "encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.self_attn.out_proj",
+             "encoder.layers.1.linear1", "encoder.layers.1.linear2", "head"]
+    yield "transformer (MultiheadAttention's projections)", model, names, tokens, labels, "cross_entropy", None
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 9, (3, 5))
+    targets = torch.randint(0, 9, (3, 5))
+    targets[0, :2] = -100
+    yield "tied embedding", TiedLM().double(), ["embed", "mix"], tokens, targets, "cross_entropy", None
+    torch.manual_seed(3)
+    yield "recurrent and mixed uses", Recurrent().double(), ["inp", "cell", "odd", "out"], x[:, :4], y, \
+        "cross_entropy", None
+    torch.manual_seed(4)
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Tanh(),
+                        nn.Linear(5, 3)).double()
+    yield "convolution and Linear", cnn, ["0", "3", "5"], torch.randn(10, 1, 6, 6, dtype=torch.float64), y[:10], \
+        "cross_entropy", None
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("sketch", [0, 4])
+def test_contracted_forms_equal_the_full_products(case, sketch, monkeypatch):
+    _, model, names, x, y, loss, batch_size = case
+    kwargs = dict(loss=loss, batch_size=batch_size, sketch=sketch, max_probes=2 * sketch + 3, probes_per_round=3,
+                  rel_tol=1e-12, seed=5)
+    calls = []
+    original = linear_forms._Linear.apply
+    monkeypatch.setattr(linear_forms._Linear, "apply", lambda *a: calls.append(a[5]) or original(*a))
+    contracted = rf.stochastic_estimate_layers(model, names, x, y, **kwargs)
+    assert calls, "no F.linear weight was contracted"
+    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    full = rf.stochastic_estimate_layers(model, names, x, y, **kwargs)
+    for name in names:
+        a, b = contracted[name].samples, full[name].samples
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
+
+
+def test_a_weight_also_used_otherwise_is_measured_from_the_full_product():
+    """The tied table and ``odd`` (also used as ``x @ W.t()``) are found in the graph after the first
+    forward and never contracted; the others are."""
+    seen = []
+    original = joint._batch_forms
+
+    def spy(problem, weights, x, y, dirs, mixed):
+        out = original(problem, weights, x, y, dirs, mixed)
+        seen.append(set(mixed))
+        return out
+
+    for case, expected in ((CASES[4], {0}), (CASES[5], {2})):
+        _, model, names, x, y, loss, _ = case
+        seen.clear()
+        joint._batch_forms = spy
+        try:
+            rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=4, seed=0)
+        finally:
+            joint._batch_forms = original
+        assert seen and all(s == expected for s in seen), (case[0], seen)
+
+
+def test_the_forward_leaves_f_linear_as_it_was():
+    model = mlp([4, 3, 2], "tanh", seed=1)
+    x, y = data(10, 4, 2, "cross_entropy", seed=1)
+    before = F.linear
+    rf.stochastic_estimate_layers(model, ["0", "2"], x, y, sketch=0, max_probes=4, seed=0)
+    assert F.linear is before and torch.nn.functional.linear is torch._C._nn.linear
+
+
+def test_float32_forms_on_a_trained_network_agree_with_the_full_products(monkeypatch):
+    """At a confident minimum, in float32: the contracted forms and the full products' agree to
+    float32 rounding (the two sum different products)."""
+    from models import train_to_minimum
+    model = mlp([6, 16, 16, 4], "tanh", seed=7)
+    x, y = data(64, 6, 4, "cross_entropy", seed=7)
+    train_to_minimum(model, x, y, steps=400, lr=0.05, below=1e-2)
+    model, x = model.float(), x.float()
+    kwargs = dict(sketch=0, max_probes=6, probes_per_round=6, rel_tol=1e-12, seed=3)
+    contracted = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
+    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    full = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
+    for name in ("0", "2", "4"):
+        a, b = contracted[name].samples.double(), full[name].samples.double()
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name

@@ -1,4 +1,4 @@
-"""The shared probes' quadratic forms with F.linear weights contracted in the second backward
+"""The shared probes' quadratic forms with F.linear and convolution weights contracted in the second backward
 (core.linear_forms) equal the ones from the full Hessian-vector products, probe by probe, on the
 models where the contraction applies, partly applies, or must not."""
 import pytest
@@ -56,6 +56,26 @@ class Recurrent(nn.Module):
         return self.out(h)
 
 
+class Convolutions(nn.Module):
+    """Conv1d with stride and groups, with dilation and circular padding, "same" padding (not
+    contracted: found as a plain use), a Conv3d on a reshaped signal, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, stride=2, groups=2)
+        self.c2 = nn.Conv1d(4, 4, 3, dilation=2, padding=2, padding_mode="circular")
+        self.c3 = nn.Conv1d(4, 3, 1, bias=False)
+        self.same = nn.Conv1d(3, 2, 3, padding="same")
+        self.c3d = nn.Conv3d(1, 2, (1, 2, 2), padding=(0, 1, 0))
+        self.out = nn.Linear(2 * 1 * 3 * 1, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        h = torch.tanh(self.same(torch.tanh(self.c3(h))))  # (n, 2, 4)
+        h = torch.tanh(self.c3d(h.reshape(-1, 1, 1, 2, 4)))  # (n, 2, 1, 3, 3)
+        return self.out(h[..., 0].flatten(1))
+
+
 def _cases():
     torch.manual_seed(0)
     x, y = data(24, 5, 3, "cross_entropy", seed=1)
@@ -82,6 +102,9 @@ def _cases():
                         nn.Linear(5, 3)).double()
     yield "convolution and Linear", cnn, ["0", "3", "5"], torch.randn(10, 1, 6, 6, dtype=torch.float64), y[:10], \
         "cross_entropy", None
+    torch.manual_seed(5)
+    yield "convolutions: strides, groups, dilation, circular padding, 'same', 1-d and 3-d", Convolutions().double(), \
+        ["c1", "c2", "c3", "same", "c3d", "out"], torch.randn(6, 2, 9, dtype=torch.float64), y[:6], "cross_entropy", None
 
 
 CASES = list(_cases())
@@ -94,8 +117,8 @@ def test_contracted_forms_equal_the_full_products(case, sketch, monkeypatch):
     kwargs = dict(loss=loss, batch_size=batch_size, sketch=sketch, max_probes=2 * sketch + 3, probes_per_round=3,
                   rel_tol=1e-12, seed=5)
     calls = []
-    original = linear_forms._Linear.apply
-    monkeypatch.setattr(linear_forms._Linear, "apply", lambda *a: calls.append(a[5]) or original(*a))
+    original = linear_forms._Contracted.apply
+    monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.append(a[5]) or original(*a))
     contracted = rf.stochastic_estimate_layers(model, names, x, y, **kwargs)
     assert calls, "no F.linear weight was contracted"
     monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
@@ -127,12 +150,41 @@ def test_a_weight_also_used_otherwise_is_measured_from_the_full_product():
         assert seen and all(s == expected for s in seen), (case[0], seen)
 
 
-def test_the_forward_leaves_f_linear_as_it_was():
+@pytest.mark.parametrize("case, contracted", [(CASES[3], {1, 2, 3, 4, 5}), (CASES[7], {0, 1, 2, 4, 5})],
+                         ids=["transformer", "convolutions"])
+def test_which_layers_are_contracted(case, contracted, monkeypatch):
+    """Attention's projections, the feed-forward layers, the head and the convolutions with
+    numeric padding are; the embedding (a lookup) and the "same"-padded convolution are not."""
+    _, model, names, x, y, loss, _ = case
+    calls = set()
+    original = linear_forms._Contracted.apply
+    monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.add(a[5]) or original(*a))
+    rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=2, seed=0)
+    assert calls == contracted
+
+
+def test_the_forward_leaves_the_functions_as_they_were():
     model = mlp([4, 3, 2], "tanh", seed=1)
     x, y = data(10, 4, 2, "cross_entropy", seed=1)
-    before = F.linear
+    before = {name: getattr(F, name) for name in ("linear", "conv1d", "conv2d", "conv3d")}
     rf.stochastic_estimate_layers(model, ["0", "2"], x, y, sketch=0, max_probes=4, seed=0)
-    assert F.linear is before and torch.nn.functional.linear is torch._C._nn.linear
+    assert all(getattr(F, name) is f for name, f in before.items())
+    assert F.linear is torch._C._nn.linear and F.conv2d is torch.conv2d
+
+    class FailsWhenIntercepted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if F.linear is not torch._C._nn.linear:
+                raise RuntimeError("a forward that fails")
+            return self.layer(x)
+
+    with pytest.raises(RuntimeError, match="a forward that fails"):
+        rf.stochastic_estimate_layers(FailsWhenIntercepted(), ["layer"], torch.randn(5, 4),
+                                      torch.randint(0, 2, (5,)), sketch=0, max_probes=4, seed=0)
+    assert all(getattr(F, name) is f for name, f in before.items())
 
 
 def test_float32_forms_on_a_trained_network_agree_with_the_full_products(monkeypatch):

@@ -1,23 +1,26 @@
 """The shared probes' quadratic forms ``<V_l, (H V)_l>`` for weights the model uses only through
-``F.linear``, with four matrix products a layer per direction instead of six.
+``F.linear`` or a convolution, with four products a layer per direction instead of six.
 
-A double backward computes ``(H V)_l`` in full and the caller contracts it with ``V_l``. For
-``y = x W^T`` the two products that form the weight's part of ``H V`` (``b^T x`` from the
-forward, ``delta^T a`` from the backward's ``delta W``) are not needed for the contraction:
+A double backward computes ``(H V)_l`` in full and the caller contracts it with ``V_l``. For a
+product bilinear in input and weight, ``y = op(x, W)`` (``x W^T``, a convolution), the two
+products that form the weight's part of ``H V`` (``weight_grad(b, x)`` from the forward,
+``weight_grad(delta, a)`` from the backward's ``input_grad(delta, W)``) are not needed for the
+contraction:
 
-    <V, b^T x + delta^T a> = <b, x V^T> + <delta V, a>,
+    <V, weight_grad(b, x) + weight_grad(delta, a)> = <b, op(x, V)> + <input_grad(delta, V), a>,
 
-and ``x V^T`` and ``delta V`` are what the second backward computes anyway, as the adjoints of
-``delta`` and ``x`` from the gradient ``delta^T x``. So each such layer gets a scalar ``tau_l``
-(value 0, the coefficient of ``V_l`` in the weight) and the second backward is taken with
-respect to the taus: the custom functions below return ``<b, x V^T>`` and ``<delta V, a>`` as
-their taus' gradients and skip the weight's (docs/design.md, "Shared probes").
+and ``op(x, V)`` and ``input_grad(delta, V)`` are what the second backward computes anyway, as
+the adjoints of ``delta`` and ``x`` from the gradient ``weight_grad(delta, x)``. So each such
+layer gets a scalar ``tau_l`` (value 0, the coefficient of ``V_l`` in the weight) and the second
+backward is taken with respect to the taus: the custom functions below return those two inner
+products as their taus' gradients and skip the weight's (docs/design.md, "Shared probes").
 
-``F.linear`` is replaced by an intercepting function only during the forward pass this module
-drives (``nn.Linear`` and ``F.multi_head_attention_forward`` both call it through the module's
-attribute). A weight the forward also uses some other way (a tied embedding, ``W.t()`` in custom
-code) is found in the autograd graph and measured through the plain double backward. The
-second backward runs one direction at a time: the per-direction loop of the CPU."""
+``F.linear`` and ``F.conv{1,2,3}d`` are replaced by intercepting functions only during the
+forward pass this module drives (``nn.Linear``, ``F.multi_head_attention_forward`` and the
+``nn.Conv*d`` modules call them through the module's attributes). A weight the forward also uses
+some other way (a tied embedding, ``W.t()`` in custom code, a convolution with ``padding="same"``)
+is found in the autograd graph and measured through the plain double backward. The second
+backward runs one direction at a time: the per-direction loop of the CPU."""
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +29,9 @@ from typing import Iterator, List, Optional, Sequence, Set
 import torch
 import torch.nn.functional as F
 
-_LINEAR = torch._C._nn.linear  # the real op, whatever F.linear is while a forward is intercepted
+# the real ops, whatever F's attributes are while a forward is intercepted
+_LINEAR = torch._C._nn.linear
+_CONVOLUTIONS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,28 +50,44 @@ class LinearForms:
         self.contracted: List[int] = []
         self.second = False  # the second backward is running
         self.directions: Optional[List[torch.Tensor]] = None  # per layer, this pass's V_l
-        self._products = {}  # x V^T of each intercepted call, for this direction
+        self._products = {}  # op(x, V) of each intercepted call, for this direction
 
     @contextlib.contextmanager
     def intercepting(self) -> Iterator[None]:
-        """Routes ``F.linear`` on a candidate weight through :class:`_Linear` (restored on exit)."""
-        original = F.linear
+        """Routes ``F.linear`` and ``F.conv{1,2,3}d`` on a candidate weight through
+        :class:`_Contracted` (the functions restored on exit)."""
+        originals = {name: getattr(F, name) for name in ("linear", "conv1d", "conv2d", "conv3d")}
 
         def linear(input, weight, bias=None):
             l = self.candidates.get(id(weight))
             if l is None:
-                return original(input, weight, bias)
+                return originals["linear"](input, weight, bias)
             self.used.add(l)
             # as rows: every product below one GEMM (a strided batch of rows, as attention's
             # transposed inputs are, made torch.matmul batch them), the copy made once
-            rows = _Linear.apply(input.reshape(-1, input.shape[-1]), weight, bias, self.taus[l], self, l)
+            rows = _Contracted.apply(input.reshape(-1, input.shape[-1]), weight, bias, self.taus[l], self, l, _ROWS)
             return rows.view(*input.shape[:-1], rows.shape[-1])
 
-        F.linear = linear
+        def convolution(dims: int):
+            original = originals[f"conv{dims}d"]
+
+            def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+                l = self.candidates.get(id(weight))
+                if l is None or isinstance(padding, str) or input.dim() != dims + 2:  # "same", unbatched: as is
+                    return original(input, weight, bias, stride, padding, dilation, groups)
+                self.used.add(l)
+                op = _Convolution(dims, stride, padding, dilation, groups)
+                return _Contracted.apply(input, weight, bias, self.taus[l], self, l, op)
+            return conv
+
+        replacements = {"linear": linear, **{f"conv{d}d": convolution(d) for d in (1, 2, 3)}}
+        for name, function in replacements.items():
+            setattr(F, name, function)
         try:
             yield
         finally:
-            F.linear = original
+            for name, function in originals.items():
+                setattr(F, name, function)
 
     def settle(self, output: torch.Tensor) -> List[int]:
         """Walks the graph behind ``output``: the intercepted layers whose weight has an edge from
@@ -84,7 +105,7 @@ class LinearForms:
                 if child is None:
                     continue
                 leaf = getattr(child, "variable", None)
-                if leaf is not None and id(leaf) in owners and not isinstance(node, _Linear._backward_cls):
+                if leaf is not None and id(leaf) in owners and not isinstance(node, _Contracted._backward_cls):
                     mixed.add(owners[id(leaf)])
                 stack.append(child)
         self.contracted = sorted(self.used - mixed)
@@ -94,63 +115,129 @@ class LinearForms:
         """The per-layer V_l (weight-shaped) of the next second backward."""
         self.second, self.directions, self._products = True, directions, {}
 
-    def product(self, key: int, x: torch.Tensor, l: int) -> torch.Tensor:
-        """x V_l^T of one intercepted call, computed once per direction by whichever of its two
-        nodes the second backward reaches first."""
-        out = self._products.get(key)
+    def product(self, key: int, x: torch.Tensor, l: int, op: "_Product") -> torch.Tensor:
+        """op(x, V_l) of one intercepted call, computed by whichever of its two nodes the second
+        backward reaches first and handed to the other (then dropped: one output-sized product a
+        call held at a time, not one a layer for the whole pass)."""
+        out = self._products.pop(key, None)
         if out is None:
-            out = self._products[key] = x @ self.directions[l].t()
+            out = self._products[key] = op(x, self.directions[l])
         return out
 
 
-class _Linear(torch.autograd.Function):
-    """y = F.linear(x, W, b), whose backward builds its weight gradient through
-    :class:`_LinearGrad`; in the second backward it returns <b_y, x V^T> for tau instead of the
-    weight's gradient."""
+class _Product:
+    """y = op(x, W) + bias, bilinear in (x, W), with the two adjoints the contraction uses:
+    ``input_grad(g, W)`` = d<g, op(x, W)>/dx and ``weight_grad(g, x)`` = d<g, op(x, W)>/dW."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_grad(self, g: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_grad(self, g: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plus(self, base: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """base + op(x, W), base being the caller's."""
+        return self(x, weight).add_(base)
+
+
+class _Rows(_Product):
+    """F.linear on a (rows, m) input: one GEMM each."""
+
+    def __call__(self, x, weight, bias=None):
+        return _LINEAR(x, weight, bias)
+
+    def input_grad(self, g, weight, x_shape):
+        return g @ weight
+
+    def weight_grad(self, g, x, weight_shape):
+        return g.t() @ x
+
+    def bias_grad(self, g):
+        return g.sum(0)
+
+    def plus(self, base, x, weight):
+        return torch.addmm(base, x, weight.t())
+
+
+class _Convolution(_Product):
+    """F.conv{1,2,3}d with numeric padding, the adjoints through ATen's convolution backward."""
+
+    def __init__(self, dims: int, stride, padding, dilation, groups: int):
+        self.dims, self.stride, self.padding, self.dilation, self.groups = dims, stride, padding, dilation, groups
+        self._conv = _CONVOLUTIONS[dims]
+        self._input = getattr(torch.nn.grad, f"conv{dims}d_input")
+        self._weight = getattr(torch.nn.grad, f"conv{dims}d_weight")
+
+    def __call__(self, x, weight, bias=None):
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, g, weight, x_shape):
+        return self._input(x_shape, weight, g, self.stride, self.padding, self.dilation, self.groups)
+
+    def weight_grad(self, g, x, weight_shape):
+        return self._weight(x, weight_shape, g, self.stride, self.padding, self.dilation, self.groups)
+
+    def bias_grad(self, g):
+        return g.sum([0, *range(2, g.dim())])
+
+
+class _Contracted(torch.autograd.Function):
+    """y = op(x, W) + b, whose backward builds the weight's gradient through :class:`_Gradients`;
+    in the second backward it returns <b_y, op(x, V)> for tau instead of the weight's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tau, forms: LinearForms, layer: int):
-        ctx.forms, ctx.layer = forms, layer
+    def forward(ctx, x, weight, bias, tau, forms: "LinearForms", layer: int, op: _Product):
+        ctx.forms, ctx.layer, ctx.op = forms, layer, op
         ctx.save_for_backward(x, weight)
-        return _LINEAR(x, weight, bias)
+        return op(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        forms, layer = ctx.forms, ctx.layer
+        forms, layer, op = ctx.forms, ctx.layer, ctx.op
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if not forms.second:
-            grads = _LinearGrad.apply(gy, x, weight, ctx.forms.taus[layer], forms, layer, id(ctx), need_x)
+            grads = _Gradients.apply(gy, x, weight, forms.taus[layer], forms, layer, op, id(ctx), need_x)
             gx, gw = grads if need_x else (None, grads)
-            return gx, gw, gy.sum(0) if need_bias else None, None, None, None
-        gx = gy @ weight if need_x else None
-        return gx, None, None, _inner(gy, forms.product(id(ctx), x, layer)), None, None
+            return gx, gw, op.bias_grad(gy) if need_bias else None, None, None, None, None
+        gx = op.input_grad(gy, weight, x.shape) if need_x else None
+        return gx, None, None, _inner(gy, forms.product(id(ctx), x, layer, op)), None, None, None
 
 
-class _LinearGrad(torch.autograd.Function):
-    """(delta W, delta^T x) from delta = dL/dy (only delta^T x where x needs no gradient); its
-    backward gets (a, V) and returns the adjoints of delta and x, and <delta V, a> for tau."""
+class _Gradients(torch.autograd.Function):
+    """(input_grad(delta, W), weight_grad(delta, x)) from delta = dL/dy (only the weight's where x
+    needs no gradient); its backward gets (a, V) and returns the adjoints of delta (op(x, V) +
+    op(a, W)) and of x (input_grad(delta, V)), and <input_grad(delta, V), a> for tau."""
 
     @staticmethod
-    def forward(ctx, gy, x, weight, tau, forms: LinearForms, layer: int, key: int, need_x: bool):
-        ctx.forms, ctx.layer, ctx.key, ctx.need_x = forms, layer, key, need_x
+    def forward(ctx, gy, x, weight, tau, forms: "LinearForms", layer: int, op: _Product, key: int, need_x: bool):
+        ctx.forms, ctx.layer, ctx.op, ctx.key, ctx.need_x = forms, layer, op, key, need_x
         ctx.save_for_backward(gy, x, weight)
-        gw = gy.t() @ x
-        return (gy @ weight, gw) if need_x else gw
+        gw = op.weight_grad(gy, x, weight.shape)
+        return (op.input_grad(gy, weight, x.shape), gw) if need_x else gw
 
     @staticmethod
     def backward(ctx, *adjoints):
         gy, x, weight = ctx.saved_tensors
         a, v = adjoints if ctx.need_x else (None, adjoints[0])
-        forms, need_gy, need_x = ctx.forms, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        forms, op, need_gy, need_x = ctx.forms, ctx.op, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         a_gy = gyv = tau = None
-        if need_gy:  # x V^T (the adjoint of delta^T x) plus a W^T (of delta W)
-            a_gy = None if v is None else forms.product(ctx.key, x, ctx.layer)
+        if need_gy:  # op(x, V), the adjoint from weight_grad(delta, x), plus op(a, W), from input_grad(delta, W)
+            a_gy = None if v is None else forms.product(ctx.key, x, ctx.layer, op)
             if a is not None:
-                a_gy = a @ weight.t() if a_gy is None else torch.addmm(a_gy, a, weight.t())
-        if a is not None:  # delta V: x's adjoint (where V came) and tau's gradient
-            gyv = gy @ forms.directions[ctx.layer]
+                a_gy = op(a, weight) if a_gy is None else op.plus(a_gy, a, weight)
+        if a is not None:  # input_grad(delta, V): x's adjoint (where V came) and tau's gradient
+            gyv = op.input_grad(gy, forms.directions[ctx.layer], x.shape)
             tau = _inner(gyv, a)
         elif v is not None and need_x:
-            gyv = gy @ v
-        return a_gy, (gyv if v is not None and need_x else None), None, tau, None, None, None, None
+            gyv = op.input_grad(gy, v, x.shape)
+        return a_gy, (gyv if v is not None and need_x else None), None, tau, None, None, None, None, None
+
+
+_ROWS = _Rows()

@@ -128,26 +128,15 @@ def test_contracted_forms_equal_the_full_products(case, sketch, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
 
 
-def test_a_weight_also_used_otherwise_is_measured_from_the_full_product():
+@pytest.mark.parametrize("case, expected", [(CASES[4], {0}), (CASES[5], {2})], ids=["tied", "x @ W.t()"])
+def test_a_weight_also_used_otherwise_is_measured_from_the_full_product(case, expected, monkeypatch):
     """The tied table and ``odd`` (also used as ``x @ W.t()``) are found in the graph after the first
     forward and never contracted; the others are."""
-    seen = []
-    original = joint._batch_forms
-
-    def spy(problem, weights, x, y, dirs, mixed):
-        out = original(problem, weights, x, y, dirs, mixed)
-        seen.append(set(mixed))
-        return out
-
-    for case, expected in ((CASES[4], {0}), (CASES[5], {2})):
-        _, model, names, x, y, loss, _ = case
-        seen.clear()
-        joint._batch_forms = spy
-        try:
-            rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=4, seed=0)
-        finally:
-            joint._batch_forms = original
-        assert seen and all(s == expected for s in seen), (case[0], seen)
+    _, model, names, x, y, loss, _ = case
+    mixed, forms = [], joint._batch_forms
+    monkeypatch.setattr(joint, "_batch_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
+    rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=4, seed=0)
+    assert mixed and all(m == expected for m in mixed)
 
 
 @pytest.mark.parametrize("case, contracted", [(CASES[3], {1, 2, 3, 4, 5}), (CASES[7], {0, 1, 2, 4, 5})],
@@ -202,3 +191,29 @@ def test_float32_forms_on_a_trained_network_agree_with_the_full_products(monkeyp
     for name in ("0", "2", "4"):
         a, b = contracted[name].samples.double(), full[name].samples.double()
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_conv1d_and_head_contracted_and_equal(tied, monkeypatch):
+    """transformers' Conv1D (torch.addmm(bias, x, W)) is contracted; the head is too where untied,
+    and found as the embedding's second use where tied."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=13, n_positions=8, bos_token_id=0,
+                                     eos_token_id=0, tie_word_embeddings=tied)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 13, (3, 6))
+    batch = {"input_ids": ids, "labels": ids}
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj", "lm_head"]
+    kwargs = dict(sketch=0, max_probes=3, probes_per_round=3, rel_tol=1e-12, seed=1)
+    calls, mixed = set(), []
+    original, forms = linear_forms._Contracted.apply, joint._batch_forms
+    monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.add(a[5]) or original(*a))
+    monkeypatch.setattr(joint, "_batch_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
+    contracted = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
+    assert calls == {0, 1, 2, 3} and mixed == [{3} if tied else set()]
+    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    full = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
+    for name in names:
+        a, b = contracted[name].samples, full[name].samples
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)

@@ -1,5 +1,6 @@
 """The shared probes' quadratic forms ``<V_l, (H V)_l>`` for weights the model uses only through
-``F.linear`` or a convolution, with four products a layer per direction instead of six.
+``F.linear``, a convolution or ``torch.addmm``, with four products a layer per direction instead
+of six.
 
 A double backward computes ``(H V)_l`` in full and the caller contracts it with ``V_l``. For a
 product bilinear in input and weight, ``y = op(x, W)`` (``x W^T``, a convolution), the two
@@ -15,9 +16,10 @@ layer gets a scalar ``tau_l`` (value 0, the coefficient of ``V_l`` in the weight
 backward is taken with respect to the taus: the custom functions below return those two inner
 products as their taus' gradients and skip the weight's (docs/design.md, "Shared probes").
 
-``F.linear`` and ``F.conv{1,2,3}d`` are replaced by intercepting functions only during the
-forward pass this module drives (``nn.Linear``, ``F.multi_head_attention_forward`` and the
-``nn.Conv*d`` modules call them through the module's attributes). A weight the forward also uses
+``F.linear``, ``F.conv{1,2,3}d`` and ``torch.addmm`` are replaced by intercepting functions only
+during the forward pass this module drives (``nn.Linear``, ``F.multi_head_attention_forward``,
+the ``nn.Conv*d`` modules and transformers' ``Conv1D`` call them through the modules'
+attributes). A weight the forward also uses
 some other way (a tied embedding, ``W.t()`` in custom code, a convolution with ``padding="same"``)
 is found in the autograd graph and measured through the plain double backward. The second
 backward runs one direction at a time: the per-direction loop of the CPU."""
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 # the real ops, whatever F's attributes are while a forward is intercepted
 _LINEAR = torch._C._nn.linear
+_ADDMM = torch._C._VariableFunctions.addmm
 _CONVOLUTIONS = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 
@@ -54,8 +57,8 @@ class LinearForms:
 
     @contextlib.contextmanager
     def intercepting(self) -> Iterator[None]:
-        """Routes ``F.linear`` and ``F.conv{1,2,3}d`` on a candidate weight through
-        :class:`_Contracted` (the functions restored on exit)."""
+        """Routes ``F.linear``, ``F.conv{1,2,3}d`` and ``torch.addmm(bias, x, W)`` on a candidate
+        weight through :class:`_Contracted` (the functions restored on exit)."""
         originals = {name: getattr(F, name) for name in ("linear", "conv1d", "conv2d", "conv3d")}
 
         def linear(input, weight, bias=None):
@@ -80,14 +83,24 @@ class LinearForms:
                 return _Contracted.apply(input, weight, bias, self.taus[l], self, l, op)
             return conv
 
+        def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+            l = self.candidates.get(id(mat2))
+            if l is None or beta != 1 or alpha != 1 or out is not None or input.dim() != 1 or mat1.dim() != 2:
+                return original_addmm(input, mat1, mat2, beta=beta, alpha=alpha, out=out)
+            self.used.add(l)
+            return _Contracted.apply(mat1, mat2, input, self.taus[l], self, l, _COLUMNS)
+
+        original_addmm = torch.addmm
         replacements = {"linear": linear, **{f"conv{d}d": convolution(d) for d in (1, 2, 3)}}
         for name, function in replacements.items():
             setattr(F, name, function)
+        torch.addmm = addmm
         try:
             yield
         finally:
             for name, function in originals.items():
                 setattr(F, name, function)
+            torch.addmm = original_addmm
 
     def settle(self, output: torch.Tensor) -> List[int]:
         """Walks the graph behind ``output``: the intercepted layers whose weight has an edge from
@@ -163,6 +176,25 @@ class _Rows(_Product):
 
     def plus(self, base, x, weight):
         return torch.addmm(base, x, weight.t())
+
+
+class _Columns(_Product):
+    """``torch.addmm(bias, x, W)``, W (m, d) stored as x multiplies it (transformers' Conv1D)."""
+
+    def __call__(self, x, weight, bias=None):
+        return x @ weight if bias is None else _ADDMM(bias, x, weight)
+
+    def input_grad(self, g, weight, x_shape):
+        return g @ weight.t()
+
+    def weight_grad(self, g, x, weight_shape):
+        return x.t() @ g
+
+    def bias_grad(self, g):
+        return g.sum(0)
+
+    def plus(self, base, x, weight):
+        return _ADDMM(base, x, weight)
 
 
 class _Convolution(_Product):
@@ -241,3 +273,4 @@ class _Gradients(torch.autograd.Function):
 
 
 _ROWS = _Rows()
+_COLUMNS = _Columns()

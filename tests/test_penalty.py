@@ -255,8 +255,10 @@ def test_traced_models_and_data_parallel():
 
 
 def _ddp_worker(rank, world, init_file, out_file):
+    import gc
     with gloo_group(rank, world, init_file):
-        _ddp_step(rank, out_file)  # returns with the DDP wrapper freed, before the group goes
+        _ddp_step(rank, out_file)
+        gc.collect()  # the DDP wrapper (in reference cycles through its hooks) freed before the group goes
 
 
 def _ddp_step(rank, out_file):

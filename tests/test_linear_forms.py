@@ -8,7 +8,7 @@ from torch import nn
 
 import relflat_ext as rf
 from relflat_ext.core import linear_forms
-from relflat_ext.flatness import joint
+from relflat_ext.flatness import stochastic
 from models import data, mlp
 
 
@@ -121,10 +121,22 @@ def test_contracted_forms_equal_the_full_products(case, sketch, monkeypatch):
     monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.append(a[5]) or original(*a))
     contracted = rf.stochastic_estimate_layers(model, names, x, y, **kwargs)
     assert calls, "no F.linear weight was contracted"
-    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    monkeypatch.setattr(stochastic, "CONTRACT", False)
     full = rf.stochastic_estimate_layers(model, names, x, y, **kwargs)
     for name in names:
         a, b = contracted[name].samples, full[name].samples
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_one_layer_at_a_time_too(case, monkeypatch):
+    """The per-layer estimator's forms, contracted, equal its full products probe by probe."""
+    _, model, names, x, y, loss, batch_size = case
+    kwargs = dict(loss=loss, batch_size=batch_size, max_probes=3, probes_per_round=3, rel_tol=1e-12, seed=5)
+    contracted = {name: rf.stochastic_estimate(model, name, x, y, **kwargs) for name in names}
+    monkeypatch.setattr(stochastic, "CONTRACT", False)
+    for name in names:
+        a, b = contracted[name].samples, rf.stochastic_estimate(model, name, x, y, **kwargs).samples
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
 
 
@@ -133,8 +145,8 @@ def test_a_weight_also_used_otherwise_is_measured_from_the_full_product(case, ex
     """The tied table and ``odd`` (also used as ``x @ W.t()``) are found in the graph after the first
     forward and never contracted; the others are."""
     _, model, names, x, y, loss, _ = case
-    mixed, forms = [], joint._batch_forms
-    monkeypatch.setattr(joint, "_batch_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
+    mixed, forms = [], stochastic.contracted_quadratic_forms
+    monkeypatch.setattr(stochastic, "contracted_quadratic_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
     rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=4, seed=0)
     assert mixed and all(m == expected for m in mixed)
 
@@ -186,7 +198,7 @@ def test_float32_forms_on_a_trained_network_agree_with_the_full_products(monkeyp
     model, x = model.float(), x.float()
     kwargs = dict(sketch=0, max_probes=6, probes_per_round=6, rel_tol=1e-12, seed=3)
     contracted = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
-    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    monkeypatch.setattr(stochastic, "CONTRACT", False)
     full = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
     for name in ("0", "2", "4"):
         a, b = contracted[name].samples.double(), full[name].samples.double()
@@ -207,12 +219,12 @@ def test_gpt2_conv1d_and_head_contracted_and_equal(tied, monkeypatch):
     names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj", "lm_head"]
     kwargs = dict(sketch=0, max_probes=3, probes_per_round=3, rel_tol=1e-12, seed=1)
     calls, mixed = set(), []
-    original, forms = linear_forms._Contracted.apply, joint._batch_forms
+    original, forms = linear_forms._Contracted.apply, stochastic.contracted_quadratic_forms
     monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.add(a[5]) or original(*a))
-    monkeypatch.setattr(joint, "_batch_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
+    monkeypatch.setattr(stochastic, "contracted_quadratic_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
     contracted = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
     assert calls == {0, 1, 2, 3} and mixed == [{3} if tied else set()]
-    monkeypatch.setattr(joint, "CONTRACT_LINEAR", False)
+    monkeypatch.setattr(stochastic, "CONTRACT", False)
     full = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
     for name in names:
         a, b = contracted[name].samples, full[name].samples

@@ -379,7 +379,7 @@ def test_rounds_hold_fewer_probes_where_their_directions_would_not_fit(monkeypat
     forms = stochastic._quadratic_forms
     monkeypatch.setattr(stochastic, "ROUND_BYTES", 3 * weight_bytes)
     monkeypatch.setattr(stochastic, "_quadratic_forms",
-                        lambda p, w, x, y, d: sizes.append(d.shape[0]) or forms(p, w, x, y, d))
+                        lambda p, w, x, y, d, *rest: sizes.append(d.shape[0]) or forms(p, w, x, y, d, *rest))
     est = stochastic_estimate(model, "2", x, y, rel_tol=0.05, max_probes=600, seed=0)
     assert set(sizes[:-1]) == {3} and sizes[-1] <= 3 and est.probes == sum(sizes)
     assert abs(est.value - exact) <= 4 * est.stderr

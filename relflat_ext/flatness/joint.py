@@ -31,21 +31,18 @@ from ..core import dist
 from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
-from ..core.linear_forms import LinearForms
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
 from .accumulator import NotFinite, explain_not_finite
+from . import stochastic
 from .problem import Problem
 from .stochastic import (QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate, as_weights, probe_factor,
                          stores_transposed)
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
-# The CPU's quadratic forms contract F.linear weights in the second backward (core.linear_forms);
-# off, they come from the full products H V (the tests compare both).
-CONTRACT_LINEAR = True
 # Directions per vmap'd backward pass (is_grads_batched) on GPUs; the CPU loops (bench/RESULTS.md).
 BATCHED_DIRECTIONS = 8
 
@@ -270,7 +267,7 @@ class _Operator:
         vectors."""
         k = dirs[0].shape[0]
         total = torch.zeros(k, len(dirs), dtype=torch.float64, device=dirs[0].device)
-        if CONTRACT_LINEAR and not dirs[0].is_cuda:  # the CPU's per-direction loop
+        if stochastic.CONTRACT and not dirs[0].is_cuda:  # the CPU's per-direction loop
             for count, forms in self._batches(dirs, self._contracted_forms):
                 total.add_(forms, alpha=count)
             return total / self._total_count([total])
@@ -283,7 +280,7 @@ class _Operator:
         return total / self._total_count([total])
 
     def _contracted_forms(self, problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]):
-        return _batch_forms(problem, weights, x, y, dirs, self.mixed)
+        return stochastic.contracted_quadratic_forms(problem, weights, x, y, dirs, self.mixed)
 
     def _batches(self, dirs: List[torch.Tensor], per_batch):
         """(terms, result) for each batch with terms, ``per_batch(problem, weights, x, y, dirs)``
@@ -360,41 +357,3 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
         result[l] = rows[r]
     return result
 
-
-def _batch_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
-                 mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
-    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions, one second backward each,
-    the layers the model uses only through ``F.linear`` contracted in it (core.linear_forms), and
-    whether the batch's loss reached each layer. ``mixed`` collects the layers whose weight the
-    forward also uses otherwise (measured from the full product; the forward is run again once)."""
-    loss = problem.loss
-    k = dirs[0].shape[0]
-    result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs[0].device)
-    with torch.enable_grad(), double_backward_kernels(problem.model):
-        while True:
-            forms = LinearForms(weights, mixed)
-            with forms.intercepting():
-                out = problem.forward(x)
-            loss.check(out, y)
-            value = loss.for_derivatives(out, y)
-            found = forms.settle(value) if forms.used and value.requires_grad else []
-            if not found:
-                break
-            mixed.update(found)
-        grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True) if value.requires_grad \
-            else [None] * len(weights)
-        reached = [g is not None for g in grads]
-        live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]  # else H V = 0
-        if not live:
-            return result, reached
-        contracted = [l for l in live if l in set(forms.contracted)]
-        plain = [l for l in live if l not in set(contracted)]
-        inputs = [forms.taus[l] for l in contracted] + [weights[l] for l in plain]
-        for j in range(k):
-            forms.direct([d[j] for d in dirs])
-            parts = torch.autograd.grad([grads[l] for l in live], inputs, grad_outputs=[dirs[l][j] for l in live],
-                                        retain_graph=True, allow_unused=True)
-            for l, part in zip(contracted + plain, parts):
-                if part is not None:  # a weight's product in place, summed in its dtype (see quadratic_forms)
-                    result[j, l] = part.double() if l in contracted else part.mul_(dirs[l][j]).sum().double()
-    return result, reached

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import List, Optional
+from typing import List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels, hessian_quadratic_forms
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
+from ..core.linear_forms import LinearForms
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.progress import ProgressLine
@@ -48,6 +49,9 @@ from .problem import Options, Problem
 from .result import FlatnessResult, estimate_text
 
 QUANTITIES = ("kappa", "hessian_trace")
+# The CPU's quadratic forms contract the weights of F.linear, convolutions and Conv1D in the second
+# backward (core.linear_forms); off, they come from the full products H V (the tests compare both).
+CONTRACT = True
 HASHED_COLUMNS = 512  # Gaussian columns a wide probe's columns are hashed into (module docstring)
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 ROUND_BYTES = 1 << 30  # a round's directions; fewer probes a round for weights too large for 32 of them
@@ -70,10 +74,15 @@ class StochasticEstimate:
                 f"converged={self.converged}, n={self.n}, seconds={self.seconds:.3g})")
 
 
-def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor) -> Optional[torch.Tensor]:
+def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor,
+                     mixed: Optional[Set[int]] = None) -> Optional[torch.Tensor]:
     """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
     mean loss with respect to the weight, n_b its number of terms; None where the batch's loss
-    does not reach the weight through autograd."""
+    does not reach the weight through autograd. On the CPU contracted where the weight allows
+    (:func:`contracted_quadratic_forms`, ``mixed`` as there)."""
+    if CONTRACT and not directions.is_cuda and mixed is not None:
+        forms, reached = contracted_quadratic_forms(problem, [weight], x, y, [directions], mixed)
+        return forms[:, 0] * problem.count(y) if reached[0] else None
     loss = problem.loss
     with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
@@ -279,6 +288,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
     converged = False
     report = ProgressLine(f"stochastic {quantity} of {name!r}", "probes") if progress else None
     per_round = max(2, min(probes_per_round, ROUND_BYTES // (weight.numel() * weight.element_size())))
+    mixed: Set[int] = set()  # {0} once a forward shows the weight used besides a contracted product
     with preserved(model):
         weight.requires_grad_(True)
         for rnd in range(math.ceil(max_probes / per_round)):
@@ -287,7 +297,7 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
             dirs = _directions(quantity, w_mat, factor, view, count, gen, feature_scale, probe_distribution)
             total, n, reached = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0, False
             for x, y in problem.batches():
-                forms = _quadratic_forms(problem, weight, x, y, dirs)
+                forms = _quadratic_forms(problem, weight, x, y, dirs, mixed)
                 if forms is not None:
                     total += forms.double()
                     reached = True
@@ -314,3 +324,42 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         report.close()
     return StochasticEstimate(value, stderr, int(sum(s.numel() for s in samples)), torch.cat(samples).to(w_mat.dtype),
                               converged, n, time.perf_counter() - start)
+
+
+def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
+                 mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
+    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions, one second backward each,
+    the layers the model uses only through ``F.linear`` contracted in it (core.linear_forms), and
+    whether the batch's loss reached each layer. ``mixed`` collects the layers whose weight the
+    forward also uses otherwise (measured from the full product; the forward is run again once)."""
+    loss = problem.loss
+    k = dirs[0].shape[0]
+    result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs[0].device)
+    with torch.enable_grad(), double_backward_kernels(problem.model):
+        while True:
+            forms = LinearForms(weights, mixed)
+            with forms.intercepting():
+                out = problem.forward(x)
+            loss.check(out, y)
+            value = loss.for_derivatives(out, y)
+            found = forms.settle(value) if forms.used and value.requires_grad else []
+            if not found:
+                break
+            mixed.update(found)
+        grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True) if value.requires_grad \
+            else [None] * len(weights)
+        reached = [g is not None for g in grads]
+        live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]  # else H V = 0
+        if not live:
+            return result, reached
+        contracted = [l for l in live if l in set(forms.contracted)]
+        plain = [l for l in live if l not in set(contracted)]
+        inputs = [forms.taus[l] for l in contracted] + [weights[l] for l in plain]
+        for j in range(k):
+            forms.direct([d[j] for d in dirs])
+            parts = torch.autograd.grad([grads[l] for l in live], inputs, grad_outputs=[dirs[l][j] for l in live],
+                                        retain_graph=True, allow_unused=True)
+            for l, part in zip(contracted + plain, parts):
+                if part is not None:  # a weight's product in place, summed in its dtype (see quadratic_forms)
+                    result[j, l] = part.double() if l in contracted else part.mul_(dirs[l][j]).sum().double()
+    return result, reached

@@ -76,6 +76,19 @@ class Convolutions(nn.Module):
         return self.out(h[..., 0].flatten(1))
 
 
+class WeightAsData(nn.Module):
+    """``a.weight`` multiplies the input and is also the data of ``w``'s product (torch.addmm, as
+    transformers' Conv1D calls it: no reshape between the weight and the product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.w, self.bias = nn.Parameter(torch.randn(4, 3) / 2), nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)) @ torch.addmm(self.bias, self.a.weight, self.w)
+
+
 def _cases():
     torch.manual_seed(0)
     x, y = data(24, 5, 3, "cross_entropy", seed=1)
@@ -96,6 +109,9 @@ def _cases():
     yield "tied embedding", TiedLM().double(), ["embed", "mix"], tokens, targets, "cross_entropy", None
     torch.manual_seed(3)
     yield "recurrent and mixed uses", Recurrent().double(), ["inp", "cell", "odd", "out"], x[:, :4], y, \
+        "cross_entropy", None
+    torch.manual_seed(6)
+    yield "a weight also the data of another product", WeightAsData().double(), ["a", "w"], x[:, :4], y, \
         "cross_entropy", None
     torch.manual_seed(4)
     cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Tanh(),
@@ -140,7 +156,8 @@ def test_one_layer_at_a_time_too(case, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
 
 
-@pytest.mark.parametrize("case, expected", [(CASES[4], {0}), (CASES[5], {2})], ids=["tied", "x @ W.t()"])
+@pytest.mark.parametrize("case, expected", [(CASES[4], {0}), (CASES[5], {2}), (CASES[6], {0})],
+                         ids=["tied", "x @ W.t()", "weight as data"])
 def test_a_weight_also_used_otherwise_is_measured_from_the_full_product(case, expected, monkeypatch):
     """The tied table and ``odd`` (also used as ``x @ W.t()``) are found in the graph after the first
     forward and never contracted; the others are."""
@@ -151,7 +168,7 @@ def test_a_weight_also_used_otherwise_is_measured_from_the_full_product(case, ex
     assert mixed and all(m == expected for m in mixed)
 
 
-@pytest.mark.parametrize("case, contracted", [(CASES[3], {1, 2, 3, 4, 5}), (CASES[7], {0, 1, 2, 4, 5})],
+@pytest.mark.parametrize("case, contracted", [(CASES[3], {1, 2, 3, 4, 5}), (CASES[8], {0, 1, 2, 4, 5})],
                          ids=["transformer", "convolutions"])
 def test_which_layers_are_contracted(case, contracted, monkeypatch):
     """Attention's projections, the feed-forward layers, the head and the convolutions with

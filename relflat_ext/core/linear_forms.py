@@ -49,7 +49,7 @@ class LinearForms:
         self.weights = list(weights)
         self.candidates = {id(w): l for l, w in enumerate(weights) if l not in excluded}
         self.taus = [torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for w in weights]
-        self.used: Set[int] = set()  # layers whose weight went through the intercepting F.linear
+        self.used: Set[int] = set()  # layers whose weight went through an intercepting function
         self.contracted: List[int] = []
         self.second = False  # the second backward is running
         self.directions: Optional[List[torch.Tensor]] = None  # per layer, this pass's V_l
@@ -104,7 +104,8 @@ class LinearForms:
 
     def settle(self, output: torch.Tensor) -> List[int]:
         """Walks the graph behind ``output``: the intercepted layers whose weight has an edge from
-        any other node (used some other way too) are returned, for the caller to exclude and run
+        any other node, or into a contracted product other than as its weight (used some other
+        way too), are returned, for the caller to exclude and run
         the forward again; the others become :attr:`contracted`."""
         owners = {id(w): l for l, w in enumerate(self.weights) if l in self.used}
         mixed: Set[int] = set()
@@ -114,11 +115,12 @@ class LinearForms:
             if node is None or node in seen:
                 continue
             seen.add(node)
-            for child, _ in node.next_functions:
+            ours = isinstance(node, _Contracted._backward_cls)
+            for position, (child, _) in enumerate(node.next_functions):
                 if child is None:
                     continue
                 leaf = getattr(child, "variable", None)
-                if leaf is not None and id(leaf) in owners and not isinstance(node, _Contracted._backward_cls):
+                if leaf is not None and id(leaf) in owners and not (ours and position == 1):  # 1: the weight
                     mixed.add(owners[id(leaf)])
                 stack.append(child)
         self.contracted = sorted(self.used - mixed)

@@ -327,11 +327,13 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
 
 
 def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
-                 mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
-    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions, one second backward each,
-    the layers the model uses only through ``F.linear`` contracted in it (core.linear_forms), and
-    whether the batch's loss reached each layer. ``mixed`` collects the layers whose weight the
-    forward also uses otherwise (measured from the full product; the forward is run again once)."""
+                               mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
+    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions (``dirs[l]`` (k, *weight.shape)),
+    H_b the Hessian of the batch's mean loss, one second backward a direction, with the layers the
+    model uses only through ``F.linear``, a convolution or ``Conv1D`` contracted in it
+    (core.linear_forms); and whether the batch's loss reached each layer. ``mixed`` collects the
+    layers whose weight the forward also uses otherwise, which get the full product (the forward
+    runs again once, the first time)."""
     loss = problem.loss
     k = dirs[0].shape[0]
     result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs[0].device)
@@ -352,14 +354,14 @@ def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x,
         live = [l for l, g in enumerate(grads) if g is not None and g.requires_grad]  # else H V = 0
         if not live:
             return result, reached
-        contracted = [l for l in live if l in set(forms.contracted)]
-        plain = [l for l in live if l not in set(contracted)]
+        contracted = [l for l in live if l in forms.contracted]
+        plain = [l for l in live if l not in forms.contracted]
         inputs = [forms.taus[l] for l in contracted] + [weights[l] for l in plain]
         for j in range(k):
             forms.direct([d[j] for d in dirs])
             parts = torch.autograd.grad([grads[l] for l in live], inputs, grad_outputs=[dirs[l][j] for l in live],
                                         retain_graph=True, allow_unused=True)
             for l, part in zip(contracted + plain, parts):
-                if part is not None:  # a weight's product in place, summed in its dtype (see quadratic_forms)
+                if part is not None:  # a full product in place (it is ours), summed in its dtype
                     result[j, l] = part.double() if l in contracted else part.mul_(dirs[l][j]).sum().double()
     return result, reached

@@ -177,7 +177,7 @@ class _Rows(_Product):
         return g.sum(0)
 
     def plus(self, base, x, weight):
-        return torch.addmm(base, x, weight.t())
+        return _ADDMM(base, x, weight.t())
 
 
 class _Columns(_Product):

@@ -248,7 +248,7 @@ class _Operator:
     def __init__(self, problem: Problem, weights: List[torch.Tensor], space: _ProbeSpace):
         self.problem, self.weights, self.space, self.n = problem, weights, space, 0
         self.reached = [False] * len(weights)  # whether some batch's loss reached each weight
-        self.mixed: Set[int] = set()  # layers whose weight the forward also uses besides F.linear
+        self.mixed: Set[int] = set()  # layers whose weight the forward also uses besides a contracted product
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
         dirs = self.space.to_weights(p)
@@ -356,4 +356,3 @@ def _batch_hvps(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[
     for r, l in enumerate(live):
         result[l] = rows[r]
     return result
-

@@ -89,6 +89,33 @@ class WeightAsData(nn.Module):
         return torch.tanh(self.a(x)) @ torch.addmm(self.bias, self.a.weight, self.w)
 
 
+class BothOrientations(nn.Module):
+    """A square Linear applied as ``F.linear`` and as ``torch.addmm(bias, h, W)`` (its weight
+    multiplying the other way): one layer whose calls perturb inputs and need V itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.square = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.square(h)) + torch.tanh(torch.addmm(self.square.bias, h, self.square.weight))
+        return self.out(h)
+
+
+def _record_perturbed(monkeypatch):
+    """The set that collects the layers whose products come from probe coordinates."""
+    seen = set()
+    for name in ("perturbed_input", "perturbed_product"):
+        original = getattr(linear_forms.LinearForms, name)
+        monkeypatch.setattr(linear_forms.LinearForms, name,
+                            lambda self, key, x, l, *rest, original=original: seen.add(l) or original(self, key, x, l,
+                                                                                                      *rest))
+    return seen
+
+
 def _cases():
     torch.manual_seed(0)
     x, y = data(24, 5, 3, "cross_entropy", seed=1)
@@ -121,6 +148,9 @@ def _cases():
     torch.manual_seed(5)
     yield "convolutions: strides, groups, dilation, circular padding, 'same', 1-d and 3-d", Convolutions().double(), \
         ["c1", "c2", "c3", "same", "c3d", "out"], torch.randn(6, 2, 9, dtype=torch.float64), y[:6], "cross_entropy", None
+    torch.manual_seed(7)
+    yield "a weight multiplying both ways", BothOrientations().double(), ["inp", "square", "out"], x[:, :4], y, \
+        "cross_entropy", None
 
 
 CASES = list(_cases())
@@ -156,6 +186,21 @@ def test_one_layer_at_a_time_too(case, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (name, a, b)
 
 
+def test_one_layer_in_theorem_4_coordinates_too(monkeypatch):
+    """The per-layer estimator's probes for the normalized kappa, W S A S^{-1} (one feature's scale
+    zero: dropped), kept as coordinates S A S^{-1} of W (m <= d): the full products' forms."""
+    model = mlp([5, 4, 8, 3], "tanh", seed=4)
+    x, y = data(20, 5, 3, "cross_entropy", seed=4)
+    scale = torch.tensor([0.5, 2.0, 0.0, 1.3], dtype=torch.float64)
+    kwargs = dict(max_probes=3, probes_per_round=3, rel_tol=1e-12, seed=2, feature_scale=scale)
+    seen = _record_perturbed(monkeypatch)
+    a = rf.stochastic_estimate(model, "2", x, y, **kwargs).samples
+    assert seen == {0}
+    monkeypatch.setattr(stochastic, "CONTRACT", False)
+    b = rf.stochastic_estimate(model, "2", x, y, **kwargs).samples
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max()), (a, b)
+
+
 @pytest.mark.parametrize("case, expected", [(CASES[4], {0}), (CASES[5], {2}), (CASES[6], {0})],
                          ids=["tied", "x @ W.t()", "weight as data"])
 def test_a_weight_also_used_otherwise_is_measured_from_the_full_product(case, expected, monkeypatch):
@@ -179,6 +224,22 @@ def test_which_layers_are_contracted(case, contracted, monkeypatch):
     monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.add(a[5]) or original(*a))
     rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=2, seed=0)
     assert calls == contracted
+
+
+@pytest.mark.parametrize("case, perturbed", [(CASES[3], {1, 2, 3}), (CASES[9], {0, 1})],
+                         ids=["transformer", "both ways"])
+def test_layers_with_m_at_most_d_take_their_products_from_probe_coordinates(case, perturbed, monkeypatch):
+    """Where V = W P and the weight multiplies rows (attention's in- and out-projections, the
+    up-projection; ``square`` through its F.linear call), the products perturb the layer's input
+    instead; V is formed only for ``square``, whose torch.addmm call needs it."""
+    _, model, names, x, y, loss, _ = case
+    seen, formed = _record_perturbed(monkeypatch), []
+    weight = linear_forms.ProbeDirections.weight
+    monkeypatch.setattr(linear_forms.ProbeDirections, "weight",
+                        lambda self, l: (formed.append(l) if self.weights[l] is None else None) or weight(self, l))
+    rf.stochastic_estimate_layers(model, names, x, y, loss=loss, sketch=0, max_probes=2, seed=0)
+    assert seen == perturbed
+    assert set(formed) == ({1} if case is CASES[9] else set())
 
 
 def test_the_forward_leaves_the_functions_as_they_were():
@@ -236,8 +297,9 @@ def test_float32_forms_on_a_trained_network_agree_with_the_full_products(kind, m
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_gpt2_conv1d_and_head_contracted_and_equal(tied, monkeypatch):
-    """transformers' Conv1D (torch.addmm(bias, x, W)) is contracted; the head is too where untied,
-    and found as the embedding's second use where tied."""
+    """transformers' Conv1D (torch.addmm(bias, x, W)) is contracted, its products from probe
+    coordinates (W^T stored: "columns"); the head is too where untied, and found as the
+    embedding's second use where tied."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=13, n_positions=8, bos_token_id=0,
@@ -247,12 +309,13 @@ def test_gpt2_conv1d_and_head_contracted_and_equal(tied, monkeypatch):
     batch = {"input_ids": ids, "labels": ids}
     names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj", "lm_head"]
     kwargs = dict(sketch=0, max_probes=3, probes_per_round=3, rel_tol=1e-12, seed=1)
-    calls, mixed = set(), []
+    calls, mixed, perturbed = set(), [], _record_perturbed(monkeypatch)
     original, forms = linear_forms._Contracted.apply, stochastic.contracted_quadratic_forms
     monkeypatch.setattr(linear_forms._Contracted, "apply", lambda *a: calls.add(a[5]) or original(*a))
     monkeypatch.setattr(stochastic, "contracted_quadratic_forms", lambda *a: (forms(*a), mixed.append(set(a[-1])))[0])
     contracted = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
     assert calls == {0, 1, 2, 3} and mixed == [{3} if tied else set()]
+    assert perturbed == ({0, 1, 2} if tied else {0, 1, 2, 3})  # m <= d everywhere
     monkeypatch.setattr(stochastic, "CONTRACT", False)
     full = rf.stochastic_estimate_layers(model, names, batch, **kwargs)
     for name in names:

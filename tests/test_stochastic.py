@@ -307,27 +307,34 @@ def test_wide_layers_hash_their_probe_columns_and_stay_unbiased():
     assert abs(shared.value - exact) <= 4 * shared.stderr, (shared.value, shared.stderr, exact)
 
 
-def test_deflated_shared_probe_directions_equal_the_dense_computation():
+def test_deflated_shared_probe_directions_equal_the_dense_computation(monkeypatch):
     """The shared estimator's residual directions R (I - Q Q^T) g, computed as R g - (R Q)(Q^T g)
     from hashed draws into reused buffers, equal the plain dense computation from the same draws,
-    for a transposed weight view (x @ W), a wide Linear and a narrow one."""
+    for a transposed weight view (x @ W), a wide Linear, a narrow one and one with m <= d and
+    hashed columns, whose directions stay coordinates (formed on demand)."""
     from relflat_ext.core.layers import matrix_view
     from relflat_ext.flatness.joint import _ProbeSpace
-    from relflat_ext.flatness.stochastic import HASHED_COLUMNS, ProbeDraw
+    from relflat_ext.flatness import stochastic
+    from relflat_ext.flatness.stochastic import ProbeDraw
+    monkeypatch.setattr(stochastic, "HASHED_COLUMNS", 8)  # hashed columns on small layers
     torch.manual_seed(0)
-    m = 4 * HASHED_COLUMNS
-    model = nn.Sequential(nn.Linear(m, 6), nn.Linear(6, 3)).double()
+    m = 4 * 8
+    model = nn.Sequential(nn.Linear(m, 6), nn.Linear(6, 3), nn.Linear(m, m + 1)).double()
     wide = _WideInput(m).double()
-    layers = [(wide, "w"), (model[0], "0"), (model[1], "1")]
+    layers = [(wide, "w"), (model[0], "0"), (model[1], "1"), (model[2], "2")]
     transposed = rf.core.layers.ParameterLayer(wide.w)
     transposed.layout = "columns"  # x @ W, as the first batch would show
     views = [transposed.view("w")] + [matrix_view(mod, name) for mod, name in layers[1:]]
     weights = [mod.w if name == "w" else mod.weight for mod, name in layers]
-    space = _ProbeSpace([v.to_matrix(w.detach()) for v, w in zip(views, weights)], views, "kappa")
+    space = _ProbeSpace([w.detach() for w in weights], views, "kappa")
+    assert space.layouts == [None, None, None, "rows"] and space.shapes[3] == (m, m)
     basis = torch.linalg.qr(torch.randn(space.dim, 5, dtype=torch.float64)).Q.T
     for rounds in range(2):  # the second round reuses the buffers
         seed = 10 + rounds
-        got = space.residual_directions(4, torch.Generator().manual_seed(seed), basis, space.to_matrices(basis))
+        directions = space.residual_directions(4, torch.Generator().manual_seed(seed), basis,
+                                               space.to_matrices(basis, mapped_only=True))
+        assert directions.weights[3] is None and directions.coordinates[3].shape == (4, m, m)
+        got = [directions.weight(l) for l in range(len(weights))]
         gen = torch.Generator().manual_seed(seed)
         draws = [ProbeDraw.draw(4, r, mm, gen, torch.float64, "cpu") for r, mm in space.shapes]
         g = torch.cat([d.coordinates().flatten(1) for d in draws], dim=1)
@@ -379,7 +386,7 @@ def test_rounds_hold_fewer_probes_where_their_directions_would_not_fit(monkeypat
     forms = stochastic._quadratic_forms
     monkeypatch.setattr(stochastic, "ROUND_BYTES", 3 * weight_bytes)
     monkeypatch.setattr(stochastic, "_quadratic_forms",
-                        lambda p, w, x, y, d, *rest: sizes.append(d.shape[0]) or forms(p, w, x, y, d, *rest))
+                        lambda p, w, x, y, d, *rest: sizes.append(d.count) or forms(p, w, x, y, d, *rest))
     est = stochastic_estimate(model, "2", x, y, rel_tol=0.05, max_probes=600, seed=0)
     assert set(sizes[:-1]) == {3} and sizes[-1] <= 3 and est.probes == sum(sizes)
     assert abs(est.value - exact) <= 4 * est.stderr
@@ -387,7 +394,7 @@ def test_rounds_hold_fewer_probes_where_their_directions_would_not_fit(monkeypat
     quadratic_forms = joint._Operator.quadratic_forms
     monkeypatch.setattr(joint, "ROUND_BYTES", 1)  # below one probe: 2 a round
     monkeypatch.setattr(joint._Operator, "quadratic_forms",
-                        lambda self, dirs: sizes.append(dirs[0].shape[0]) or quadratic_forms(self, dirs))
+                        lambda self, dirs: sizes.append(dirs.count) or quadratic_forms(self, dirs))
     shared = rf.stochastic_estimate_layers(model, ["0", "2"], x, y, sketch=0, max_probes=10, rel_tol=1e-9, seed=0)
     assert sizes == [2] * 5 and shared["2"].probes == 10
 

@@ -22,11 +22,19 @@ the ``nn.Conv*d`` modules and transformers' ``Conv1D`` call them through the mod
 attributes). A weight the forward also uses
 some other way (a tied embedding, ``W.t()`` in custom code, a convolution with ``padding="same"``)
 is found in the autograd graph and measured through the plain double backward. The second
-backward runs one direction at a time: the per-direction loop of the CPU."""
+backward runs one direction at a time: the per-direction loop of the CPU.
+
+Where the direction is ``V = W P`` (the probe factor is W itself, m <= d) and the call multiplies
+rows of features by the layer's (d, m) matrix (``F.linear`` on W, ``torch.addmm`` on W^T), the
+perturbed weight is a perturbed input, ``op(x, V) = op(x P^T, W)``, and
+``input_grad(delta, V) = input_grad(delta, W) P``: the four products of d m flops a row become two,
+plus two of m m (the paper's view of multiplicative weight perturbations as feature
+perturbations), and V itself is never formed (:class:`ProbeDirections`)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Set
+import dataclasses
+from typing import Callable, Iterator, List, Optional, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -41,19 +49,75 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a.reshape(-1), b.reshape(-1))  # (rows, k) each: one pass, no temporary
 
 
+def matrix_layout(weight: torch.Tensor, matrix: torch.Tensor) -> Optional[str]:
+    """How a layer's (d, m) matrix (its view of ``weight``) multiplies rows of features inside the
+    contracted products: "rows" where it is the weight itself (``F.linear(x, W)``), "columns"
+    where it is the weight's transpose (``torch.addmm(bias, x, W^T)``, transformers' Conv1D),
+    None otherwise (a convolution, a packed view)."""
+    if weight.dim() != 2 or matrix.data_ptr() != weight.data_ptr():
+        return None
+    if matrix.shape == weight.shape and matrix.stride() == weight.stride():
+        return "rows"
+    if matrix.shape == weight.T.shape and matrix.stride() == weight.T.stride():
+        return "columns"
+    return None
+
+
+@dataclasses.dataclass
+class ProbeDirections:
+    """k joint directions, per layer: ``weights[l]`` V_l (k, *weight.shape), or, where V_l = W_l P_l
+    and ``layouts[l]`` (:func:`matrix_layout`) says how W_l multiplies rows, only the coordinates
+    ``coordinates[l]`` P_l (k, m, m): the contracted products then perturb the layer's input, and
+    V_l is formed by ``to_weights(l, P_l)`` only where some product needs it."""
+    weights: List[Optional[torch.Tensor]]
+    coordinates: List[Optional[torch.Tensor]]
+    layouts: List[Optional[str]]
+    to_weights: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+
+    @staticmethod
+    def plain(weights: Sequence[torch.Tensor]) -> "ProbeDirections":
+        return ProbeDirections(list(weights), [None] * len(weights), [None] * len(weights))
+
+    @property
+    def count(self) -> int:
+        return next(t for t in self.weights + self.coordinates if t is not None).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in self.weights + self.coordinates if t is not None).device
+
+    def weight(self, l: int) -> torch.Tensor:
+        """V_l (k, *weight.shape), formed from the coordinates the first time it is asked for."""
+        if self.weights[l] is None:
+            self.weights[l] = self.to_weights(l, self.coordinates[l])
+        return self.weights[l]
+
+
 class LinearForms:
     """One forward pass's contracted weights (``weights[l]`` for l in :attr:`contracted` after
     :meth:`settle`), their taus, and the current direction of the second backward."""
 
-    def __init__(self, weights: Sequence[torch.Tensor], excluded: Set[int]):
+    def __init__(self, weights: Sequence[torch.Tensor], excluded: Set[int],
+                 layouts: Optional[Sequence[Optional[str]]] = None):
         self.weights = list(weights)
         self.candidates = {id(w): l for l, w in enumerate(weights) if l not in excluded}
+        self.layouts = list(layouts or [None] * len(weights))  # where probe coordinates can perturb inputs
         self.taus = [torch.zeros((), dtype=w.dtype, device=w.device, requires_grad=True) for w in weights]
         self.used: Set[int] = set()  # layers whose weight went through an intercepting function
+        self.unperturbed: Set[int] = set()  # ... in some call whose product needs V_l itself
         self.contracted: List[int] = []
         self.second = False  # the second backward is running
-        self.directions: Optional[List[torch.Tensor]] = None  # per layer, this pass's V_l
-        self._products = {}  # op(x, V) of each intercepted call, for this direction
+        self.directions: List[Optional[torch.Tensor]] = []  # per layer, this pass's V_l (where needed)
+        self.coordinates: List[Optional[torch.Tensor]] = []  # ... and its P_l, where V_l = W_l P_l
+        self._products = {}  # op(x, V) (or x P^T) of each intercepted call, for this direction
+
+    def _use(self, l: int, layout: Optional[str]) -> bool:
+        """Records a call of layer l's weight; whether its products can come from coordinates."""
+        self.used.add(l)
+        perturbs = layout is not None and self.layouts[l] == layout
+        if not perturbs:
+            self.unperturbed.add(l)
+        return perturbs
 
     @contextlib.contextmanager
     def intercepting(self) -> Iterator[None]:
@@ -65,10 +129,10 @@ class LinearForms:
             l = self.candidates.get(id(weight))
             if l is None:
                 return originals["linear"](input, weight, bias)
-            self.used.add(l)
             # as rows: every product below one GEMM (a strided batch of rows, as attention's
             # transposed inputs are, made torch.matmul batch them), the copy made once
-            rows = _Contracted.apply(input.reshape(-1, input.shape[-1]), weight, bias, self.taus[l], self, l, _ROWS)
+            rows = _Contracted.apply(input.reshape(-1, input.shape[-1]), weight, bias, self.taus[l], self, l, _ROWS,
+                                     self._use(l, "rows"))
             return rows.view(*input.shape[:-1], rows.shape[-1])
 
         def convolution(dims: int):
@@ -78,17 +142,15 @@ class LinearForms:
                 l = self.candidates.get(id(weight))
                 if l is None or isinstance(padding, str) or input.dim() != dims + 2:  # "same", unbatched: as is
                     return original(input, weight, bias, stride, padding, dilation, groups)
-                self.used.add(l)
                 op = _Convolution(dims, stride, padding, dilation, groups)
-                return _Contracted.apply(input, weight, bias, self.taus[l], self, l, op)
+                return _Contracted.apply(input, weight, bias, self.taus[l], self, l, op, self._use(l, None))
             return conv
 
         def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
             l = self.candidates.get(id(mat2))
             if l is None or beta != 1 or alpha != 1 or out is not None or input.dim() != 1 or mat1.dim() != 2:
                 return original_addmm(input, mat1, mat2, beta=beta, alpha=alpha, out=out)
-            self.used.add(l)
-            return _Contracted.apply(mat1, mat2, input, self.taus[l], self, l, _COLUMNS)
+            return _Contracted.apply(mat1, mat2, input, self.taus[l], self, l, _COLUMNS, self._use(l, "columns"))
 
         original_addmm = torch.addmm
         replacements = {"linear": linear, **{f"conv{d}d": convolution(d) for d in (1, 2, 3)}}
@@ -126,17 +188,31 @@ class LinearForms:
         self.contracted = sorted(self.used - mixed)
         return sorted(mixed)
 
-    def direct(self, directions: List[torch.Tensor]) -> None:
-        """The per-layer V_l (weight-shaped) of the next second backward."""
-        self.second, self.directions, self._products = True, directions, {}
+    def direct(self, directions: List[Optional[torch.Tensor]], coordinates: List[Optional[torch.Tensor]]) -> None:
+        """The per-layer V_l (weight-shaped; None where no product needs it) and P_l ((m, m), where
+        V_l = W_l P_l; else None) of the next second backward."""
+        self.second, self.directions, self.coordinates, self._products = True, directions, coordinates, {}
 
     def product(self, key: int, x: torch.Tensor, l: int, op: "_Product") -> torch.Tensor:
         """op(x, V_l) of one intercepted call, computed by whichever of its two nodes the second
         backward reaches first and handed to the other (then dropped: one output-sized product a
         call held at a time, not one a layer for the whole pass)."""
+        return self._shared(key, lambda: op(x, self.directions[l]))
+
+    def perturbed_input(self, key: int, x: torch.Tensor, l: int) -> torch.Tensor:
+        """x P_l^T (rows, m) of one intercepted call, shared by its two nodes as :meth:`product`
+        (where x needs a gradient: both nodes combine it with other terms)."""
+        return self._shared(key, lambda: x @ self.coordinates[l].T)
+
+    def perturbed_product(self, key: int, x: torch.Tensor, l: int, op: "_Product", weight: torch.Tensor
+                          ) -> torch.Tensor:
+        """op(x P_l^T, W) = op(x, V_l), shared as :meth:`product` (where x needs no gradient)."""
+        return self._shared(key, lambda: op(x @ self.coordinates[l].T, weight))
+
+    def _shared(self, key: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         out = self._products.pop(key, None)
         if out is None:
-            out = self._products[key] = op(x, self.directions[l])
+            out = self._products[key] = compute()
         return out
 
 
@@ -226,8 +302,8 @@ class _Contracted(torch.autograd.Function):
     in the second backward it returns <b_y, op(x, V)> for tau instead of the weight's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tau, forms: "LinearForms", layer: int, op: _Product):
-        ctx.forms, ctx.layer, ctx.op = forms, layer, op
+    def forward(ctx, x, weight, bias, tau, forms: "LinearForms", layer: int, op: _Product, perturbs: bool):
+        ctx.forms, ctx.layer, ctx.op, ctx.perturbs = forms, layer, op, perturbs
         ctx.save_for_backward(x, weight)
         return op(x, weight, bias)
 
@@ -237,11 +313,17 @@ class _Contracted(torch.autograd.Function):
         forms, layer, op = ctx.forms, ctx.layer, ctx.op
         need_x, _, need_bias = ctx.needs_input_grad[:3]
         if not forms.second:
-            grads = _Gradients.apply(gy, x, weight, forms.taus[layer], forms, layer, op, id(ctx), need_x)
+            grads = _Gradients.apply(gy, x, weight, forms.taus[layer], forms, layer, op, id(ctx), need_x, ctx.perturbs)
             gx, gw = grads if need_x else (None, grads)
-            return gx, gw, op.bias_grad(gy) if need_bias else None, None, None, None, None
+            return gx, gw, op.bias_grad(gy) if need_bias else None, None, None, None, None, None
+        if ctx.perturbs and forms.coordinates[layer] is not None:  # <gy, op(x, V)> = <gy, op(x P^T, W)>
+            if not need_x:  # op(x P^T, W) is delta's adjoint too (no a)
+                return None, None, None, _inner(gy, forms.perturbed_product(id(ctx), x, layer, op, weight)), \
+                    None, None, None, None
+            gx = op.input_grad(gy, weight, x.shape)  # = <input_grad(gy, W), x P^T>, with x's adjoint
+            return gx, None, None, _inner(gx, forms.perturbed_input(id(ctx), x, layer)), None, None, None, None
         gx = op.input_grad(gy, weight, x.shape) if need_x else None
-        return gx, None, None, _inner(gy, forms.product(id(ctx), x, layer, op)), None, None, None
+        return gx, None, None, _inner(gy, forms.product(id(ctx), x, layer, op)), None, None, None, None
 
 
 class _Gradients(torch.autograd.Function):
@@ -250,17 +332,35 @@ class _Gradients(torch.autograd.Function):
     op(a, W)) and of x (input_grad(delta, V)), and <input_grad(delta, V), a> for tau."""
 
     @staticmethod
-    def forward(ctx, gy, x, weight, tau, forms: "LinearForms", layer: int, op: _Product, key: int, need_x: bool):
-        ctx.forms, ctx.layer, ctx.op, ctx.key, ctx.need_x = forms, layer, op, key, need_x
-        ctx.save_for_backward(gy, x, weight)
+    def forward(ctx, gy, x, weight, tau, forms: "LinearForms", layer: int, op: _Product, key: int, need_x: bool,
+                perturbs: bool):
+        ctx.forms, ctx.layer, ctx.op, ctx.key, ctx.need_x, ctx.perturbs = forms, layer, op, key, need_x, perturbs
         gw = op.weight_grad(gy, x, weight.shape)
-        return (op.input_grad(gy, weight, x.shape), gw) if need_x else gw
+        if not need_x:
+            ctx.save_for_backward(gy, x, weight)
+            return gw
+        gx = op.input_grad(gy, weight, x.shape)
+        # input_grad(delta, W), kept where input_grad(delta, V) = input_grad(delta, W) P
+        ctx.save_for_backward(gy, x, weight, *((gx,) if perturbs else ()))
+        return gx, gw
 
     @staticmethod
     def backward(ctx, *adjoints):
-        gy, x, weight = ctx.saved_tensors
+        gy, x, weight, *kept = ctx.saved_tensors
         a, v = adjoints if ctx.need_x else (None, adjoints[0])
         forms, op, need_gy, need_x = ctx.forms, ctx.op, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        p = forms.coordinates[ctx.layer] if ctx.perturbs else None
+        if p is not None:  # V = W P: the products from x P^T and input_grad(delta, W) (module docstring)
+            a_gy = None
+            if need_gy and not ctx.need_x:  # op(x, V) alone
+                a_gy = forms.perturbed_product(ctx.key, x, ctx.layer, op, weight) if v is not None else None
+            elif need_gy:  # op(x, V) + op(a, W) = op(x P^T + a, W)
+                xp = forms.perturbed_input(ctx.key, x, ctx.layer) if v is not None else None
+                ins = a if xp is None else xp if a is None else xp + a
+                a_gy = None if ins is None else op(ins, weight)
+            gyv = kept[0] @ p if kept and (a is not None or (v is not None and need_x)) else None
+            tau = _inner(gyv, a) if a is not None else None
+            return a_gy, (gyv if v is not None and need_x else None), None, tau, None, None, None, None, None, None
         a_gy = gyv = tau = None
         if need_gy:  # op(x, V), the adjoint from weight_grad(delta, x), plus op(a, W), from input_grad(delta, W)
             a_gy = None if v is None else forms.product(ctx.key, x, ctx.layer, op)
@@ -271,7 +371,7 @@ class _Gradients(torch.autograd.Function):
             tau = _inner(gyv, a)
         elif v is not None and need_x:
             gyv = op.input_grad(gy, v, x.shape)
-        return a_gy, (gyv if v is not None and need_x else None), None, tau, None, None, None, None, None
+        return a_gy, (gyv if v is not None and need_x else None), None, tau, None, None, None, None, None, None
 
 
 _ROWS = _Rows()

@@ -32,6 +32,7 @@ from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels
 from ..core.layers import LayerSpec, WeightView, matrix_view, resolve_weight_layer
+from ..core.linear_forms import ProbeDirections, matrix_layout
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.rng import standard_normal
@@ -91,7 +92,7 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
     views = [matrix_view(module, name) for name, module in resolved]
     for name, w in zip(names, weights):  # before the probe factors' eigendecompositions
         check_finite(f"the weight of {name!r}", w.detach())
-    space = _ProbeSpace([view.to_matrix(w.detach()) for view, w in zip(views, weights)], views, quantity)
+    space = _ProbeSpace([w.detach() for w in weights], views, quantity)
     if sketch == "auto":
         fits = SKETCH_MEMORY_BYTES // (2 * space.dim * space.dtype.itemsize)
         sketch = min(32, max_probes // 4, fits)
@@ -116,8 +117,9 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
             check_reached(operator.reached, names, problem.distributed, device)  # after the first pass
             used += sketch
-            mapped_basis = space.to_matrices(basis)  # R Q, kept to deflate the residual probes' directions
-            exact = operator.quadratic_forms(space.as_weights(mapped_basis)).sum(0)
+            # R Q (where directions are not kept as coordinates), to deflate the residual probes'
+            mapped_basis = space.to_matrices(basis, mapped_only=True)
+            exact = operator.quadratic_forms(space.directions(basis, mapped_basis)).sum(0)
             used += sketch
             if progress:
                 progress(used, max_probes)
@@ -163,9 +165,10 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
 class _ProbeSpace:
     """Concatenated probe coordinates of all layers, and the maps between them and the weights."""
 
-    def __init__(self, mats: List[torch.Tensor], views: List[WeightView], quantity: str):
-        self.views, self.factors, self.shapes, self.transposed = views, [], [], []
-        for w, view in zip(mats, views):
+    def __init__(self, weights: List[torch.Tensor], views: List[WeightView], quantity: str):
+        self.views, self.factors, self.shapes, self.transposed, self.layouts = views, [], [], [], []
+        for weight, view in zip(weights, views):
+            w = view.to_matrix(weight)
             d, m = w.shape
             # V = F P with P (r, m): W P when m <= d, else (W W^T)^{1/2} P, the smaller space;
             # no factor (V = P) for the Hessian trace
@@ -174,38 +177,47 @@ class _ProbeSpace:
             self.shapes.append((d if factor is None else factor.shape[1], m))
             # F P built as (F P)^T for a weight stored transposed: contiguous directions
             self.transposed.append(factor is not None and stores_transposed(view, d, m))
+            # V = W P on the CPU's contracted path: kept as P, the products perturbing inputs
+            perturbs = factor is w and stochastic.CONTRACT and not w.is_cuda
+            self.layouts.append(matrix_layout(weight, w) if perturbs else None)
         self.sizes = [r * m for r, m in self.shapes]
         self._buffers: Dict[Tuple[str, int], torch.Tensor] = {}  # the residual rounds' (see _buffer)
         self.dim = sum(self.sizes)
-        self.dtype, self.device = mats[0].dtype, mats[0].device
+        self.dtype, self.device = weights[0].dtype, weights[0].device
 
     def randn(self, count: int, gen: torch.Generator) -> torch.Tensor:
         return standard_normal((count, self.dim), gen, self.dtype, self.device)
 
     def residual_directions(self, count: int, gen: torch.Generator, basis: Optional[torch.Tensor],
-                            mapped_basis: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
-        """Per layer, (count, *weight.shape): R u for count isotropic probes g (a :class:`ProbeDraw`
-        a layer: a wide layer's columns hashed, so that R g costs d r c instead of d r m flops) and
-        u = (I - Q Q^T) g, as R g - (R Q)(Q^T g) with ``mapped_basis`` = R Q (per layer, (k, d, m)
-        matrices), or u = g without a basis."""
+                            mapped_basis: Optional[List[Optional[torch.Tensor]]]) -> ProbeDirections:
+        """Per layer, R u for count isotropic probes g (a :class:`ProbeDraw` a layer: a wide layer's
+        columns hashed, so that R g costs d r c instead of d r m flops) and u = (I - Q Q^T) g, as
+        R g - (R Q)(Q^T g) with ``mapped_basis`` = R Q (per layer, (k, d, m) matrices), or u = g
+        without a basis; for a layer with a layout (V = W P on rows), u itself."""
         draws = [ProbeDraw.draw(count, r, m, gen, self.dtype, self.device, hashed=f is not None)
                  for f, (r, m) in zip(self.factors, self.shapes)]  # the Hessian trace's probes cost no map
-        # P itself for the Hessian trace (never hashed: no map to save); else F P into a kept buffer
-        mats = [d.z if f is None else
-                d.mapped(f, out=self._buffer("mat", l, count, *((m, f.shape[0]) if flip else (f.shape[0], m))),
-                         transposed=flip)
-                for l, (d, f, (_, m), flip) in enumerate(zip(draws, self.factors, self.shapes, self.transposed))]
+        mats = []
+        for l, (d, f, (r, m), flip, layout) in enumerate(zip(draws, self.factors, self.shapes, self.transposed,
+                                                             self.layouts)):
+            if f is None or layout:  # P itself: the Hessian trace's (never hashed), a layout's coordinates
+                mats.append(d.z if d.buckets is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m)))
+            else:  # F P into a kept buffer
+                shape = (m, f.shape[0]) if flip else (f.shape[0], m)
+                mats.append(d.mapped(f, out=self._buffer("mat", l, count, *shape), transposed=flip))
         if basis is not None:
             coef = torch.zeros((count, basis.shape[0]), dtype=self.dtype, device=self.device)  # Q^T g
-            offset = 0
-            for l, (d, (r, m), size) in enumerate(zip(draws, self.shapes, self.sizes)):
-                g = d.z if d.buckets is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
-                coef.addmm_(g.reshape(count, -1), basis[:, offset:offset + size].T)
-                offset += size
-            for mat, rq, flip in zip(mats, mapped_basis, self.transposed):  # in the buffers' layout
-                mat, rq = (mat.transpose(1, 2), rq.transpose(1, 2)) if flip else (mat, rq)
+            blocks = torch.split(basis, self.sizes, dim=1)
+            for l, (d, (r, m), block, layout) in enumerate(zip(draws, self.shapes, blocks, self.layouts)):
+                g = mats[l] if layout else \
+                    d.z if d.buckets is None else d.coordinates(out=self._buffer("coordinates", l, count, r, m))
+                coef.addmm_(g.reshape(count, -1), block.T)
+            for mat, rq, block, flip, layout in zip(mats, mapped_basis, blocks, self.transposed, self.layouts):
+                if layout:  # in coordinates
+                    mat.view(count, -1).addmm_(coef, block, alpha=-1)
+                    continue
+                mat, rq = (mat.transpose(1, 2), rq.transpose(1, 2)) if flip else (mat, rq)  # the buffers' layout
                 mat.view(count, -1).addmm_(coef, rq.reshape(rq.shape[0], -1), alpha=-1)
-        return self.as_weights(mats)
+        return self._directions(mats)
 
     def _buffer(self, kind: str, layer: int, *shape: int) -> torch.Tensor:
         """A buffer kept from round to round: a fresh one's page faults cost as much as the map."""
@@ -214,15 +226,34 @@ class _ProbeSpace:
             self._buffers[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self._buffers[key]
 
-    def to_matrices(self, p: torch.Tensor) -> List[torch.Tensor]:
+    def to_matrices(self, p: torch.Tensor, mapped_only: bool = False) -> List[Optional[torch.Tensor]]:
         """(k, dim) -> per layer, (k, d, m): the matrices F P (P itself for the Hessian trace), views
-        of contiguous (k, m, d) ones for weights stored transposed."""
-        out = []
-        for block, f, shape, flip in zip(torch.split(p, self.sizes, dim=1), self.factors, self.shapes,
-                                         self.transposed):
-            mats = block.reshape(p.shape[0], *shape)
-            out.append(mats if f is None else (mats.transpose(1, 2) @ f.T).transpose(1, 2) if flip else f @ mats)
-        return out
+        of contiguous (k, m, d) ones for weights stored transposed; with ``mapped_only``, None for
+        the layers whose directions stay coordinates."""
+        return [None if mapped_only and self.layouts[l] else self._map(l, block.reshape(p.shape[0], *self.shapes[l]))
+                for l, block in enumerate(torch.split(p, self.sizes, dim=1))]
+
+    def _map(self, l: int, coordinates: torch.Tensor) -> torch.Tensor:
+        """(k, r, m) -> (k, d, m) for layer l."""
+        f = self.factors[l]
+        if f is None:
+            return coordinates
+        return (coordinates.transpose(1, 2) @ f.T).transpose(1, 2) if self.transposed[l] else f @ coordinates
+
+    def directions(self, p: torch.Tensor, mats: List[Optional[torch.Tensor]]) -> ProbeDirections:
+        """The directions R p for p (k, dim), given the layers' matrices where ``to_matrices`` formed
+        them (coordinates are kept for the others)."""
+        blocks = torch.split(p, self.sizes, dim=1)
+        return self._directions([block.reshape(p.shape[0], *shape) if layout else mat for block, shape, layout, mat
+                                 in zip(blocks, self.shapes, self.layouts, mats)])
+
+    def _directions(self, mats: List[torch.Tensor]) -> ProbeDirections:
+        """Per layer (k, d, m) matrices, or (k, m, m) coordinates for a layer with a layout."""
+        return ProbeDirections([None if layout else as_weights(view, mat)
+                                for mat, view, layout in zip(mats, self.views, self.layouts)],
+                               [mat if layout else None for mat, layout in zip(mats, self.layouts)],
+                               list(self.layouts), lambda l, coordinates: as_weights(self.views[l],
+                                                                                     self._map(l, coordinates)))
 
     def to_weights(self, p: torch.Tensor) -> List[torch.Tensor]:
         """(k, dim) -> per layer, (k, *weight.shape) directions R p (one batched product a layer)."""
@@ -260,17 +291,17 @@ class _Operator:
         n = self._total_count(total)
         return self.space.from_weights([t / n for t in total])
 
-    def quadratic_forms(self, dirs: List[torch.Tensor]) -> torch.Tensor:
-        """Per layer directions V = R p (k, *weight.shape) -> (k, L) float64: <p_l, (M p)_l> =
-        <V_l, (H V)_l>, taken in weight space, so without the adjoint map R^T (as costly as R: a
-        (d, d) x (d, m) product per probe and layer) and all-reducing k x L numbers instead of the
-        vectors."""
-        k = dirs[0].shape[0]
-        total = torch.zeros(k, len(dirs), dtype=torch.float64, device=dirs[0].device)
-        if stochastic.CONTRACT and not dirs[0].is_cuda:  # the CPU's per-direction loop
-            for count, forms in self._batches(dirs, self._contracted_forms):
+    def quadratic_forms(self, directions: ProbeDirections) -> torch.Tensor:
+        """Joint directions V = R p -> (k, L) float64: <p_l, (M p)_l> = <V_l, (H V)_l>, taken in
+        weight space, so without the adjoint map R^T (as costly as R: a (d, d) x (d, m) product per
+        probe and layer) and all-reducing k x L numbers instead of the vectors."""
+        k, layers = directions.count, len(self.weights)
+        total = torch.zeros(k, layers, dtype=torch.float64, device=directions.device)
+        if stochastic.CONTRACT and directions.device.type != "cuda":  # the CPU's per-direction loop
+            for count, forms in self._batches(directions, self._contracted_forms):
                 total.add_(forms, alpha=count)
             return total / self._total_count([total])
+        dirs = [directions.weight(l) for l in range(layers)]
         for count, hvs in self._batches(dirs, _hvps_reached):
             for l, (v, rows) in enumerate(zip(dirs, hvs)):
                 for j, hv in enumerate(rows or ()):
@@ -279,10 +310,10 @@ class _Operator:
                     total[j, l] += hv.mul_(v[j]).sum().double() * count
         return total / self._total_count([total])
 
-    def _contracted_forms(self, problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor]):
+    def _contracted_forms(self, problem: Problem, weights: List[torch.Tensor], x, y, dirs: ProbeDirections):
         return stochastic.contracted_quadratic_forms(problem, weights, x, y, dirs, self.mixed)
 
-    def _batches(self, dirs: List[torch.Tensor], per_batch):
+    def _batches(self, dirs, per_batch):
         """(terms, result) for each batch with terms, ``per_batch(problem, weights, x, y, dirs)``
         returning (result, whether the batch's loss reached each layer); counts the terms in self.n."""
         self.n = 0

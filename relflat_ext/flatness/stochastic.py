@@ -38,7 +38,7 @@ from ..core.data import check_finite
 from ..core.hooks import preserved
 from ..core.hvp import check_reached, double_backward_kernels, hessian_quadratic_forms
 from ..core.layers import LayerSpec, WeightView, acts_on_vectors, matrix_view
-from ..core.linear_forms import LinearForms
+from ..core.linear_forms import LinearForms, ProbeDirections, matrix_layout
 from ..core.losses import LossSpec
 from ..core.modes import measurement
 from ..core.progress import ProgressLine
@@ -74,15 +74,16 @@ class StochasticEstimate:
                 f"converged={self.converged}, n={self.n}, seconds={self.seconds:.3g})")
 
 
-def _quadratic_forms(problem: Problem, weight, x, y, directions: torch.Tensor,
-                     mixed: Optional[Set[int]] = None) -> Optional[torch.Tensor]:
-    """n_b * <V_k, H_b V_k> for each direction V_k (K, *weight.shape), H_b the Hessian of the batch's
-    mean loss with respect to the weight, n_b its number of terms; None where the batch's loss
-    does not reach the weight through autograd. On the CPU contracted where the weight allows
-    (:func:`contracted_quadratic_forms`, ``mixed`` as there)."""
-    if CONTRACT and not directions.is_cuda and mixed is not None:
-        forms, reached = contracted_quadratic_forms(problem, [weight], x, y, [directions], mixed)
+def _quadratic_forms(problem: Problem, weight, x, y, dirs: ProbeDirections,
+                     mixed: Set[int]) -> Optional[torch.Tensor]:
+    """n_b * <V_k, H_b V_k> for each of the K directions V_k of the one layer in ``dirs``, H_b the
+    Hessian of the batch's mean loss with respect to the weight, n_b its number of terms; None
+    where the batch's loss does not reach the weight through autograd. On the CPU contracted
+    where the weight allows (:func:`contracted_quadratic_forms`, ``mixed`` as there)."""
+    if CONTRACT and dirs.device.type != "cuda":
+        forms, reached = contracted_quadratic_forms(problem, [weight], x, y, dirs, mixed)
         return forms[:, 0] * problem.count(y) if reached[0] else None
+    directions = dirs.weight(0)
     loss = problem.loss
     with torch.enable_grad(), double_backward_kernels(problem.model):
         out = problem.forward(x)
@@ -197,6 +198,18 @@ def as_weights(view: WeightView, mats: torch.Tensor) -> torch.Tensor:
         return torch.stack([view.from_matrix(mat) for mat in mats])
 
 
+def _coordinate_directions(w_mat: torch.Tensor, view: WeightView, layout: str, count: int, gen: torch.Generator,
+                           scale: Optional[torch.Tensor], distribution: str = "gaussian") -> ProbeDirections:
+    """The probes of :func:`_directions` for a layer whose factor is W itself (m <= d) and whose
+    weight multiplies rows (``layout``), kept as coordinates: V = W P, with P = S A S^{-1} in
+    Theorem 4's coordinates (S = diag(s): F = W S), so that V = W S A S^{-1} as there."""
+    m = w_mat.shape[1]
+    p = ProbeDraw.draw(count, m, m, gen, w_mat.dtype, w_mat.device, distribution).coordinates()
+    if scale is not None:
+        p = scale[:, None] * p * inverse_scale(scale)
+    return ProbeDirections([None], [p], [layout], lambda _, coordinates: as_weights(view, w_mat @ coordinates))
+
+
 def _directions(quantity: str, w_mat: torch.Tensor, factor: Optional[torch.Tensor], view: WeightView, count: int,
                 gen: torch.Generator, scale: Optional[torch.Tensor], distribution: str = "gaussian") -> torch.Tensor:
     """count probe directions in weight space: ``F A`` for the factor F (d, r) of :func:`probe_factor`
@@ -280,8 +293,10 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         base_seed = dist.shared_seed(seed, w_mat.device)
     else:
         base_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-    factor = None if quantity == "hessian_trace" else probe_factor(w_mat if feature_scale is None else
-                                                                   w_mat * feature_scale)
+    scaled = w_mat if feature_scale is None else w_mat * feature_scale
+    factor = None if quantity == "hessian_trace" else probe_factor(scaled)
+    # V = W P (m <= d) on rows, on the CPU's contracted path: kept as P (core.linear_forms)
+    layout = matrix_layout(weight.detach(), w_mat) if factor is scaled and CONTRACT and not w_mat.is_cuda else None
     samples: List[torch.Tensor] = []
     n = 0
     value = stderr = math.nan
@@ -294,7 +309,9 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
         for rnd in range(math.ceil(max_probes / per_round)):
             count = min(per_round, max_probes - rnd * per_round)
             gen = torch.Generator(device=w_mat.device).manual_seed(base_seed + rnd)
-            dirs = _directions(quantity, w_mat, factor, view, count, gen, feature_scale, probe_distribution)
+            dirs = _coordinate_directions(w_mat, view, layout, count, gen, feature_scale, probe_distribution) \
+                if layout else ProbeDirections.plain([_directions(quantity, w_mat, factor, view, count, gen,
+                                                                  feature_scale, probe_distribution)])
             total, n, reached = torch.zeros(count, dtype=torch.float64, device=w_mat.device), 0, False
             for x, y in problem.batches():
                 forms = _quadratic_forms(problem, weight, x, y, dirs, mixed)
@@ -326,20 +343,21 @@ def estimate(problem: Problem, quantity: str = "kappa", rel_tol: float = 0.05, m
                               converged, n, time.perf_counter() - start)
 
 
-def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: List[torch.Tensor],
+def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x, y, dirs: ProbeDirections,
                                mixed: Set[int]) -> Tuple[torch.Tensor, List[bool]]:
-    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions (``dirs[l]`` (k, *weight.shape)),
-    H_b the Hessian of the batch's mean loss, one second backward a direction, with the layers the
-    model uses only through ``F.linear``, a convolution or ``Conv1D`` contracted in it
-    (core.linear_forms); and whether the batch's loss reached each layer. ``mixed`` collects the
-    layers whose weight the forward also uses otherwise, which get the full product (the forward
-    runs again once, the first time)."""
+    """(k, L) float64 ``<V_l, (H_b V)_l>`` for the k joint directions ``dirs``, H_b the Hessian of
+    the batch's mean loss, one second backward a direction, with the layers the model uses only
+    through ``F.linear``, a convolution or ``Conv1D`` contracted in it (core.linear_forms, from
+    probe coordinates where ``dirs`` has them); and whether the batch's loss reached each layer.
+    ``mixed`` collects the layers whose weight the forward also uses otherwise, which get the full
+    product (the forward runs again once, the first time)."""
     loss = problem.loss
-    k = dirs[0].shape[0]
-    result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs[0].device)
+    k = dirs.count
+    result = torch.zeros(k, len(weights), dtype=torch.float64, device=dirs.device)
     with torch.enable_grad(), double_backward_kernels(problem.model):
         while True:
-            forms = LinearForms(weights, mixed)
+            forms = LinearForms(weights, mixed, [layout if p is not None else None
+                                                 for layout, p in zip(dirs.layouts, dirs.coordinates)])
             with forms.intercepting():
                 out = problem.forward(x)
             loss.check(out, y)
@@ -356,12 +374,19 @@ def contracted_quadratic_forms(problem: Problem, weights: List[torch.Tensor], x,
             return result, reached
         contracted = [l for l in live if l in forms.contracted]
         plain = [l for l in live if l not in forms.contracted]
+        # V_l where a product needs it; else its coordinates serve, and the gradient's adjoint
+        # (only its presence matters then) is a broadcast zero
+        needs = [l in plain or l in forms.unperturbed or dirs.coordinates[l] is None for l in range(len(weights))]
+        vs = [dirs.weight(l) if needs[l] else None for l in range(len(weights))]
+        stand_ins = {l: weights[l].new_zeros(()).expand(weights[l].shape) for l in live if not needs[l]}
         inputs = [forms.taus[l] for l in contracted] + [weights[l] for l in plain]
         for j in range(k):
-            forms.direct([d[j] for d in dirs])
-            parts = torch.autograd.grad([grads[l] for l in live], inputs, grad_outputs=[dirs[l][j] for l in live],
+            forms.direct([None if v is None else v[j] for v in vs],
+                         [None if p is None else p[j] for p in dirs.coordinates])
+            parts = torch.autograd.grad([grads[l] for l in live], inputs,
+                                        grad_outputs=[stand_ins[l] if l in stand_ins else vs[l][j] for l in live],
                                         retain_graph=True, allow_unused=True)
             for l, part in zip(contracted + plain, parts):
                 if part is not None:  # a full product in place (it is ours), summed in its dtype
-                    result[j, l] = part.double() if l in contracted else part.mul_(dirs[l][j]).sum().double()
+                    result[j, l] = part.double() if l in contracted else part.mul_(vs[l][j]).sum().double()
     return result, reached

@@ -4,8 +4,8 @@
   default) on 8 sequences of 64 tokens, trained to a minimum (``transformer-init``: at random
   initialization, where kappa of the inner layers is near zero and a relative tolerance is out of
   reach for any estimator);
-* ``resnet18``: torchvision's ResNet-18 on 32 images of 32x32, trained to a minimum (needs
-  torchvision: CI's torch 2.14.1 environment);
+* ``resnet18``: torchvision's ResNet-18 on 32 images of 32x32, trained to a minimum (the same
+  architecture built in where torchvision does not import: ``relflat_ext.apps.resnet``);
 * ``resnet18-224``: the same trained on 512 images of 224x224 in batches of 64 (a GPU's job);
 * ``gpt2``: GPT-2 small with random weights on 64 sequences of 128 tokens (a GPU's job);
 * ``gpt2-tiny``: the 2-layer GPT-2 of the CLI's smoke test.
@@ -29,6 +29,7 @@ import torch
 
 import relflat_ext as rf
 from bench.shared_probes import TokenClassifier, _train
+from relflat_ext.apps.resnet import resnet18
 from relflat_ext.apps.zoo import gpt2_random, synthetic_tokens
 
 
@@ -45,30 +46,32 @@ def models(names, width, device, images=(512, 224)):
         yield "transformer-trained", f"6-layer transformer, width {width}, 8 x 64 tokens, trained (loss {loss:.1e})", \
             model, tokens, labels
     if "resnet18" in names:
-        import torchvision
         images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
         torch.manual_seed(0)
-        model, _ = _train(torchvision.models.resnet18(num_classes=10), images, labels, 30, 1e-3)
+        model, _ = _train(resnet18(num_classes=10), images, labels, 30, 1e-3)
         loss = _settle_batchnorm(model, images, labels)
-        yield "resnet18-trained", f"ResNet-18, 32 images 32x32, trained (eval-mode loss {loss:.1e})", model, images, \
-            labels
+        yield "resnet18-trained", f"ResNet-18 ({_origin(model)}), 32 images 32x32, trained (eval-mode loss {loss:.1e})", \
+            model, images, labels
     if "resnet18-224" in names:  # trained where it will be measured: 512 images of 224x224 are a GPU's job
-        import torchvision
         count, size = images
         x, y = torch.randn(count, 3, size, size, generator=g), torch.randint(0, 10, (count,), generator=g)
         x, y = x.to(device), y.to(device)
         torch.manual_seed(0)
-        model, _ = _train(torchvision.models.resnet18(num_classes=10).to(device), x, y, 30, 1e-3)
+        model, _ = _train(resnet18(num_classes=10).to(device), x, y, 30, 1e-3)
         loss = _settle_batchnorm(model, x, y)
         batches = [(x[s:s + 64], y[s:s + 64]) for s in range(0, count, 64)]
-        yield "resnet18-224-trained", f"ResNet-18, {count} images {size}x{size}, trained (eval-mode loss {loss:.1e})", \
-            model, batches, None
+        yield "resnet18-224-trained", f"ResNet-18 ({_origin(model)}), {count} images {size}x{size}, trained " \
+            f"(eval-mode loss {loss:.1e})", model, batches, None
     for spec, n, seq in (("gpt2", 64, 128), ("gpt2-tiny", 8, 32)):
         if spec in names:
             torch.manual_seed(0)
             model = gpt2_random("gpt2-small-random" if spec == "gpt2" else "gpt2-tiny-random")
             batches = synthetic_tokens(n, seq, model.config.vocab_size, batch_size=16 if spec == "gpt2" else 8)
             yield spec + "-random", f"{spec} random weights, {n} x {seq} tokens", model, batches, None
+
+
+def _origin(model) -> str:
+    return "torchvision" if type(model).__module__.startswith("torchvision") else "built in, as torchvision's"
 
 
 def _settle_batchnorm(model, x, y) -> float:

@@ -11,7 +11,7 @@ random initialization: for each model,
 
     python -m bench.shared_probes [--models lenet5 transformer resnet18] [--width 64] [--rel-tol 0.1]
 
-ResNet-18 needs torchvision (CI's torch 2.14.1 environment has it). Writes
+ResNet-18 is torchvision's (or the same built in: ``relflat_ext.apps.resnet``). Writes
 bench/results/shared-probes.json.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relflat_ext as rf
+from relflat_ext.apps.resnet import resnet18
 from relflat_ext.apps.zoo import lenet5
 from relflat_ext.core.layers import weight_layers
 
@@ -77,10 +78,9 @@ def cases(names, width):
         model, loss = _train(TokenClassifier(width=width), tokens, labels, 100, 1e-3)
         yield f"6-layer transformer, width {width}, trained (loss {loss:.1e})", model, tokens, labels
     if "resnet18" in names:
-        import torchvision
         images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
         torch.manual_seed(0)
-        model, loss = _train(torchvision.models.resnet18(num_classes=10), images, labels, 30, 1e-3)
+        model, loss = _train(resnet18(num_classes=10), images, labels, 30, 1e-3)
         yield f"ResNet-18, 32 images 32x32, trained (loss {loss:.1e})", model, images, labels
 
 

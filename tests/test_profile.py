@@ -86,6 +86,21 @@ def test_transformer_block_profile():
         rf.profile(model, x, y, probes="joint", progress=False)
 
 
+def test_resnet18_is_there_without_torchvision(tmp_path, capsys):
+    """``--model resnet18`` works in an environment whose torchvision does not import (the built-in
+    copy, compared with torchvision's in tests/test_torchvision.py): ResNet-18's shapes and names."""
+    from relflat_ext.apps.cli import main as cli_main
+    from relflat_ext.apps.zoo import load_model
+    model = load_model("resnet18", seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512  # torchvision's count, 1000 classes
+    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(names) == 21 and names[0] == "conv1" and "layer4.1.conv2" in names and names[-1] == "fc"
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    code = cli_main(["profile", "--model", "resnet18", "--data", "synthetic-imagenet", "--samples", "4",
+                     "--layers", "fc", "--out", str(tmp_path)])
+    assert code == 0 and "fc" in capsys.readouterr().out and (tmp_path / "profile.csv").exists()
+
+
 def test_profile_names_and_errors():
     model = lenet5().double()
     x, y = _digits_like(16)

@@ -14,6 +14,22 @@ from relflat_ext.apps.zoo import load_model  # noqa: E402
 from relflat_ext.datasets import synthetic_images  # noqa: E402
 
 
+def test_the_built_in_resnet18_is_torchvisions():
+    """relflat_ext's written-out ResNet-18 (for environments without torchvision): the same module
+    names, the same weights under the same seed, the same logits."""
+    from relflat_ext.apps.resnet import ResNet18
+    torch.manual_seed(3)
+    ours = ResNet18(num_classes=10)
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(num_classes=10)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    assert torch.equal(ours.train()(x), theirs.train()(x))
+
+
 def test_resnet18_profile_takes_the_right_path_per_layer():
     model = load_model("resnet18", seed=0).eval()
     x, y = synthetic_images(8, seed=0, size=64)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core.data import problem_type
 from ..datasets import load_digits, synthetic_images
+from .resnet import resnet18
 
 BUILTIN_DATA = ("digits", "digits-flat", "synthetic-imagenet", "synthetic-tokens")
 # GPT-2 configurations with random weights (nothing downloaded): the real small model, and a tiny
@@ -134,8 +135,8 @@ def hugging_face_checkpoint(path: str) -> nn.Module:
 
 
 def load_model(spec: str, weights: Optional[str] = None, seed: int = 0) -> nn.Module:
-    """"lenet5" (built in), "gpt2-small-random" / "gpt2-tiny-random" (transformers, random
-    weights), a local folder holding a Hugging Face checkpoint (:func:`hugging_face_checkpoint`),
+    """"lenet5" (built in), "resnet18" (torchvision's, or the same built in), "gpt2-small-random" /
+    "gpt2-tiny-random" (transformers, random weights), a local folder holding a Hugging Face checkpoint (:func:`hugging_face_checkpoint`),
     a torchvision model name (random weights unless ``weights``, a local state_dict file), or
     ``module:function`` returning an nn.Module."""
     torch.manual_seed(seed)
@@ -147,12 +148,14 @@ def load_model(spec: str, weights: Optional[str] = None, seed: int = 0) -> nn.Mo
         model = lenet5()
     elif spec in GPT2_CONFIGS:
         model = gpt2_random(spec)
+    elif spec == "resnet18":
+        model = resnet18()  # torchvision's, or the same written out where torchvision does not import
     else:
         try:
             import torchvision
         except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
-            raise ValueError(f"model {spec!r} needs torchvision (pip install torchvision), or use 'lenet5' or "
-                             "module:function") from exc
+            raise ValueError(f"model {spec!r} needs torchvision (pip install torchvision), or use 'lenet5', "
+                             "'resnet18' or module:function") from exc
         if spec not in torchvision.models.list_models():
             raise ValueError(f"unknown model {spec!r}: 'lenet5', a torchvision model name or module:function")
         model = torchvision.models.get_model(spec, weights=None)

@@ -5,10 +5,12 @@ norm, time and peak memory; printed as an aligned table, saved as CSV/JSON, plot
 Layers the exact paths can measure are measured exactly, one by one. The others are estimated
 each on its own by default (``probes="per_layer"``), or together (``probes="shared"``): every
 Hessian-vector product of the whole network serves all of them, deflated by a low-rank sketch
-(:func:`~.joint.stochastic_estimate_layers`). Per layer is the default because it was faster to a
-given tolerance on the CPU for the wide transformer and the ResNet-18 measured (bench/RESULTS.md):
-a joint product costs 3-10x the deepest layer's there. Shared probes win on small networks and
-give far smaller error bars where the Hessian is near low rank."""
+(:func:`~.joint.stochastic_estimate_layers`). A joint product costs 1.2-1.6x the deepest layer's
+on the CPU, and shared probes reach kappa of every layer sooner on trained LeNet-5 and
+transformers (width 384: 62 s against 94 s), but the Hessian traces a profile adds take about
+twice as many shared products as kappa: the whole profile was faster per layer on the width-384
+transformer (159 s against 188 s) and on ResNet-18 (48 against 69 s; bench/RESULTS.md), hence the
+default. Shared probes also give far smaller error bars where the Hessian is near low rank."""
 from __future__ import annotations
 
 import csv

@@ -50,6 +50,9 @@ def test_cnn_profile_has_every_layer_and_equals_single_calls(tmp_path):
         if r["method"].startswith("stochastic-shared"):  # the two ways agree within their error bars
             assert abs(r["kappa"] - p["kappa"]) <= 4 * math.hypot(r["kappa_stderr"], p["kappa_stderr"])
             assert r["probes"] <= 256 and r["hessian_trace_stderr"] > 0
+            trace = rf.stochastic_estimate(model, r["layer"], x, y, quantity="hessian_trace", rel_tol=0.2,
+                                           max_probes=128, seed=0)  # the trace from the layer's own probes
+            assert r["hessian_trace"] == pytest.approx(trace.value, rel=1e-10)
         else:
             assert r["kappa"] == pytest.approx(single.kappa, rel=1e-10)
         weight = dict(model.named_modules())[r["layer"]].weight.detach()

@@ -5,12 +5,13 @@ norm, time and peak memory; printed as an aligned table, saved as CSV/JSON, plot
 Layers the exact paths can measure are measured exactly, one by one. The others are estimated
 each on its own by default (``probes="per_layer"``), or together (``probes="shared"``): every
 Hessian-vector product of the whole network serves all of them, deflated by a low-rank sketch
-(:func:`~.joint.stochastic_estimate_layers`). A joint product costs 1.2-1.6x the deepest layer's
-on the CPU, and shared probes reach kappa of every layer sooner on trained LeNet-5 and
-transformers (width 384: 62 s against 94 s), but the Hessian traces a profile adds take about
-twice as many shared products as kappa: the whole profile was faster per layer on the width-384
-transformer (159 s against 188 s) and on ResNet-18 (48 against 69 s; bench/RESULTS.md), hence the
-default. Shared probes also give far smaller error bars where the Hessian is near low rank."""
+(:func:`~.joint.stochastic_estimate_layers`); the Hessian traces are estimated layer by layer
+either way. A joint product costs 1.2-1.6x the deepest layer's on the CPU, and shared probes
+reach kappa of every layer sooner on trained LeNet-5 and transformers (width 384: 62 s against
+94 s), later on ResNet-18 (39 against 24 s); whole profiles, traces included, took about as long
+either way (149 against 159 s, 56 against 48 s; bench/RESULTS.md), and shared probes hold a
+sketch of 32 products (5.7 against 0.8 GB on that transformer): hence the default. Shared probes
+give far smaller error bars where the Hessian is near low rank."""
 from __future__ import annotations
 
 import csv
@@ -145,7 +146,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
     skipped in eval mode) gets a row with method "unused" and no numbers. Adds Theorem 4's
     normalized kappa where it is defined (Linear layers on per-sample features; on the
     Hessian-vector-product path from the same products as kappa), the Hessian trace (exact from
-    the block traces, else estimated the same way as kappa), and ``||W||_F^2``. Peak memory:
+    the block traces, else estimated layer by layer), and ``||W||_F^2``. Peak memory:
     CUDA's peak allocation, or on the CPU the process's resident high-water mark. Progress goes to
     stderr: a line per layer, and a running count of products wherever they are many (exact
     Hessian-vector products, estimates)."""
@@ -243,36 +244,34 @@ def _unused_row(name, module, exc: WeightNotInLoss, progress: bool) -> Dict:
 
 def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_probes, sketch, seed, hessian_trace,
             progress) -> Dict[str, Dict]:
-    """The estimator's layers, all from one shared set of Hessian-vector products (and a second set
-    for the Hessian traces); each row's seconds are the shared run's."""
+    """The estimator's layers' kappa, all from one shared set of Hessian-vector products; their
+    Hessian traces each from its own probes (isotropic directions gain little from the sketch: a
+    second shared set took twice kappa's products and longer than per-layer traces on the models
+    measured, bench/RESULTS.md). Each row's seconds are the shared run's plus its own."""
     modules = dict(resolved)
     device = modules[deferred[0]].weight.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    runs = [("kappa", "kappa")] + ([("hessian_trace", "Hessian trace")] if hessian_trace else [])
-    results = {}
     rows = {}
-    for quantity, label in runs:
-        while True:  # without the layers the loss turns out not to reach (found on the first pass)
-            report = ProgressLine(f"{len(deferred)} layers, {label}, shared probes") if progress else None
-            try:
-                results[quantity] = stochastic_estimate_layers(
-                    model, deferred, inputs, targets, quantity=quantity, rel_tol=rel_tol, max_probes=max_probes,
-                    sketch=sketch, seed=seed, progress=report, give_up=True, **common)
-                break
-            except WeightNotInLoss as exc:
-                rows.update({name: _unused_row(name, modules[name], exc, progress) for name in exc.names})
-                deferred = [name for name in deferred if name not in exc.names]
-                if not deferred:
-                    return rows
-            finally:
-                if report:
-                    report.close()
+    while True:  # without the layers the loss turns out not to reach (found on the first pass)
+        report = ProgressLine(f"{len(deferred)} layers, kappa, shared probes") if progress else None
+        try:
+            results = stochastic_estimate_layers(model, deferred, inputs, targets, rel_tol=rel_tol,
+                                                 max_probes=max_probes, sketch=sketch, seed=seed, progress=report,
+                                                 give_up=True, **common)
+            break
+        except WeightNotInLoss as exc:
+            rows.update({name: _unused_row(name, modules[name], exc, progress) for name in exc.names})
+            deferred = [name for name in deferred if name not in exc.names]
+            if not deferred:
+                return rows
+        finally:
+            if report:
+                report.close()
     seconds = time.perf_counter() - start
     for name in deferred:
-        est, method = results["kappa"][name], "stochastic-shared"
-        trace = results.get("hessian_trace", {}).get(name)
+        est, method = results[name], "stochastic-shared"
         products, row_seconds = est.probes, seconds
         if not est.converged:
             # Far from a minimum the Hessian is not low-rank and the cross-layer terms survive the
@@ -284,6 +283,11 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
             if progress:
                 print(f"relflat profile: {name}: not converged with shared probes; {own.probes} of its own "
                       f"({own.seconds:.1f} s)", file=sys.stderr, flush=True)
+        trace = None
+        if hessian_trace:
+            trace = stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
+                                        max_probes=max_probes, seed=seed, progress=progress, **common)
+            row_seconds += trace.seconds
         rows[name] = _row(name, modules[name], est.value, est.stderr, None, trace.value if trace else None,
                           trace.stderr if trace else None, method, est.n, products, row_seconds)
         if progress and not est.converged:

@@ -40,6 +40,24 @@ def test_a_full_sketch_is_exact(loss):
         assert joint[name].stderr <= 1e-9 * max(abs(exact), 1e-3)
 
 
+def test_the_sketch_taken_in_blocks_gives_the_same_estimates(monkeypatch):
+    """The sketch's products M S, a few columns per forward pass (to bound their memory), are the
+    ones all columns at once give: the same samples to the last bit."""
+    from relflat_ext.flatness import joint
+    model = mlp([5, 7, 6, 3], "tanh", seed=4)
+    x, y = data(30, 5, 3, "cross_entropy", seed=4)
+    kwargs = dict(sketch=6, rel_tol=1e-12, max_probes=18, seed=0)
+    whole = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
+    calls = []
+    operator = joint._Operator.__call__
+    monkeypatch.setattr(joint._Operator, "__call__", lambda self, p: calls.append(p.shape[0]) or operator(self, p))
+    monkeypatch.setattr(joint, "SKETCH_BLOCK_BYTES", 1)  # one column a block
+    blocks = rf.stochastic_estimate_layers(model, ["0", "2", "4"], x, y, **kwargs)
+    assert calls == [1] * 6
+    for name in whole:
+        assert torch.equal(whole[name].samples, blocks[name].samples)
+
+
 def test_sketch_option_errors():
     model = mlp([4, 3, 2], "tanh", seed=1)
     x, y = data(10, 4, 2, "cross_entropy", seed=1)

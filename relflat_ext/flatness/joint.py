@@ -44,6 +44,10 @@ from .stochastic import (QUANTITIES, ROUND_BYTES, ProbeDraw, StochasticEstimate,
 
 _BATCHED_OK = True
 SKETCH_MEMORY_BYTES = 1 << 30  # the sketch holds two (k, total probe dimension) blocks
+# The sketch's full products M S are taken a few columns at a time, each block's weight-shaped
+# directions and products within this (a forward pass a block; all k at once held 4 GB more on a
+# width-384 transformer)
+SKETCH_BLOCK_BYTES = 1 << 28
 # Directions per vmap'd backward pass (is_grads_batched) on GPUs; the CPU loops (bench/RESULTS.md).
 BATCHED_DIRECTIONS = 8
 
@@ -113,8 +117,14 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             w.requires_grad_(True)
         operator = _Operator(problem, weights, space)
         basis = mapped_basis = None
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
         if sketch:
-            basis = torch.linalg.qr(operator(space.randn(sketch, gen)).T).Q.T  # (k, dim), orthonormal rows
+            block = max(1, min(sketch, SKETCH_BLOCK_BYTES // weight_bytes))
+            columns = space.randn(sketch, gen)
+            sketched = torch.cat([operator(columns[i:i + block]) for i in range(0, sketch, block)])
+            del columns
+            basis = torch.linalg.qr(sketched.T).Q.T  # (k, dim), orthonormal rows
+            del sketched
             check_reached(operator.reached, names, problem.distributed, device)  # after the first pass
             used += sketch
             # R Q (where directions are not kept as coordinates), to deflate the residual probes'
@@ -123,7 +133,6 @@ def stochastic_estimate_layers(model: nn.Module, layers: Sequence[LayerSpec], in
             used += sketch
             if progress:
                 progress(used, max_probes)
-        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
         per_round = max(2, min(probes_per_round, ROUND_BYTES // weight_bytes))  # a round's directions
         while used < max_probes:
             count = min(per_round, max_probes - used)

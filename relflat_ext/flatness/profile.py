@@ -9,8 +9,8 @@ Hessian-vector product of the whole network serves all of them, deflated by a lo
 either way. A joint product costs 1.2-1.6x the deepest layer's on the CPU, and shared probes
 reach kappa of every layer sooner on trained LeNet-5 and transformers (width 384: 62 s against
 94 s), later on ResNet-18 (39 against 24 s); whole profiles, traces included, took about as long
-either way (149 against 159 s, 56 against 48 s; bench/RESULTS.md), and shared probes hold a
-sketch of 32 products (5.7 against 0.8 GB on that transformer): hence the default. Shared probes
+either way (148 against 159 s, 55 against 48 s; bench/RESULTS.md), and shared probes hold a
+sketch of 32 products (2.6 against 0.8 GB on that transformer): hence the default. Shared probes
 give far smaller error bars where the Hessian is near low rank."""
 from __future__ import annotations
 

@@ -190,8 +190,7 @@ def profile(model: nn.Module, inputs, targets=None, *, loss: Optional[LossSpec] 
                 normalized = relative_flatness(model, name, inputs, targets, normalize_features=True, **common).kappa
             trace = _trace_from_block_traces(res)
         elif hessian_trace:
-            est = stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
-                                      max_probes=max_probes, seed=seed, progress=progress, **common)
+            est = _estimated_trace(model, name, inputs, targets, rel_tol, max_probes, seed, progress, common)
             trace, trace_se = est.value, est.stderr
         rows[name] = _row(name, module, res.kappa, res.kappa_stderr, normalized, trace, trace_se, res.method, res.n,
                           res.probes, time.perf_counter() - start)
@@ -285,8 +284,7 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
                       f"({own.seconds:.1f} s)", file=sys.stderr, flush=True)
         trace = None
         if hessian_trace:
-            trace = stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
-                                        max_probes=max_probes, seed=seed, progress=progress, **common)
+            trace = _estimated_trace(model, name, inputs, targets, rel_tol, max_probes, seed, progress, common)
             row_seconds += trace.seconds
         rows[name] = _row(name, modules[name], est.value, est.stderr, None, trace.value if trace else None,
                           trace.stderr if trace else None, method, est.n, products, row_seconds)
@@ -294,6 +292,12 @@ def _shared(model, resolved, deferred, inputs, targets, common, rel_tol, max_pro
             print(f"relflat profile: {name}: relative standard error {est.stderr / max(abs(est.value), 1e-300):.2g} "
                   f"(rel_tol={rel_tol}); raise max_probes for more", file=sys.stderr)
     return rows
+
+
+def _estimated_trace(model, name, inputs, targets, rel_tol, max_probes, seed, progress, common):
+    """The layer's Hessian trace from its own probes (both probe modes: see :func:`_shared`)."""
+    return stochastic_estimate(model, name, inputs, targets, quantity="hessian_trace", rel_tol=rel_tol,
+                               max_probes=max_probes, seed=seed, progress=progress, **common)
 
 
 def _pooled(a, b, rel_tol: float):
